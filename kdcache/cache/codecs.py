@@ -1,0 +1,42 @@
+"""Value codecs for float signals (log-probabilities, hidden states).
+
+A codec names how float values are stored in Parquet. Token and id columns never go through a codec:
+they are plain ``list<int32>`` so pyarrow, DuckDB, pandas and ``datasets`` read them directly.
+Add a codec by adding an entry to ``CODECS``; the manifest records which one each column uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from kdcache.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FloatCodec:
+    name: str
+    arrow_type: pa.DataType
+    numpy_dtype: type
+    max_abs_error_note: str
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=self.numpy_dtype)
+
+    def decode(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.float32)
+
+
+CODECS: dict[str, FloatCodec] = {
+    "fp32": FloatCodec("fp32", pa.float32(), np.float32, "exact float32"),
+    "fp16": FloatCodec("fp16", pa.float16(), np.float16, "IEEE half: relative error <= 2^-11 (about 0.005 nats at logprob -10)"),
+}
+
+
+def get_codec(name: str) -> FloatCodec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ConfigError(f"unknown codec {name!r}; valid codecs: {', '.join(sorted(CODECS))}") from None

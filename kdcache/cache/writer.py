@@ -1,0 +1,327 @@
+"""Streaming cache writer: bounded memory, atomic shards, resumable.
+
+Examples are buffered until a row group's worth of tokens, converted to Arrow in one vectorised step
+and appended to a hidden temporary shard. A shard is committed by fsync + rename + manifest update, in
+that order, so a crash at any moment leaves only committed shards visible; the next run with the same
+settings resumes after the last committed input row.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdcache.cache.codecs import get_codec
+from kdcache.cache.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TOKENIZER_DIR,
+    Manifest,
+    ShardInfo,
+    fsync_dir,
+    read_manifest,
+    write_atomic,
+)
+from kdcache.cache.schema import build_schema, column_codecs
+from kdcache.errors import CacheFormatError, CacheMismatchError, KDCacheError, OutOfSpaceError
+
+log = logging.getLogger(__name__)
+
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)}
+_SPACE_TEXT = ("No space left", "File too large", "quota exceeded")
+
+
+def _is_space_error(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) in _SPACE_ERRNOS or any(t in str(exc) for t in _SPACE_TEXT)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class CacheWriter:
+    """Writes examples into ``path`` as zstd Parquet shards plus ``manifest.json``.
+
+    Use ``add_row(examples, input_rows_end)`` once per input row (possibly with no examples for a bad
+    row), then ``close()``. ``resume_input_row`` says how many input rows are already committed.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        settings: dict,
+        signals: dict,
+        *,
+        overwrite: bool = False,
+        shard_tokens: int = 4_000_000,
+        row_group_tokens: int = 16_384,
+        compression_level: int = 1,
+        created_by: str = "",
+    ):
+        self.path = Path(path)
+        self.schema = build_schema(signals)
+        self._codecs = {name: get_codec(c) for name, c in column_codecs(signals).items()}
+        self._list_cols = [f.name for f in self.schema if pa.types.is_list(f.type)]
+        self.shard_tokens = shard_tokens
+        self.row_group_tokens = row_group_tokens
+        self.compression_level = compression_level
+        self.manifest = self._open(settings, signals, overwrite, created_by)
+        self.stats: dict[str, Any] = dict(self.manifest.stats)
+        self._pending: list[Mapping[str, Any]] = []
+        self._pending_tokens = 0
+        self._input_rows_end = self.resume_input_row
+        self._shard: pq.ParquetWriter | None = None
+        self._shard_tmp: Path | None = None
+        self._shard_rows = 0
+        self._shard_tokens = 0
+        self._shard_row_groups: list[int] = []
+
+    # ------------------------------------------------------------------ setup
+    def _open(self, settings: dict, signals: dict, overwrite: bool, created_by: str) -> Manifest:
+        fresh = Manifest(format_version=FORMAT_VERSION, settings=settings, signals=signals, created_by=created_by)
+        self._check_writable()
+        if (self.path / MANIFEST_NAME).exists():
+            try:
+                old = read_manifest(self.path)
+            except CacheFormatError:
+                if not overwrite:
+                    raise
+                old = None
+            if old is not None and old.settings_hash == fresh.settings_hash and old.signals == signals and not overwrite:
+                self._remove_strays(keep={s.name for s in old.shards})
+                if old.shards:
+                    log.info("resuming cache %s: %d shards, %d rows committed", self.path, len(old.shards), old.num_rows)
+                return old
+            if old is not None and not overwrite:
+                changed = _diff_keys(old.settings, settings) + _diff_keys(old.signals, signals)
+                raise CacheMismatchError(
+                    f"{self.path} already holds a cache made with different settings "
+                    f"({', '.join(changed[:4]) or 'settings'} differ); use another --out or pass --overwrite to replace it"
+                )
+            self._clear()
+        elif any(self.path.iterdir()):
+            entries = [p.name for p in self.path.iterdir()]
+            if not overwrite and not all(self._is_ours(n) for n in entries):
+                raise CacheMismatchError(
+                    f"{self.path} is not empty and is not a kdcache cache; choose an empty --out or pass --overwrite"
+                )
+            self._clear()
+        self._write_manifest(fresh)
+        return fresh
+
+    def _check_writable(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            if _is_space_error(exc):
+                raise OutOfSpaceError(f"no space left to create {self.path}; free disk space or choose another --out") from None
+            raise KDCacheError(
+                f"output directory {self.path} is not writable ({exc.strerror or exc}); choose another --out"
+            ) from None
+
+    @staticmethod
+    def _is_ours(name: str) -> bool:
+        return name.startswith(("part-", ".part-", ".manifest.json", ".write-probe")) or name in (MANIFEST_NAME, TOKENIZER_DIR)
+
+    def _clear(self) -> None:
+        for p in self.path.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def _remove_strays(self, keep: set[str]) -> None:
+        """Temporary shards and shards renamed but never listed in the manifest: work that was in flight."""
+        for p in self.path.iterdir():
+            if p.name.startswith((".part-", "part-")) and p.name not in keep:
+                p.unlink()
+
+    # ------------------------------------------------------------------ api
+    @property
+    def complete(self) -> bool:
+        return self.manifest.status == "complete"
+
+    @property
+    def resume_input_row(self) -> int:
+        return self.manifest.shards[-1].input_rows_end if self.manifest.shards else 0
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Count something for the manifest's ``stats`` (e.g. bad rows by reason)."""
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def add_row(self, examples: Sequence[Mapping[str, Any]], input_rows_end: int) -> None:
+        """Add every example made from one input row; ``input_rows_end`` is that row's index + 1.
+
+        Shards are only cut between input rows, so a resume never duplicates part of a row's examples.
+        """
+        if self.complete:
+            raise KDCacheError(f"{self.path} is already complete; pass --overwrite to regenerate it")
+        for ex in examples:
+            self._pending.append(ex)
+            self._pending_tokens += len(ex["input_ids"])
+        self._input_rows_end = input_rows_end
+        if self._pending_tokens >= self.row_group_tokens:
+            self._flush_row_group()
+        if self._shard_tokens >= self.shard_tokens:
+            self._commit_shard()
+
+    def close(self) -> Manifest:
+        """Commit what is buffered and mark the cache complete."""
+        if not self.complete:
+            self._flush_row_group()
+            self._commit_shard(force=True)
+            self.manifest.status = "complete"
+            self.manifest.stats = dict(self.stats)
+            self._write_manifest(self.manifest)
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop the in-flight shard; committed shards stay and a rerun resumes after them."""
+        self._pending.clear()
+        self._pending_tokens = 0
+        if self._shard is not None:
+            try:
+                self._shard.close()
+            except Exception:  # noqa: BLE001 - the shard is discarded anyway
+                pass
+            self._shard = None
+        if self._shard_tmp is not None and self._shard_tmp.exists():
+            self._shard_tmp.unlink()
+        self._shard_tmp = None
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # ------------------------------------------------------------------ internals
+    def to_record_batch(self, examples: Sequence[Mapping[str, Any]]) -> pa.RecordBatch:
+        """Vectorised conversion: one concatenation per column, offsets from lengths."""
+        arrays = []
+        for field in self.schema:
+            name = field.name
+            if name in self._list_cols:
+                parts = [np.asarray(ex[name]).reshape(-1) for ex in examples]
+                lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+                offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+                np.cumsum(lengths, out=offsets[1:])
+                flat = np.concatenate(parts) if parts else np.zeros(0)
+                codec = self._codecs.get(name)
+                if codec is not None:
+                    flat = codec.encode(flat)
+                else:
+                    flat = flat.astype(field.type.value_type.to_pandas_dtype(), copy=False)
+                values = pa.array(flat, type=field.type.value_type)
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets), values))
+            else:
+                arrays.append(pa.array([ex[name] for ex in examples], type=field.type))
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+    def _flush_row_group(self) -> None:
+        if not self._pending:
+            return
+        batch = self.to_record_batch(self._pending)
+        try:
+            if self._shard is None:
+                index = len(self.manifest.shards)
+                self._shard_tmp = self.path / f".part-{index:05d}.parquet.tmp"
+                self._shard = pq.ParquetWriter(
+                    self._shard_tmp,
+                    self.schema,
+                    compression="zstd",
+                    compression_level=self.compression_level,
+                    use_dictionary=["example_id"],
+                    write_statistics=["example_id", "teacher_nll", "teacher_entropy", "num_loss_tokens"],
+                    data_page_size=256 * 1024,
+                )
+            self._shard.write_batch(batch, row_group_size=len(self._pending))
+        except OSError as exc:
+            self._fail(exc)
+        self._shard_rows += len(self._pending)
+        self._shard_tokens += self._pending_tokens
+        self._shard_row_groups.append(len(self._pending))
+        self._pending = []
+        self._pending_tokens = 0
+
+    def _commit_shard(self, force: bool = False) -> None:
+        if self._shard is None:
+            if force and self._input_rows_end != self.resume_input_row:
+                # Only bad rows since the last shard: record progress without an empty file.
+                self.manifest.stats = dict(self.stats)
+                if self.manifest.shards:
+                    self.manifest.shards[-1].input_rows_end = self._input_rows_end
+            return
+        assert self._shard_tmp is not None
+        index = len(self.manifest.shards)
+        final = self.path / f"part-{index:05d}.parquet"
+        try:
+            self._shard.close()
+            self._shard = None
+            with open(self._shard_tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = _sha256(self._shard_tmp)
+            size = self._shard_tmp.stat().st_size
+            os.replace(self._shard_tmp, final)
+            fsync_dir(self.path)
+        except OSError as exc:
+            self._fail(exc)
+        self.manifest.shards.append(
+            ShardInfo(
+                name=final.name,
+                rows=self._shard_rows,
+                tokens=self._shard_tokens,
+                bytes=size,
+                sha256=digest,
+                row_groups=self._shard_row_groups,
+                input_rows_end=self._input_rows_end,
+            )
+        )
+        self.manifest.stats = dict(self.stats)
+        self._write_manifest(self.manifest)
+        self._shard_tmp = None
+        self._shard_rows = self._shard_tokens = 0
+        self._shard_row_groups = []
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        try:
+            write_atomic(self.path / MANIFEST_NAME, manifest.to_json().encode())
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.abort()
+        if _is_space_error(exc):
+            raise OutOfSpaceError(
+                f"no space left while writing {self.path}; free disk space and rerun the same command "
+                f"(it resumes after the {len(self.manifest.shards)} committed shards)"
+            ) from None
+        raise KDCacheError(f"cannot write {self.path}: {exc}") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
