@@ -83,6 +83,8 @@ class CacheWriter:
         self.stats: dict[str, Any] = dict(self.manifest.stats)
         self._pending: list[Mapping[str, Any]] = []
         self._pending_tokens = 0
+        self.rows_added = 0
+        """Examples added by this writer (this run), committed or not."""
         self._input_rows_end = self.resume_input_row
         self._shard: pq.ParquetWriter | None = None
         self._shard_tmp: Path | None = None
@@ -173,6 +175,7 @@ class CacheWriter:
         """
         if self.complete:
             raise KDCacheError(f"{self.path} is already complete; pass --overwrite to regenerate it")
+        self.rows_added += len(examples)
         for ex in examples:
             self._pending.append(ex)
             self._pending_tokens += len(ex["input_ids"])

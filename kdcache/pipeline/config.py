@@ -1,0 +1,91 @@
+"""Configuration of the generate stage. Every field can be set in YAML or overridden from the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kdcache.config import doc
+from kdcache.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: str = doc(
+        "Dataset: a local .jsonl/.json/.parquet/.csv/.txt file, a hub dataset name, or embedded:stdlib-docs "
+        "(Python standard library docstrings, on every machine).",
+        "embedded:stdlib-docs",
+    )
+    split: str = doc("Split to read (hub datasets and local files alike).", "train")
+    format: Literal["auto", "text", "messages", "prompt_response"] = doc(
+        "How a row becomes tokens: text (one field, loss on every token), messages (chat list, loss on assistant "
+        "turns), prompt_response (loss on the response). auto picks from the row's fields.",
+        "auto",
+    )
+    field: str = doc("Field holding the text (format text) or the chat messages (format messages).", "text")
+    prompt_field: str = doc("Prompt field for format prompt_response.", "prompt")
+    response_field: str = doc("Response field for format prompt_response.", "response")
+    chat_template: bool = doc("Render messages and prompt/response pairs with the tokenizer's chat template.", True)
+    max_length: int = doc("Maximum tokens per example.", 512)
+    truncation: Literal["truncate", "skip"] = doc(
+        "Rows longer than max_length: truncate keeps the first max_length tokens; skip drops and counts them.",
+        "truncate",
+    )
+    max_rows: int | None = doc("Read at most this many dataset rows (None: all).", None)
+    strict: bool = doc("Fail on the first bad row (missing field, empty, wrong type) instead of counting it.", False)
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError("data.max_length must be at least 2 (a token and its next-token target)")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError("data.max_rows must be positive or null")
+
+
+@dataclass
+class GenerationConfig:
+    enabled: bool = doc("Let the teacher write continuations of each prompt and cache those (scored like any row).", False)
+    max_new_tokens: int = doc("Tokens to generate per continuation.", 128)
+    num_samples: int = doc("Continuations per prompt.", 1)
+    do_sample: bool = doc("Sample (true) or greedy decoding (false).", False)
+    temperature: float = doc("Sampling temperature.", 1.0)
+    top_p: float = doc("Nucleus sampling threshold.", 1.0)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ConfigError("generation.max_new_tokens and generation.num_samples must be positive")
+        if self.num_samples > 1 and not self.do_sample:
+            raise ConfigError("generation.num_samples > 1 needs generation.do_sample=true (greedy gives identical samples)")
+
+
+@dataclass
+class GenerateConfig:
+    teacher: str = doc("Teacher: a local model folder, a .gguf file, or a hub id.", "")
+    backend: str = doc("Teacher backend (see `kdcache generate --help` for the registered ones).", "transformers")
+    out: str = doc("Cache directory to write (created; resumed if it holds the same settings).", "")
+    overwrite: bool = doc("Replace an existing cache at `out` whose settings differ.", False)
+    top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass).", 64)
+    logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
+    hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
+    hidden_codec: Literal["fp16", "fp32"] = doc("How hidden states are stored.", "fp16")
+    device: str = doc("auto (cuda if available), cpu, cuda, cuda:N.", "auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
+    batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096)
+    trust_remote_code: bool = doc("Allow model code from the model folder/hub (off unless you trust it).", False)
+    seed: int = doc("Seed for sampled generation.", 0)
+    shard_tokens: int = doc("Tokens per Parquet shard.", 4_000_000)
+    row_group_tokens: int = doc("Tokens per Parquet row group (the reader's unit of work).", 16_384)
+    compression_level: int = doc("zstd level.", 1)
+    data: DataConfig = doc("Input dataset.", default_factory=DataConfig)
+    generation: GenerationConfig = doc("Teacher continuations.", default_factory=GenerationConfig)
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ConfigError("top_k must be at least 1")
+        if self.batch_tokens < 2:
+            raise ConfigError("batch_tokens must be at least 2")
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ConfigError("no teacher given; pass --teacher PATH (a model folder, .gguf file or hub id)")
+        if not self.out:
+            raise ConfigError("no output directory given; pass --out DIR")

@@ -1,0 +1,211 @@
+"""Dataset rows in, token sequences with loss masks out.
+
+Rows stream (``datasets`` in streaming mode), so memory does not grow with the dataset. Bad rows are
+returned as :class:`BadRow` with a reason, so the caller can count them or, with ``strict``, stop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from kdcache.errors import DataError
+from kdcache.fingerprint import json_hash, tree_fingerprint
+from kdcache.pipeline.config import DataConfig
+from kdcache.pipeline.corpus import EMBEDDED_DATASETS, EMBEDDED_PREFIX, stdlib_docstrings
+
+_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass
+class Tokenized:
+    input_ids: np.ndarray  # [T] int32
+    loss_mask: np.ndarray  # [T-1] bool, target t+1 counts
+    prompt: np.ndarray | None = None  # prompt tokens, for generation
+    truncated: bool = False
+
+
+@dataclass
+class BadRow:
+    reason: str
+    detail: str
+
+
+def dataset_identity(cfg: DataConfig) -> dict:
+    src = cfg.source
+    ident: dict[str, Any] = {"source": src, "split": cfg.split}
+    if src.startswith(EMBEDDED_PREFIX):
+        import sys
+
+        ident["fingerprint"] = json_hash([src, sys.version_info[:2]])
+    elif Path(src).exists():
+        ident["fingerprint"] = tree_fingerprint(src)
+    else:
+        ident["fingerprint"] = json_hash(src)  # hub name; revision pinning is the hub's job
+    return ident
+
+
+def iter_rows(cfg: DataConfig) -> Iterator[dict]:
+    """Raw rows in a fixed order. Raises DataError if the source cannot be opened."""
+    src = cfg.source
+    if src.startswith(EMBEDDED_PREFIX):
+        name = src[len(EMBEDDED_PREFIX) :]
+        if name not in EMBEDDED_DATASETS:
+            raise DataError(f"unknown embedded dataset {name!r}; available: {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_DATASETS)}")
+        rows: Iterator[dict] = stdlib_docstrings()
+    else:
+        rows = _load_datasets(src, cfg.split)
+    if cfg.max_rows is not None:
+        rows = itertools.islice(rows, cfg.max_rows)
+    return rows
+
+
+def _load_datasets(src: str, split: str) -> Iterator[dict]:
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    path = Path(src)
+    try:
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.suffix in _LOADERS) if path.is_dir() else [path]
+            if not files:
+                raise DataError(f"no .jsonl/.json/.parquet/.csv/.txt files under {src}")
+            kinds = {_LOADERS.get(p.suffix) for p in files}
+            if None in kinds or len(kinds) != 1:
+                raise DataError(f"cannot read {src}: use one of {', '.join(sorted(_LOADERS))} files")
+            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
+        else:
+            ds = datasets.load_dataset(src, split=split, streaming=True)
+        return iter(ds)
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        raise DataError(f"dataset {src!r} not found: not a local file and not reachable on the hub ({str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # datasets raises many types; report one line
+        raise DataError(f"cannot open dataset {src!r}: {str(exc).splitlines()[0][:300]}") from None
+
+
+class RowTokenizer:
+    """Turns one dataset row into a :class:`Tokenized` or a :class:`BadRow`."""
+
+    def __init__(self, tokenizer: Any, cfg: DataConfig):
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.format = cfg.format
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def resolve_format(self, first_row: dict) -> None:
+        """Pick the format from the first row, and fail early on a field that is not there at all."""
+        cfg = self.cfg
+        fields = sorted(first_row)
+        if self.format == "auto":
+            if cfg.field in first_row:
+                self.format = "messages" if isinstance(first_row[cfg.field], list) else "text"
+            elif cfg.prompt_field in first_row and cfg.response_field in first_row:
+                self.format = "prompt_response"
+            elif "messages" in first_row:
+                raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field messages")
+            else:
+                raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field NAME")
+        needed = [cfg.prompt_field, cfg.response_field] if self.format == "prompt_response" else [cfg.field]
+        for name in needed:
+            if name not in first_row:
+                raise DataError(f"field {name!r} not in dataset; it has fields {fields}: pass the right field name")
+        if self.format == "messages" and not (self.has_template and cfg.chat_template):
+            raise DataError("format messages needs a tokenizer with a chat template (and data.chat_template=true)")
+
+    def __call__(self, row: dict) -> Tokenized | BadRow:
+        try:
+            if self.format == "text":
+                return self._text(row)
+            if self.format == "messages":
+                return self._messages(row[self.cfg.field])
+            return self._prompt_response(row)
+        except _Bad as bad:
+            return BadRow(bad.reason, bad.detail)
+
+    # -- formats
+    def _get_str(self, row: dict, name: str) -> str:
+        if name not in row or row[name] is None:
+            raise _Bad("missing_field", f"no field {name!r}")
+        value = row[name]
+        if not isinstance(value, str):
+            raise _Bad("wrong_type", f"field {name!r} is {type(value).__name__}, expected str")
+        if not value.strip():
+            raise _Bad("empty", f"field {name!r} is empty")
+        return value
+
+    def _text(self, row: dict) -> Tokenized | BadRow:
+        ids = self.tok(self._get_str(row, self.cfg.field), add_special_tokens=True)["input_ids"]
+        return self._finish(ids, np.ones(max(len(ids) - 1, 0), dtype=bool), prompt_len=0)
+
+    def _prompt_response(self, row: dict) -> Tokenized | BadRow:
+        prompt = self._get_str(row, self.cfg.prompt_field)
+        response = self._get_str(row, self.cfg.response_field)
+        if self.has_template and self.cfg.chat_template:
+            return self._messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+        p = self.tok(prompt, add_special_tokens=True)["input_ids"]
+        r = self.tok(response, add_special_tokens=False)["input_ids"]
+        if self.tok.eos_token_id is not None:
+            r = r + [self.tok.eos_token_id]
+        ids = p + r
+        mask = np.zeros(len(ids) - 1, dtype=bool)
+        mask[len(p) - 1 :] = True
+        return self._finish(ids, mask, prompt_len=len(p))
+
+    def _messages(self, messages: Any) -> Tokenized | BadRow:
+        if not isinstance(messages, list) or not messages:
+            raise _Bad("wrong_type", "messages must be a non-empty list of {role, content}")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise _Bad("wrong_type", "each message needs string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise _Bad("no_response", "no assistant message")
+        ids = self._render(messages, add_generation_prompt=False)
+        mask = np.zeros(max(len(ids) - 1, 0), dtype=bool)
+        prompt_len = None
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self._render(messages[:i], add_generation_prompt=True))
+            end = len(self._render(messages[: i + 1], add_generation_prompt=False))
+            if prompt_len is None:
+                prompt_len = start
+            # Targets are ids[start:end]; target index j is predicted at row j-1.
+            mask[max(start - 1, 0) : end - 1] = True
+        return self._finish(ids, mask, prompt_len=prompt_len or 0)
+
+    def _render(self, messages: list, add_generation_prompt: bool) -> list[int]:
+        if not messages:
+            return []
+        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    def _finish(self, ids: list[int], mask: np.ndarray, prompt_len: int) -> Tokenized | BadRow:
+        truncated = False
+        if len(ids) > self.cfg.max_length:
+            if self.cfg.truncation == "skip":
+                raise _Bad("too_long", f"{len(ids)} tokens > max_length {self.cfg.max_length}")
+            ids = ids[: self.cfg.max_length]
+            mask = mask[: self.cfg.max_length - 1]
+            truncated = True
+        if len(ids) < 2:
+            raise _Bad("too_short", "fewer than 2 tokens")
+        if not mask.any():
+            raise _Bad("no_loss_tokens", "no target token left to learn (all masked or truncated away)")
+        arr = np.asarray(ids, dtype=np.int32)
+        prompt = arr[: min(prompt_len, len(arr))] if prompt_len else None
+        return Tokenized(arr, mask.astype(bool), prompt=prompt, truncated=truncated)
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,207 @@
+"""The generate stage: run the teacher once over a dataset and write a cache.
+
+Everything that can be checked without the weights (paths, k against the vocab, an existing cache's
+settings, the dataset's fields) is checked before the teacher loads, so mistakes cost seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kdcache.cache import CacheWriter, Manifest, make_signals
+from kdcache.cache.manifest import TOKENIZER_DIR
+from kdcache.config import to_dict
+from kdcache.errors import ConfigError, DataError, KDCacheError
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.pipeline.config import GenerateConfig
+from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows
+from kdcache.pipeline.teachers import Teacher, build_teacher, resolve_layers
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_record(tokenizer, vocab_size: int) -> dict:
+    return {
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab_size,
+        "tokenizer_size": len(tokenizer),
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
+    gen = to_dict(cfg.generation)
+    return {
+        "teacher": teacher.identity(),
+        "tokenizer": tokenizer_record(teacher.tokenizer, teacher.vocab_size),
+        "dataset": {**dataset_identity(cfg.data), **{k: v for k, v in to_dict(cfg.data).items() if k not in ("source", "split", "strict")}},
+        "scoring": {"top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec, "hidden_codec": cfg.hidden_codec},
+        "generation": gen if cfg.generation.enabled else {"enabled": False},
+        "seed": cfg.seed if cfg.generation.enabled and cfg.generation.do_sample else None,
+    }
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """A copy of the tokenizer travels with the cache, so students can be built from a config spec."""
+    target = out / TOKENIZER_DIR
+    if target.is_dir():
+        return
+    tmp = out / f".{TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def _batches(items: Iterator[tuple[int, object]], batch_tokens: int, max_rows: int = 256) -> Iterator[list[tuple[int, object]]]:
+    """Consecutive rows whose padded size fits the token budget; bad rows ride along at no cost."""
+    batch: list[tuple[int, object]] = []
+    longest = 0
+    for index, item in items:
+        n = len(item.input_ids) if isinstance(item, Tokenized) else 0
+        if batch and (max(longest, n) * (sum(isinstance(i, Tokenized) for _, i in batch) + 1) > batch_tokens or len(batch) >= max_rows):
+            yield batch
+            batch, longest = [], 0
+        batch.append((index, item))
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def generate(cfg: GenerateConfig, progress: bool = True) -> Manifest:
+    """Run the teacher over ``cfg.data`` into the cache at ``cfg.out``; resumes an interrupted run."""
+    cfg.validate()
+    teacher = build_teacher(cfg.backend, model=cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.top_k > teacher.vocab_size:
+        raise ConfigError(f"top_k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); pass --top-k {teacher.vocab_size} or less")
+    layers = resolve_layers(cfg.hidden_layers, teacher.num_layers)
+    signals = make_signals(
+        cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled
+    )
+    # Open the dataset and check its fields before creating anything on disk.
+    rows = iter_rows(cfg.data)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"dataset {cfg.data.source!r} is empty (no rows in split {cfg.data.split!r})")
+    tokenize = RowTokenizer(teacher.tokenizer, cfg.data)
+    tokenize.resolve_format(first)
+
+    out = Path(cfg.out)
+    created = not out.exists()
+    writer = CacheWriter(
+        out, _settings(cfg, teacher, layers), signals, overwrite=cfg.overwrite, shard_tokens=cfg.shard_tokens,
+        row_group_tokens=cfg.row_group_tokens, compression_level=cfg.compression_level, created_by="kdcache generate",
+    )
+    if writer.complete:
+        log.info("cache %s is already complete (%d rows); nothing to do", out, writer.manifest.num_rows)
+        return writer.manifest
+    try:
+        _save_tokenizer(teacher.tokenizer, out)
+        manifest = _run(cfg, teacher, layers, writer, first, rows, tokenize, progress)
+    except BaseException:
+        writer.abort()
+        if created and not writer.manifest.shards:
+            shutil.rmtree(out, ignore_errors=True)  # nothing committed: leave no half-made cache behind
+        raise
+    return manifest
+
+
+def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokenize, progress) -> Manifest:
+    start = writer.resume_input_row
+    if start:
+        log.info("resuming after input row %d", start)
+
+    def tokenized() -> Iterator[tuple[int, Tokenized | BadRow]]:
+        for index, row in enumerate(itertools.chain([first], rows)):
+            if index < start:
+                continue
+            item = tokenize(row)
+            if isinstance(item, BadRow):
+                if cfg.data.strict:
+                    raise DataError(f"bad row {index}: {item.detail} (reason {item.reason}); fix the row or drop --strict to skip and count it")
+            yield index, item
+
+    teacher.load()
+    bar = tqdm(total=cfg.data.max_rows, initial=start, unit="row", desc="generate", disable=not progress)
+    tokens = 0
+    for batch in _batches(tokenized(), cfg.batch_tokens):
+        good = [(i, t) for i, t in batch if isinstance(t, Tokenized)]
+        examples: dict[int, list[dict]] = {i: [] for i, _ in good}
+        if good:
+            if cfg.generation.enabled:
+                _generate_rows(cfg, teacher, layers, good, examples)
+            else:
+                scored = teacher.score([t.input_ids for _, t in good], cfg.top_k, layers)
+                for (i, t), s in zip(good, scored):
+                    examples[i].append(_example(str(i), t.input_ids, t.loss_mask, s, layers))
+        for i, item in batch:
+            if isinstance(item, BadRow):
+                writer.count(f"bad_rows.{item.reason}")
+            elif item.truncated:
+                writer.count("truncated_rows")
+            exs = examples.get(i, [])
+            tokens += sum(len(e["input_ids"]) for e in exs)
+            writer.add_row(exs, i + 1)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=tokens)
+    bar.close()
+    if writer.rows_added == 0 and not writer.manifest.shards:
+        reasons = {k: v for k, v in writer.stats.items() if k.startswith("bad_rows")}
+        raise DataError(f"no usable rows in {cfg.data.source!r}: every row was bad ({reasons}); check --field and the data")
+    manifest = writer.close()
+    bad = {k: v for k, v in manifest.stats.items() if k.startswith("bad_rows")}
+    if bad:
+        log.warning("skipped bad rows: %s", ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(bad.items())))
+    return manifest
+
+
+def _generate_rows(cfg, teacher: Teacher, layers, good, examples) -> None:
+    g = cfg.generation
+    prompts = [t.prompt if t.prompt is not None and len(t.prompt) else t.input_ids for _, t in good]
+    conts = teacher.generate(prompts, g, seed=cfg.seed * 1_000_003 + good[0][0])
+    seqs, meta = [], []
+    for (i, _), prompt, samples in zip(good, prompts, conts):
+        for j, cont in enumerate(samples):
+            if len(cont) == 0:
+                continue
+            seq = np.concatenate([prompt, cont]).astype(np.int32)[: cfg.data.max_length]
+            if len(seq) <= len(prompt):
+                continue
+            mask = np.zeros(len(seq) - 1, dtype=bool)
+            mask[len(prompt) - 1 :] = True
+            seqs.append(seq)
+            meta.append((i, j, mask, len(prompt)))
+    if not seqs:
+        return
+    for (i, j, mask, plen), seq, s in zip(meta, seqs, teacher.score(seqs, cfg.top_k, layers)):
+        ex = _example(f"{i}#g{j}", seq, mask, s, layers)
+        ex["prompt_length"] = plen
+        ex["sample_index"] = j
+        examples[i].append(ex)
+
+
+def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: dict, layers: list[int]) -> dict:
+    m = loss_mask
+    n = int(m.sum())
+    ex = {
+        "example_id": example_id,
+        "input_ids": input_ids,
+        "loss_mask": loss_mask,
+        "topk_ids": s["topk_ids"],
+        "topk_logprobs": s["topk_logprobs"],
+        "tail_logprob": s["tail_logprob"],
+        "teacher_nll": float(-s["target_logprob"][m].mean()) if n else float("nan"),
+        "teacher_entropy": float(s["entropy"][m].mean()) if n else float("nan"),
+        "num_loss_tokens": n,
+    }
+    for layer in layers:
+        ex[f"hidden_{layer}"] = s[f"hidden_{layer}"]
+    return ex

@@ -1,0 +1,225 @@
+"""The transformers teacher: any causal LM from a local folder, a .gguf file or a hub id; CPU or CUDA.
+
+Logits are produced chunk by chunk from the final hidden states, so a batch never holds more than a
+chunk of [tokens, vocab] in fp32; top-k, tail mass, entropy and the target's log-probability are all
+computed on the device and only k+3 numbers per position come back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache.errors import ConfigError, KDCacheError
+from kdcache.fingerprint import json_hash, tree_fingerprint
+from kdcache.pipeline.teachers.base import Teacher, register_backend
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".json", ".model")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return _DTYPES[dtype]
+
+
+def locate_model(model: str) -> tuple[str, str | None, bool]:
+    """(folder or hub id, gguf file name or None, is_local). Raises a clear error for a missing path."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ConfigError(f"teacher {model} is a file but not a .gguf; pass a model folder, a .gguf file or a hub id")
+        return str(path.parent), path.name, True
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(path), ggufs[0].name, True
+            raise ConfigError(f"model folder {model} has no config.json; pass a folder written by save_pretrained or a .gguf file")
+        return str(path), None, True
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
+    if looks_like_path or not model:
+        raise ConfigError(f"model path {model} does not exist; pass a model folder, a .gguf file or a hub id")
+    return model, None, False
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    folder, gguf, _ = locate_model(model)
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise KDCacheError(f"cannot load tokenizer of {model}: {str(exc).splitlines()[0][:200]}") from None
+
+
+@register_backend("transformers")
+class TransformersTeacher(Teacher):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        logits_chunk_tokens: int = 1024,
+    ):
+        from transformers import AutoConfig
+
+        self.model_name = model
+        self.folder, self.gguf_file, self.is_local = locate_model(model)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.trust_remote_code = trust_remote_code
+        self.logits_chunk_tokens = logits_chunk_tokens
+        try:
+            self.config = AutoConfig.from_pretrained(self.folder, gguf_file=self.gguf_file, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise KDCacheError(f"cannot load teacher config from {model}: {str(exc).splitlines()[0][:200]}") from None
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        self.model: Any = None
+
+    # -- identity, without weights
+    def identity(self) -> dict:
+        cfg = self.config.to_dict()
+        for key in ("quantization_config", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+            cfg.pop(key, None)
+        src = Path(self.folder) / self.gguf_file if self.gguf_file else Path(self.folder)
+        return {
+            "name": self.model_name,
+            "path": str(src.resolve()) if self.is_local else self.model_name,
+            "backend": "transformers",
+            "architecture": (self.config.architectures or [type(self.config).__name__])[0],
+            "config_hash": json_hash(cfg),
+            "weights_fingerprint": tree_fingerprint(src, _WEIGHT_SUFFIXES) if self.is_local else None,
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.get_text_config().vocab_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get_text_config().num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.get_text_config().hidden_size)
+
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        log.info("loading teacher %s on %s (%s)", self.model_name, self.device, self.dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.folder, gguf_file=self.gguf_file, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            raise KDCacheError(f"cannot load teacher weights from {self.model_name}: {str(exc).splitlines()[0][:200]}") from None
+        self.model = model.to(self.device).eval()
+        text_cfg = self.config.get_text_config()
+        # Models that transform logits after the head (soft-capping, scaling) go through the full forward.
+        self._plain_head = not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+
+    # -- scoring
+    @torch.inference_mode()
+    def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int]) -> list[dict[str, np.ndarray]]:
+        assert self.model is not None, "call load() first"
+        lens = torch.tensor([len(s) for s in sequences])
+        B, T = len(sequences), int(lens.max())
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        attn = (torch.arange(T)[None, :] < lens[:, None]).long()
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        valid = (torch.arange(T - 1)[None, :] < (lens - 1)[:, None]).to(self.device)  # [B, T-1]
+        targets = ids[:, 1:][valid]
+        want_hidden = bool(hidden_layers)
+        if self._plain_head:
+            out = self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=want_hidden)
+            feats = out.last_hidden_state[:, :-1][valid]
+            head = self.model.get_output_embeddings()
+        else:
+            out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=want_hidden)
+            feats = out.logits[:, :-1][valid]
+            head = None
+        V = self.vocab_size
+        k = min(top_k, V)
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprob", "entropy")}
+        for start in range(0, feats.shape[0], self.logits_chunk_tokens):
+            f = feats[start : start + self.logits_chunk_tokens]
+            logits = (head(f) if head is not None else f).float()[:, :V]
+            logp = torch.log_softmax(logits, dim=-1)
+            values, index = logp.topk(k, dim=-1)
+            if k < V:
+                tail = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1)
+            else:
+                tail = torch.full_like(values[:, 0], float("-inf"))
+            parts["topk_ids"].append(index.int())
+            parts["topk_logprobs"].append(values)
+            parts["tail_logprob"].append(tail)
+            parts["target_logprob"].append(logp.gather(-1, targets[start : start + f.shape[0], None]).squeeze(-1))
+            parts["entropy"].append(-(logp.exp() * logp).nan_to_num().sum(-1))
+        flat = {n: torch.cat(v).cpu().numpy() for n, v in parts.items()}
+        splits = np.cumsum((lens - 1).numpy())[:-1]
+        per_seq = {n: np.split(v, splits) for n, v in flat.items()}
+        results = [{n: per_seq[n][i] for n in per_seq} for i in range(B)]
+        if want_hidden:
+            for layer in hidden_layers:
+                hs = out.hidden_states[layer].float().cpu().numpy()
+                for i, n in enumerate(lens.tolist()):
+                    results[i][f"hidden_{layer}"] = hs[i, :n]
+        return results
+
+    # -- generation
+    @torch.inference_mode()
+    def generate(self, prompts: list[np.ndarray], cfg: Any, seed: int) -> list[list[np.ndarray]]:
+        assert self.model is not None, "call load() first"
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.tokenizer.eos_token_id
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
+            ids[i, T - len(p) :] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+            attn[i, T - len(p) :] = 1
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature if cfg.do_sample else None,
+            top_p=cfg.top_p if cfg.do_sample else None,
+            top_k=0 if cfg.do_sample else None,
+            num_return_sequences=cfg.num_samples,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        new = out[:, T:].cpu().numpy()
+        results: list[list[np.ndarray]] = []
+        for i in range(len(prompts)):
+            samples = []
+            for j in range(cfg.num_samples):
+                seq = new[i * cfg.num_samples + j]
+                if eos is not None and (seq == eos).any():
+                    seq = seq[: int(np.argmax(seq == eos)) + 1]
+                samples.append(seq.astype(np.int32))
+            results.append(samples)
+        return results
