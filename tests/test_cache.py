@@ -155,7 +155,7 @@ def check_codec(got: np.ndarray, want: np.ndarray, codec: str) -> None:
         np.testing.assert_allclose(got[finite], want[finite], rtol=2.0**-11, atol=2.0**-24)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=cache_specs())
 def test_round_trip_property(spec):
     rng = np.random.default_rng(spec["seed"])
@@ -472,15 +472,18 @@ def test_resume_after_hard_crash(tmp_path):
         from kdcache.cache import CacheWriter, make_signals
         w = CacheWriter(sys.argv[1], {SETTINGS!r}, make_signals(top_k=4, vocab_size=5000, logprob_codec="fp32"),
                         shard_tokens=120, row_group_tokens=40)
-        for i in range(37):
+        for i in range(10_000):
             w.add_row(row_examples(i), i + 1)
-        print(len(w.manifest.shards), flush=True)
+            in_flight = any(p.startswith(".part-") for p in os.listdir(sys.argv[1]))
+            if len(w.manifest.shards) >= 2 and in_flight:
+                break
+        print(len(w.manifest.shards), i, flush=True)
         os._exit(9)
         """
     )
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
-    assert int(r.stdout.split()[-1]) >= 2
+    assert int(r.stdout.split()[0]) >= 2 and int(r.stdout.split()[1]) < N_RESUME_ROWS
     assert any(p.startswith(".part-") and p.endswith(".tmp") for p in listing(path))
     _resume_and_check(path)
 
@@ -709,17 +712,23 @@ def test_out_of_space_while_updating_manifest(tmp_path):
     the writer leaves that renamed ``part-N.parquet`` behind although the manifest on disk does not list
     it, and its message counts it as committed ("resumes after the N+1 committed shards")."""
     path = tmp_path / "c"
-    # One row per shard, tiny shards: the manifest is the first file to outgrow the 9 KB limit.
+    # Two rows per shard, tiny shards: the manifest is the first file to outgrow the 9 KB limit.
     out = _run_full(path, 9_000, 80, 32)
     assert "ERROR OutOfSpaceError True" in out, out
     m = read_manifest(path)
     assert m.status == "in_progress" and len(m.shards) >= 2
-    assert f"after the {len(m.shards)} committed shards" in out, (out, len(m.shards))
+    committed = {MANIFEST_NAME} | {s.name for s in m.shards}
+    left_over = sorted(listing(path) - committed)
+    message_ok = f"after the {len(m.shards)} committed shards" in out
+    # What works today: the manifest parses, lists intact shards, and the rerun resumes with every row once.
+    assert [ex["example_id"] for ex in open_cache(path).stream()] == [str(i) for i in range(m.shards[-1].input_rows_end)]
+    rerun = _run_full(path, 0, 80, 32)
+    assert f"RESUME {m.shards[-1].input_rows_end}" in rerun and "DONE" in rerun, rerun
     assert_only_committed(path)
-    # Whatever was left, the rerun resumes and every row is there once.
-    out = _run_full(path, 0, 80, 32)
-    assert f"RESUME {m.shards[-1].input_rows_end}" in out and "DONE" in out
     assert [ex["example_id"] for ex in open_cache(path).stream()] == [str(i) for i in range(80)]
+    # The bug: an uncommitted shard left on the full disk, and a message that miscounts the committed shards.
+    assert left_over == [], f"uncommitted files left after OutOfSpaceError: {left_over}"
+    assert message_ok, f"manifest lists {len(m.shards)} shards but the error said: {out.strip()}"
 
 
 # --------------------------------------------------------------------------------------------------

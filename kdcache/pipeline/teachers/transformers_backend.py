@@ -16,6 +16,7 @@ import torch
 
 from kdcache.errors import ConfigError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
+from kdcache.modeling import selected_features
 from kdcache.pipeline.teachers.base import Teacher, register_backend
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,6 @@ class TransformersTeacher(Teacher):
         except (OSError, ValueError) as exc:
             raise KDCacheError(f"cannot load teacher weights from {self.model_name}: {str(exc).splitlines()[0][:200]}") from None
         self.model = model.to(self.device).eval()
-        text_cfg = self.config.get_text_config()
-        # Models that transform logits after the head (soft-capping, scaling) go through the full forward.
-        self._plain_head = not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
 
     # -- scoring
     @torch.inference_mode()
@@ -151,14 +149,7 @@ class TransformersTeacher(Teacher):
         valid = (torch.arange(T - 1)[None, :] < (lens - 1)[:, None]).to(self.device)  # [B, T-1]
         targets = ids[:, 1:][valid]
         want_hidden = bool(hidden_layers)
-        if self._plain_head:
-            out = self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=want_hidden)
-            feats = out.last_hidden_state[:, :-1][valid]
-            head = self.model.get_output_embeddings()
-        else:
-            out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=want_hidden)
-            feats = out.logits[:, :-1][valid]
-            head = None
+        feats, head, out = selected_features(self.model, ids, attn, valid, output_hidden_states=want_hidden)
         V = self.vocab_size
         k = min(top_k, V)
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprob", "entropy")}

@@ -1,0 +1,31 @@
+"""Logits only where a loss needs them.
+
+Running the decoder and then the output head on the selected positions avoids materialising
+[batch, time, vocab] logits for padding and masked-out tokens. Models that transform logits after the
+head (soft-capping, logit scaling) take the full forward so the numbers stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def has_plain_head(model: Any) -> bool:
+    cfg = model.config.get_text_config()
+    return not any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+
+
+def selected_features(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor, output_hidden_states: bool = False
+) -> tuple[torch.Tensor, Any, Any]:
+    """(features at ``select`` [N, *], head or None, raw outputs). ``select`` is [B, T-1]: row t predicts token t+1.
+
+    Apply ``head`` (when not None) to features to get logits; a None head means features are logits.
+    """
+    if has_plain_head(model):
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        return out.last_hidden_state[:, :-1][select], model.get_output_embeddings(), out
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+    return out.logits[:, :-1][select], None, out

@@ -1,0 +1,73 @@
+"""Configuration of the train stage. Every field can be set in YAML or overridden from the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kdcache.config import doc
+from kdcache.errors import ConfigError
+
+
+@dataclass
+class StudentConfig:
+    path: str = doc("Student to start from: a local save_pretrained folder or a hub id. Empty: build from the spec below.", "")
+    arch: str = doc("Architecture of a student built from a spec (see kdcache.train.student.STUDENT_ARCHS).", "llama")
+    hidden_size: int = doc("Spec: model width.", 128)
+    num_layers: int = doc("Spec: transformer blocks.", 4)
+    num_heads: int = doc("Spec: attention heads.", 4)
+    num_kv_heads: int = doc("Spec: key/value heads (grouped-query attention).", 2)
+    intermediate_size: int = doc("Spec: MLP width.", 384)
+    max_position_embeddings: int = doc("Spec: longest sequence.", 2048)
+    tie_embeddings: bool = doc("Spec: share input and output embeddings.", True)
+    tokenizer: str = doc("Spec: tokenizer folder; empty uses the copy stored in the cache.", "")
+    trust_remote_code: bool = doc("Allow model code from the student folder/hub.", False)
+
+
+@dataclass
+class TrainConfig:
+    cache: str = doc("Cache directory written by `kdcache generate`.", "")
+    out: str = doc("Run directory: checkpoints, final model, metrics.", "")
+    student: StudentConfig = doc("The student model.", default_factory=StudentConfig)
+    loss: str = doc("Loss name (registry in kdcache.train.losses): ce, kd.", "kd")
+    alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy.", 0.5)
+    temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0)
+    tail: Literal["bucket", "renormalize"] = doc("Mass outside the cached top-k: one extra bucket, or drop it and renormalise.", "bucket")
+    steps: int = doc("Optimizer steps.", 300)
+    batch_size: int = doc("Examples per micro-batch.", 8)
+    grad_accum: int = doc("Micro-batches per optimizer step.", 1)
+    lr: float = doc("Peak learning rate (AdamW).", 3e-3)
+    min_lr_ratio: float = doc("Final learning rate as a fraction of the peak (cosine decay).", 0.1)
+    warmup_steps: int = doc("Linear warm-up steps.", 20)
+    weight_decay: float = doc("AdamW weight decay (matrices only).", 0.1)
+    grad_clip: float = doc("Clip the global gradient norm to this (0 disables).", 1.0)
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto: bf16 autocast on CUDA with bf16 support, fp32 elsewhere.", "auto")
+    device: str = doc("auto, cpu, cuda, cuda:N.", "auto")
+    seed: int = doc("Seed for student init and data order.", 0)
+    eval_fraction: float = doc("Examples held out from training for evaluation (stable split by example_id).", 0.05)
+    eval_max_examples: int = doc("Cap on held-out examples evaluated.", 256)
+    eval_every: int = doc("Evaluate every N steps (0: only at the end).", 100)
+    log_every: int = doc("Log training metrics every N steps.", 10)
+    save_every: int = doc("Checkpoint every N steps (0: only at the end).", 100)
+    keep_checkpoints: int = doc("Checkpoints to keep (oldest removed).", 2)
+    shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4)
+    resume: bool = doc("Continue from the latest checkpoint in `out` even if the config changed (e.g. more steps).", False)
+    overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be positive")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.resume and self.overwrite:
+            raise ConfigError("pass either --resume or --overwrite, not both")
+
+    def validate(self) -> None:
+        if not self.cache:
+            raise ConfigError("no cache given; pass --cache DIR (written by `kdcache generate`)")
+        if not self.out:
+            raise ConfigError("no run directory given; pass --out DIR")

@@ -1,0 +1,67 @@
+"""Cache examples to padded tensors: one micro-batch at a time, straight from the streaming reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from kdcache.cache import ExampleStream
+from kdcache.train.losses import Targets
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    select: torch.Tensor  # [B, T-1] bool: targets that count
+    targets: Targets  # per selected target, flattened in (batch, time) order
+    num_tokens: int  # selected targets
+    teacher_nll_sum: float  # sum over selected targets, from the cache's per-example stats
+
+    def to(self, device: torch.device) -> Batch:
+        t = self.targets
+        moved = Targets(*(x.to(device, non_blocking=True) if x is not None else None for x in (t.labels, t.topk_ids, t.topk_logprobs, t.tail_logprob)))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device), moved, self.num_tokens, self.teacher_nll_sum)
+
+
+def collate(examples: list[dict], pad_id: int = 0) -> Batch:
+    """Right-pad to the longest example. Teacher rows are gathered with one boolean index per example."""
+    lens = np.array([len(ex["input_ids"]) for ex in examples])
+    B, T = len(examples), int(lens.max())
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    select = np.zeros((B, T - 1), dtype=bool)
+    for i, ex in enumerate(examples):
+        ids[i, : lens[i]] = ex["input_ids"]
+        select[i, : lens[i] - 1] = ex["loss_mask"]
+    attention = (np.arange(T)[None, :] < lens[:, None]).astype(np.int64)
+    labels = ids[:, 1:][select]
+    has_topk = "topk_ids" in examples[0]
+    topk_ids = topk_lp = tail = None
+    if has_topk:
+        topk_ids = torch.from_numpy(np.concatenate([ex["topk_ids"][ex["loss_mask"]] for ex in examples]).astype(np.int64))
+        topk_lp = torch.from_numpy(np.concatenate([ex["topk_logprobs"][ex["loss_mask"]] for ex in examples]).astype(np.float32, copy=False))
+        tail = torch.from_numpy(np.concatenate([ex["tail_logprob"][ex["loss_mask"]] for ex in examples]).astype(np.float32, copy=False))
+    nll = sum(float(ex.get("teacher_nll", 0.0)) * int(ex.get("num_loss_tokens", 0)) for ex in examples)
+    return Batch(
+        torch.from_numpy(ids),
+        torch.from_numpy(attention),
+        torch.from_numpy(select),
+        Targets(torch.from_numpy(labels), topk_ids, topk_lp, tail),
+        int(select.sum()),
+        nll,
+    )
+
+
+def batches(stream: ExampleStream, batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
+    """Consecutive micro-batches; the stream's state after a batch marks exactly where the next begins."""
+    buf: list[dict] = []
+    for ex in stream:
+        buf.append(ex)
+        if len(buf) == batch_size:
+            yield collate(buf, pad_id)
+            buf = []
+    if buf:
+        yield collate(buf, pad_id)

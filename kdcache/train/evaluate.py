@@ -1,0 +1,47 @@
+"""Held-out evaluation: perplexity, KD loss against the cached teacher, top-1 agreement, teacher perplexity."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kdcache.modeling import selected_features
+from kdcache.train.data import Batch
+from kdcache.train.losses import LossSettings, sparse_kd_loss
+
+_EVAL_CHUNK = 2048  # target rows per logits chunk: bounds eval memory
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: list[Batch], device: torch.device, settings: LossSettings, autocast: Any) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    ce = kd = agree = nll = 0.0
+    n = 0
+    has_teacher = bool(batches) and batches[0].targets.topk_ids is not None
+    kd_settings = LossSettings(temperature=1.0, alpha=1.0, tail=settings.tail)
+    for batch in batches:
+        b = batch.to(device)
+        with autocast():
+            feats, head, _ = selected_features(model, b.input_ids, b.attention_mask, b.select)
+        for s in range(0, feats.shape[0], _EVAL_CHUNK):
+            logits = (head(feats[s : s + _EVAL_CHUNK]) if head is not None else feats[s : s + _EVAL_CHUNK]).float()
+            labels = b.targets.labels[s : s + _EVAL_CHUNK]
+            ce += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            if has_teacher:
+                t = b.targets
+                part = type(t)(labels, t.topk_ids[s : s + _EVAL_CHUNK], t.topk_logprobs[s : s + _EVAL_CHUNK], t.tail_logprob[s : s + _EVAL_CHUNK])
+                kd += sparse_kd_loss(logits, part, kd_settings)[1]["kd"].item()
+                agree += (logits.argmax(-1) == part.topk_ids[:, 0]).sum().item()
+        n += batch.num_tokens
+        nll += batch.teacher_nll_sum
+    if was_training:
+        model.train()
+    if n == 0:
+        return {}
+    out = {"eval_tokens": n, "eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50.0))}
+    if has_teacher:
+        out.update({"eval_kd": kd / n, "eval_top1_agreement": agree / n, "teacher_ppl": math.exp(min(nll / n, 50.0))})
+    return out

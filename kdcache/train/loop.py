@@ -1,0 +1,216 @@
+"""The train stage: distil a student from a cache, never loading the teacher.
+
+Reads top to bottom: set up (cache, student, loss, optimizer, data, resume), then one loop that
+steps, logs, evaluates and checkpoints. Components live in their own modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from kdcache.cache import holdout_fraction_filter, open_cache
+from kdcache.config import to_dict
+from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.fingerprint import json_hash
+from kdcache.modeling import selected_features
+from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdcache.train.config import TrainConfig
+from kdcache.train.data import Batch, batches, collate
+from kdcache.train.evaluate import evaluate
+from kdcache.train.losses import LossSettings, get_loss
+from kdcache.train.student import build_student
+
+log = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resumption without changing what is being trained.
+_RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _autocast(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """Create ``out``; decide whether to resume. Same config resumes, a different one is refused."""
+    out = Path(cfg.out)
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-probe").write_bytes(b"")
+        (out / ".write-probe").unlink()
+    except OSError as exc:
+        raise ConfigError(f"run directory {out} is not writable ({exc.strerror or exc}); choose another --out") from None
+    ckpt = latest_checkpoint(out)
+    saved = out / "config.yaml"
+    if ckpt is not None and not cfg.resume and saved.is_file():
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = to_dict(cfg)
+        strip = lambda d: {k: v for k, v in d.items() if k not in _RESUME_NEUTRAL}  # noqa: E731
+        if strip(old) != strip(new):
+            changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k))
+            raise CacheMismatchError(
+                f"{out} holds a run with a different config ({', '.join(changed[:4])} differ); "
+                "pass --resume to continue it with the new config, --overwrite to start over, or another --out"
+            )
+    if cfg.resume and ckpt is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", out)
+    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out, ckpt
+
+
+def _forward_loss(model, batch: Batch, loss_fn, settings: LossSettings, autocast) -> tuple[torch.Tensor, dict]:
+    with autocast():
+        feats, head, _ = selected_features(model, batch.input_ids, batch.attention_mask, batch.select)
+        logits = head(feats) if head is not None else feats
+    return loss_fn(logits, batch.targets, settings)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Distil a student from ``cfg.cache`` into ``cfg.out``; returns the final evaluation metrics."""
+    cfg.validate()
+    cache = open_cache(cfg.cache)
+    if cache.manifest.status != "complete":
+        log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
+    loss_spec = get_loss(cfg.loss)
+    missing = [c for c in loss_spec.needs if c not in cache.columns]
+    if missing:
+        raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate --top-k K`")
+    device = _device(cfg.device)
+    autocast = _autocast(cfg.precision, device)
+    out, ckpt = _prepare_run_dir(cfg)
+
+    model, tokenizer = build_student(cfg.student, cache, seed=cfg.seed)
+    model.to(device).train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    settings = LossSettings(cfg.temperature, cfg.alpha if cfg.loss != "ce" else 0.0, cfg.tail)
+
+    columns = ["example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
+    is_heldout = holdout_fraction_filter(cfg.eval_fraction)
+    heldout = cache.stream(columns=columns, keep=is_heldout) if cfg.eval_fraction > 0 else None
+    eval_examples = []
+    for ex in heldout or []:
+        eval_examples.append(ex)
+        if len(eval_examples) >= cfg.eval_max_examples:
+            break
+    eval_batches = [collate(eval_examples[i : i + cfg.batch_size], pad_id) for i in range(0, len(eval_examples), cfg.batch_size)]
+    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=columns, keep=lambda i: not is_heldout(i))
+
+    step = 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        stream.load_state_dict(state["data"])
+        step = state["step"]
+        _truncate_metrics(out / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d", ckpt, step)
+    data = batches(stream, cfg.batch_size, pad_id)
+
+    def checkpoint(at: int) -> None:
+        save_checkpoint(out, at, model, tokenizer, optimizer, scheduler,
+                        {"data": stream.state_dict(), "config_hash": json_hash(to_dict(cfg))}, cfg.keep_checkpoints)
+
+    metrics_file = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress)
+    sums: dict[str, Any] = {}
+    tokens_since = 0
+    t0 = time.perf_counter()
+    final: dict[str, Any] = {}
+    while step < cfg.steps:
+        micro = [next(data).to(device) for _ in range(cfg.grad_accum)]
+        total_tokens = sum(b.num_tokens for b in micro)
+        for b in micro:
+            loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)
+            (loss_sum / max(total_tokens, 1)).backward()
+            for key, value in {**parts, "loss": loss_sum.detach()}.items():
+                sums[key] = sums.get(key, 0.0) + value  # tensors: no device sync until we log
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_since += total_tokens
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_since / elapsed}
+            row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
+            _log_row(metrics_file, row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            sums, tokens_since, t0 = {}, 0, time.perf_counter()
+        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            final = {"step": step, **evaluate(model, eval_batches, device, settings, autocast)}
+            _log_row(metrics_file, final)
+            log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            checkpoint(step)
+    bar.close()
+    metrics_file.close()
+
+    final_dir = out / "final"
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)
+    if not final and eval_batches:
+        final = {"step": step, **evaluate(model, eval_batches, device, settings, autocast)}
+    (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    return final
+
+
+def _log_row(f, row: dict) -> None:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from, so the log has each step once."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
