@@ -374,16 +374,6 @@ def test_keep_filter(shuffle_cache):
     assert not set(train) & set(evals)
 
 
-def test_keep_filter_with_column_projection(shuffle_cache):
-    """BUG: ``keep`` reads example_id from the block, which is missing when ``columns`` leaves it out (KeyError)."""
-    cache = open_cache(shuffle_cache)
-    keep = lambda eid: "#" in eid  # noqa: E731
-    want = [i for i in expected_ids(0, N_SHUFFLE_ROWS) if keep(i)]
-    got = list(cache.stream(columns=["input_ids"], keep=keep))
-    assert len(got) == len(want)
-    assert all(set(ex) <= {"input_ids", "example_id"} for ex in got)
-
-
 def test_holdout_fraction_filter():
     ids = [str(i) for i in range(2000)]
     for fraction in (0.05, 0.1, 0.5):
@@ -707,30 +697,6 @@ def test_out_of_space_then_resume(tmp_path):
     assert read_manifest(path).status == "complete"
 
 
-def test_out_of_space_while_updating_manifest(tmp_path):
-    """BUG: when the manifest update fails (EFBIG/ENOSPC) right after a shard was renamed into place,
-    the writer leaves that renamed ``part-N.parquet`` behind although the manifest on disk does not list
-    it, and its message counts it as committed ("resumes after the N+1 committed shards")."""
-    path = tmp_path / "c"
-    # Two rows per shard, tiny shards: the manifest is the first file to outgrow the 9 KB limit.
-    out = _run_full(path, 9_000, 80, 32)
-    assert "ERROR OutOfSpaceError True" in out, out
-    m = read_manifest(path)
-    assert m.status == "in_progress" and len(m.shards) >= 2
-    committed = {MANIFEST_NAME} | {s.name for s in m.shards}
-    left_over = sorted(listing(path) - committed)
-    message_ok = f"after the {len(m.shards)} committed shards" in out
-    # What works today: the manifest parses, lists intact shards, and the rerun resumes with every row once.
-    assert [ex["example_id"] for ex in open_cache(path).stream()] == [str(i) for i in range(m.shards[-1].input_rows_end)]
-    rerun = _run_full(path, 0, 80, 32)
-    assert f"RESUME {m.shards[-1].input_rows_end}" in rerun and "DONE" in rerun, rerun
-    assert_only_committed(path)
-    assert [ex["example_id"] for ex in open_cache(path).stream()] == [str(i) for i in range(80)]
-    # The bug: an uncommitted shard left on the full disk, and a message that miscounts the committed shards.
-    assert left_over == [], f"uncommitted files left after OutOfSpaceError: {left_over}"
-    assert message_ok, f"manifest lists {len(m.shards)} shards but the error said: {out.strip()}"
-
-
 # --------------------------------------------------------------------------------------------------
 # 6. Interoperability: the shards are plain Parquet
 
@@ -785,3 +751,41 @@ def test_pandas_reads_shard(interop_cache):
     assert list(df["example_id"]) == [ex["example_id"] for ex in examples]
     assert list(df["input_ids"].iloc[5]) == examples[5]["input_ids"].tolist()
     assert df["num_loss_tokens"].tolist() == [int(ex["loss_mask"].sum()) for ex in examples]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bugs found in kdcache/cache (these fail until fixed; kept last so `pytest -x` runs everything else first)
+
+
+def test_keep_filter_with_column_projection(shuffle_cache):
+    """BUG: ``keep`` reads example_id from the block, which is missing when ``columns`` leaves it out (KeyError)."""
+    cache = open_cache(shuffle_cache)
+    keep = lambda eid: "#" in eid  # noqa: E731
+    want = [i for i in expected_ids(0, N_SHUFFLE_ROWS) if keep(i)]
+    got = list(cache.stream(columns=["input_ids"], keep=keep))
+    assert len(got) == len(want)
+    assert all(set(ex) <= {"input_ids", "example_id"} for ex in got)
+
+
+def test_out_of_space_while_updating_manifest(tmp_path):
+    """BUG: when the manifest update fails (EFBIG/ENOSPC) right after a shard was renamed into place,
+    the writer leaves that renamed ``part-N.parquet`` behind although the manifest on disk does not list
+    it, and its message counts it as committed ("resumes after the N+1 committed shards")."""
+    path = tmp_path / "c"
+    # Two rows per shard, tiny shards: the manifest is the first file to outgrow the 9 KB limit.
+    out = _run_full(path, 9_000, 80, 32)
+    assert "ERROR OutOfSpaceError True" in out, out
+    m = read_manifest(path)
+    assert m.status == "in_progress" and len(m.shards) >= 2
+    committed = {MANIFEST_NAME} | {s.name for s in m.shards}
+    left_over = sorted(listing(path) - committed)
+    message_ok = f"after the {len(m.shards)} committed shards" in out
+    # What works today: the manifest parses, lists intact shards, and the rerun resumes with every row once.
+    assert [ex["example_id"] for ex in open_cache(path).stream()] == [str(i) for i in range(m.shards[-1].input_rows_end)]
+    rerun = _run_full(path, 0, 80, 32)
+    assert f"RESUME {m.shards[-1].input_rows_end}" in rerun and "DONE" in rerun, rerun
+    assert_only_committed(path)
+    assert [ex["example_id"] for ex in open_cache(path).stream()] == [str(i) for i in range(80)]
+    # The bug: an uncommitted shard left on the full disk, and a message that miscounts the committed shards.
+    assert left_over == [], f"uncommitted files left after OutOfSpaceError: {left_over}"
+    assert message_ok, f"manifest lists {len(m.shards)} shards but the error said: {out.strip()}"

@@ -137,6 +137,8 @@ class Cache:
             missing = sorted(set(columns) - set(self.columns))
             if missing:
                 raise CacheFormatError(f"cache {self.path} has no column {missing[0]}; it has: {', '.join(self.columns)}")
+        if keep is not None and columns is not None and "example_id" not in columns:
+            columns = ["example_id", *columns]  # the filter reads it
         return ExampleStream(self, shuffle=shuffle, seed=seed, window=window, epochs=epochs, columns=columns, keep=keep)
 
 

@@ -208,6 +208,8 @@ class CacheWriter:
         if self._shard_tmp is not None and self._shard_tmp.exists():
             self._shard_tmp.unlink()
         self._shard_tmp = None
+        self._shard_rows = self._shard_tokens = 0
+        self._shard_row_groups = []
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -301,7 +303,13 @@ class CacheWriter:
             )
         )
         self.manifest.stats = dict(self.stats)
-        self._write_manifest(self.manifest)
+        try:
+            write_atomic(self.path / MANIFEST_NAME, self.manifest.to_json().encode())
+        except OSError as exc:
+            # The shard is not committed until the manifest lists it: take it back out.
+            self.manifest.shards.pop()
+            final.unlink(missing_ok=True)
+            self._fail(exc)
         self._shard_tmp = None
         self._shard_rows = self._shard_tokens = 0
         self._shard_row_groups = []

@@ -45,3 +45,36 @@ def evaluate(model: Any, batches: list[Batch], device: torch.device, settings: L
     if has_teacher:
         out.update({"eval_kd": kd / n, "eval_top1_agreement": agree / n, "teacher_ppl": math.exp(min(nll / n, 50.0))})
     return out
+
+
+def evaluate_student(
+    cache_path: str,
+    student: str,
+    *,
+    eval_fraction: float = 0.05,
+    max_examples: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
+    tail: str = "bucket",
+) -> dict[str, float]:
+    """``kdcache eval``: a saved student on a cache's held-out split (``eval_fraction=0`` means every row)."""
+    from kdcache.cache import holdout_fraction_filter, open_cache
+    from kdcache.train.config import StudentConfig
+    from kdcache.train.data import collate
+    from kdcache.train.loop import _autocast, _device
+    from kdcache.train.student import build_student
+
+    cache = open_cache(cache_path)
+    dev = _device(device)
+    model, tokenizer = build_student(StudentConfig(path=student), cache)
+    model.to(dev)
+    keep = holdout_fraction_filter(eval_fraction) if eval_fraction > 0 else None
+    columns = ["example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
+    examples = []
+    for ex in cache.stream(columns=columns, keep=keep):
+        examples.append(ex)
+        if len(examples) >= max_examples:
+            break
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+    return evaluate(model, batches, dev, LossSettings(tail=tail), _autocast("auto", dev))

@@ -1,0 +1,203 @@
+"""The ``kdcache`` command: a thin click layer over the Python API.
+
+Each command loads its YAML (``--config``; a file may hold ``generate:``/``train:`` sections), applies
+the named flags, then ``--set key=value`` overrides, and calls one function. Errors print one line
+and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from kdcache.config import build_config, field_docs, load_yaml
+from kdcache.errors import KDCacheError
+
+log = logging.getLogger("kdcache")
+
+SET_HELP = "Override any config field, e.g. --set data.max_rows=100 (repeatable; `kdcache fields CMD` lists them)."
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _section(path: str | None, name: str) -> str | None:
+    """Use the ``name:`` section when the YAML file has one, else the whole file."""
+    if path is None:
+        return None
+    return name if name in load_yaml(path) else None
+
+
+# Flag names that differ from their config key.
+_FLAG_KEYS = {
+    "source": "data.source", "fmt": "data.format", "field": "data.field", "split": "data.split",
+    "max_length": "data.max_length", "max_rows": "data.max_rows", "strict": "data.strict",
+    "gen_enabled": "generation.enabled", "max_new_tokens": "generation.max_new_tokens",
+    "num_samples": "generation.num_samples", "student_path": "student.path",
+}
+
+
+def _flag_values(flags: dict) -> dict:
+    return {_FLAG_KEYS.get(k, k): v for k, v in flags.items()}
+
+
+def _run(fn, *args, **kwargs) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except KDCacheError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: committed work is kept; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("error: out of memory; lower --batch-tokens (generate) or --batch-size (train)", err=True)
+        sys.exit(3)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="kdcache")
+def main(verbose: bool) -> None:
+    """kdcache: run a teacher once into a durable cache, distil many students from it."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML config (a `generate:` section is used if present).")
+@click.option("--teacher", help="Model folder, .gguf file or hub id.")
+@click.option("--backend", help="Teacher backend (transformers).")
+@click.option("--dataset", "source", help="Local data file/folder, hub dataset, or embedded:stdlib-docs.")
+@click.option("--split", help="Dataset split.")
+@click.option("--field", help="Text or messages field.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "messages", "prompt_response"]), help="Row format.")
+@click.option("--max-length", type=int, help="Max tokens per example.")
+@click.option("--max-rows", type=int, help="Read at most N rows.")
+@click.option("--top-k", type=int, help="Top-k log-probabilities to keep.")
+@click.option("--hidden-layers", help="Comma-separated layers to store, e.g. 6,12,-1.")
+@click.option("--out", help="Cache directory.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing cache with other settings.")
+@click.option("--strict", is_flag=True, default=None, help="Fail on the first bad row.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Teacher dtype.")
+@click.option("--batch-tokens", type=int, help="Token budget per forward pass.")
+@click.option("--generate-continuations", "gen_enabled", is_flag=True, default=None, help="Cache teacher continuations of each prompt.")
+@click.option("--max-new-tokens", type=int, help="Tokens per continuation.")
+@click.option("--num-samples", type=int, help="Continuations per prompt.")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(config_path, hidden_layers, overrides, quiet, **flags) -> None:
+    """Run the teacher once over a dataset and write a cache (re-running resumes)."""
+    from kdcache.pipeline.config import GenerateConfig
+    from kdcache.pipeline.generate import generate as run
+
+    values = _flag_values(flags)
+    if hidden_layers is not None:
+        values["hidden_layers"] = [int(x) for x in hidden_layers.split(",") if x.strip()]
+    cfg = _run(build_config, GenerateConfig, config_path, values, list(overrides), section=_section(config_path, "generate"))
+    manifest = _run(run, cfg, progress=not quiet)
+    click.echo(f"cache {cfg.out}: {manifest.num_rows:,} rows, {manifest.num_tokens:,} tokens, "
+               f"{manifest.num_bytes / max(manifest.num_tokens, 1):.1f} B/token ({manifest.status})")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML config (a `train:` section is used if present).")
+@click.option("--cache", help="Cache directory.")
+@click.option("--student", "student_path", help="Student folder or hub id (default: build from student.* spec).")
+@click.option("--loss", help="Loss name: ce, kd.")
+@click.option("--temperature", type=float, help="KD temperature.")
+@click.option("--alpha", type=float, help="Weight of the KD term (1 - alpha on hard labels).")
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option("--batch-size", type=int, help="Examples per micro-batch.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--out", help="Run directory.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the latest checkpoint even with a changed config.")
+@click.option("--overwrite", is_flag=True, default=None, help="Start over in --out.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(config_path, overrides, quiet, **flags) -> None:
+    """Distil a student from a cache, without loading the teacher (re-running resumes)."""
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.loop import train as run
+
+    values = _flag_values(flags)
+    cfg = _run(build_config, TrainConfig, config_path, values, list(overrides), section=_section(config_path, "train"))
+    metrics = _run(run, cfg, progress=not quiet)
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command(name="eval")
+@click.option("--cache", required=True, help="Cache directory.")
+@click.option("--student", required=True, help="Student folder (e.g. RUN/final).")
+@click.option("--eval-fraction", type=float, default=0.05, show_default=True, help="Held-out fraction to evaluate; 0 evaluates every row.")
+@click.option("--max-examples", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device) -> None:
+    """Perplexity, KD loss and top-1 agreement of a student on a cache's held-out rows."""
+    from kdcache.train.evaluate import evaluate_student
+
+    metrics = _run(evaluate_student, cache, student, eval_fraction=eval_fraction, max_examples=max_examples, batch_size=batch_size, device=device)
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", type=click.Path(), help="Write a PNG of per-example teacher NLL and entropy.")
+def inspect(cache, as_json, plot) -> None:
+    """Rows, tokens, bytes/token, signals, teacher and entropy statistics of a cache."""
+    from kdcache.pipeline.inspect_cache import format_summary, plot_summary, summarize
+
+    s = _run(summarize, cache)
+    if plot:
+        _run(plot_summary, s, plot)
+    s.pop("_arrays")
+    click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="Demo YAML (default: built-in, same as configs/demo.yaml).")
+@click.option("--out", help="Output directory (default runs/demo).")
+@click.option("--steps", type=int, help="Training steps per student.")
+@click.option("--max-rows", type=int, help="Docstrings to score with the teacher.")
+@click.option("--set", "overrides", multiple=True, help="Override, e.g. --set train.alpha=0.7.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(config_path, out, steps, max_rows, overrides, quiet) -> None:
+    """Distil the embedded SmolLM2-135M teacher into a small student; compare with CE-only training."""
+    from kdcache.pipeline.demo import DemoConfig, format_results, run_demo
+
+    values = {"out": out, "train.steps": steps, "generate.data.max_rows": max_rows}
+    cfg = _run(build_config, DemoConfig, config_path, values, list(overrides))
+    results = _run(run_demo, cfg, progress=not quiet)
+    click.echo("\n" + format_results(results, cfg))
+
+
+@main.command()
+@click.argument("command", type=click.Choice(["generate", "train", "demo"]))
+def fields(command) -> None:
+    """List every config field of COMMAND with its default and meaning."""
+    from kdcache.pipeline.config import GenerateConfig
+    from kdcache.pipeline.demo import DemoConfig
+    from kdcache.train.config import TrainConfig
+
+    cls = {"generate": GenerateConfig, "train": TrainConfig, "demo": DemoConfig}[command]
+    for name, default, help_text in field_docs(cls):
+        click.echo(f"{name:32s} {default:24s} {help_text}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

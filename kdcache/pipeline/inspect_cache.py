@@ -1,0 +1,96 @@
+"""``kdcache inspect``: what a cache holds, from the manifest and the small per-example stats columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from kdcache.cache import open_cache
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    cache = open_cache(path)
+    m = cache.manifest
+    stats_cols = ["teacher_nll", "teacher_entropy", "num_loss_tokens"]
+    tables = [pq.read_table(cache.path / s.name, columns=stats_cols) for s in m.shards]
+    nll = np.concatenate([t.column("teacher_nll").to_numpy() for t in tables]) if tables else np.zeros(0)
+    ent = np.concatenate([t.column("teacher_entropy").to_numpy() for t in tables]) if tables else np.zeros(0)
+    n = np.concatenate([t.column("num_loss_tokens").to_numpy() for t in tables]) if tables else np.zeros(0)
+    total = max(int(n.sum()), 1)
+
+    def dist(x: np.ndarray) -> dict[str, float]:
+        x = x[np.isfinite(x)]
+        if not len(x):
+            return {}
+        return {"mean": float(x.mean()), "p10": float(np.percentile(x, 10)), "p50": float(np.median(x)), "p90": float(np.percentile(x, 90))}
+
+    return {
+        "path": str(cache.path),
+        "status": m.status,
+        "format_version": m.format_version,
+        "rows": m.num_rows,
+        "tokens": m.num_tokens,
+        "bytes": m.num_bytes,
+        "bytes_per_token": m.num_bytes / max(m.num_tokens, 1),
+        "shards": len(m.shards),
+        "top_k": m.top_k,
+        "signals": {name: sorted(sig.get("columns", {})) for name, sig in m.signals.items()},
+        "teacher": m.teacher,
+        "tokenizer": {k: m.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "tokenizer_size")},
+        "dataset": m.settings.get("dataset", {}),
+        "loss_tokens": int(n.sum()),
+        "teacher_ppl": float(np.exp(np.nansum(nll * n) / total)) if len(n) else None,
+        "teacher_nll_per_example": dist(nll),
+        "teacher_entropy_per_example": dist(ent),
+        "stats": m.stats,
+        "_arrays": {"teacher_nll": nll, "teacher_entropy": ent},
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    t = s["teacher"]
+    lines = [
+        f"cache        {s['path']}  ({s['status']}, format v{s['format_version']})",
+        f"teacher      {t.get('name')}  [{t.get('backend')}, {t.get('dtype')}, config {t.get('config_hash')}]",
+        f"tokenizer    {s['tokenizer']['fingerprint']}  vocab {s['tokenizer']['vocab_size']}",
+        f"dataset      {s['dataset'].get('source')}  split {s['dataset'].get('split')}  max_length {s['dataset'].get('max_length')}",
+        f"rows         {s['rows']:,}  in {s['shards']} shard(s)",
+        f"tokens       {s['tokens']:,}  ({s['loss_tokens']:,} loss targets)",
+        f"bytes        {s['bytes']:,}  ({s['bytes_per_token']:.1f} B/token)",
+        f"signals      " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["signals"].items()),
+        f"top-k        {s['top_k']}",
+    ]
+    if s["teacher_ppl"] is not None:
+        lines.append(f"teacher ppl  {s['teacher_ppl']:.2f} on the loss targets")
+    for key, label in (("teacher_nll_per_example", "nll/example"), ("teacher_entropy_per_example", "entropy/ex.")):
+        d = s[key]
+        if d:
+            lines.append(f"{label:12s} mean {d['mean']:.3f}  p10 {d['p10']:.3f}  p50 {d['p50']:.3f}  p90 {d['p90']:.3f} nats")
+    if s["stats"]:
+        lines.append("counts       " + ", ".join(f"{k}={v}" for k, v in sorted(s["stats"].items())))
+    return "\n".join(lines)
+
+
+def plot_summary(s: dict[str, Any], path: str | Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from kdcache.errors import KDCacheError
+
+        raise KDCacheError("plots need matplotlib; run `pip install 'kdcache[plot]'`") from None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in zip(axes, ("teacher_nll", "teacher_entropy"), ("teacher NLL per example (nats)", "teacher entropy per example (nats)")):
+        x = s["_arrays"][key]
+        ax.hist(x[np.isfinite(x)], bins=40, color="#4477aa")
+        ax.set_xlabel(label)
+        ax.set_ylabel("examples")
+    fig.suptitle(f"{Path(s['path']).name}: {s['rows']:,} rows, {s['tokens']:,} tokens, {s['bytes_per_token']:.0f} B/token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
