@@ -40,7 +40,7 @@ _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)}
 _SPACE_TEXT = ("No space left", "File too large", "quota exceeded")
 
 
-def _is_space_error(exc: BaseException) -> bool:
+def is_space_error(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) in _SPACE_ERRNOS or any(t in str(exc) for t in _SPACE_TEXT)
 
 
@@ -132,7 +132,7 @@ class CacheWriter:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            if _is_space_error(exc):
+            if is_space_error(exc):
                 raise OutOfSpaceError(f"no space left to create {self.path}; free disk space or choose another --out") from None
             raise KDCacheError(
                 f"output directory {self.path} is not writable ({exc.strerror or exc}); choose another --out"
@@ -322,7 +322,7 @@ class CacheWriter:
 
     def _fail(self, exc: OSError) -> None:
         self.abort()
-        if _is_space_error(exc):
+        if is_space_error(exc):
             raise OutOfSpaceError(
                 f"no space left while writing {self.path}; free disk space and rerun the same command "
                 f"(it resumes after the {len(self.manifest.shards)} committed shards)"

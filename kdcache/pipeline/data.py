@@ -92,9 +92,11 @@ def _load_datasets(src: str, split: str) -> Iterator[dict]:
 class RowTokenizer:
     """Turns one dataset row into a :class:`Tokenized` or a :class:`BadRow`."""
 
-    def __init__(self, tokenizer: Any, cfg: DataConfig):
+    def __init__(self, tokenizer: Any, cfg: DataConfig, prompts_only: bool = False):
         self.tok = tokenizer
         self.cfg = cfg
+        self.prompts_only = prompts_only
+        """For teacher generation: rows need only a prompt (a response, if present, is dropped)."""
         self.format = cfg.format
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
 
@@ -111,7 +113,9 @@ class RowTokenizer:
                 raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field messages")
             else:
                 raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field NAME")
-        needed = [cfg.prompt_field, cfg.response_field] if self.format == "prompt_response" else [cfg.field]
+        needed = [cfg.field]
+        if self.format == "prompt_response":
+            needed = [cfg.prompt_field] if self.prompts_only else [cfg.prompt_field, cfg.response_field]
         for name in needed:
             if name not in first_row:
                 raise DataError(f"field {name!r} not in dataset; it has fields {fields}: pass the right field name")
@@ -145,6 +149,11 @@ class RowTokenizer:
 
     def _prompt_response(self, row: dict) -> Tokenized | BadRow:
         prompt = self._get_str(row, self.cfg.prompt_field)
+        if self.prompts_only:
+            if self.has_template and self.cfg.chat_template:
+                return self._messages([{"role": "user", "content": prompt}])
+            ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
+            return self._finish(ids, np.zeros(max(len(ids) - 1, 0), dtype=bool), prompt_len=len(ids))
         response = self._get_str(row, self.cfg.response_field)
         if self.has_template and self.cfg.chat_template:
             return self._messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
@@ -163,6 +172,13 @@ class RowTokenizer:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise _Bad("wrong_type", "each message needs string 'role' and 'content'")
+        if self.prompts_only:
+            if messages[-1]["role"] == "assistant":
+                messages = messages[:-1]  # the teacher writes its own reply
+            if not messages:
+                raise _Bad("no_prompt", "no message before the assistant reply")
+            ids = self._render(messages, add_generation_prompt=True)
+            return self._finish(ids, np.zeros(max(len(ids) - 1, 0), dtype=bool), prompt_len=len(ids))
         if not any(m["role"] == "assistant" for m in messages):
             raise _Bad("no_response", "no assistant message")
         ids = self._render(messages, add_generation_prompt=False)
@@ -197,7 +213,7 @@ class RowTokenizer:
             truncated = True
         if len(ids) < 2:
             raise _Bad("too_short", "fewer than 2 tokens")
-        if not mask.any():
+        if not mask.any() and not self.prompts_only:
             raise _Bad("no_loss_tokens", "no target token left to learn (all masked or truncated away)")
         arr = np.asarray(ids, dtype=np.int32)
         prompt = arr[: min(prompt_len, len(arr))] if prompt_len else None

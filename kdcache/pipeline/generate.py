@@ -91,7 +91,7 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> Manifest:
     first = next(rows, None)
     if first is None:
         raise DataError(f"dataset {cfg.data.source!r} is empty (no rows in split {cfg.data.split!r})")
-    tokenize = RowTokenizer(teacher.tokenizer, cfg.data)
+    tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
     tokenize.resolve_format(first)
 
     out = Path(cfg.out)

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdcache.cache.manifest import fsync_dir, write_atomic
+from kdcache.cache.writer import is_space_error
+from kdcache.errors import KDCacheError, OutOfSpaceError
 
 LATEST = "latest"
 
@@ -45,10 +47,24 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically; a failure (e.g. a full disk) leaves the previous one in place."""
     ckpt_root = run_dir / "checkpoints"
+    tmp = ckpt_root / f".step-{step:07d}.tmp"
+    try:
+        return _save(ckpt_root, tmp, step, model, tokenizer, optimizer, scheduler, trainer_state, keep)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_space_error(exc):
+            raise OutOfSpaceError(
+                f"no space left writing a checkpoint in {ckpt_root}; free disk space and rerun the same command "
+                "(it resumes from the last complete checkpoint)"
+            ) from None
+        raise KDCacheError(f"cannot write checkpoint in {ckpt_root}: {exc}") from None
+
+
+def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
-    tmp = ckpt_root / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")

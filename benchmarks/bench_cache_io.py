@@ -1,0 +1,75 @@
+"""Writer and reader throughput per core (k=64, V=49,152) and bytes per token.
+
+Writer: examples (numpy teacher outputs) -> Arrow -> zstd Parquet shards, manifest commits included.
+Reader: shards -> decoded numpy -> padded torch batches (collate), as the trainer consumes them.
+
+    python benchmarks/bench_cache_io.py [--tokens 400000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import Timer, machine, pin_one_core, synthetic_examples, synthetic_topk
+
+from kdcache.cache import CacheWriter, make_signals, open_cache
+from kdcache.train.data import batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=400_000)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--codec", default="fp16")
+    args = ap.parse_args()
+    pin_one_core()
+    pool = synthetic_topk(60_000, k=args.k)
+    n_examples = args.tokens // args.length
+    examples = list(synthetic_examples(n_examples, args.length, pool))
+    tokens = n_examples * args.length
+    root = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
+    write_s, read_s, bpt = [], [], 0.0
+    try:
+        for r in range(args.repeats):
+            out = root / f"c{r}"
+            with Timer() as t:
+                w = CacheWriter(out, {"bench": r}, make_signals(args.k, 49_152, args.codec), shard_tokens=2_000_000)
+                for i, ex in enumerate(examples):
+                    w.add_row([ex], i + 1)
+                m = w.close()
+            write_s.append(t.seconds)
+            bpt = m.num_bytes / m.num_tokens
+            cache = open_cache(out)
+            with Timer() as t:
+                n = 0
+                cols = ["example_id", "input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob", "teacher_nll", "num_loss_tokens"]
+                for b in batches(cache.stream(columns=cols), batch_size=8):
+                    n += b.input_ids.numel()
+            read_s.append(t.seconds)
+            assert n == tokens
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "machine": machine(),
+        "tokens": tokens,
+        "k": args.k,
+        "codec": args.codec,
+        "bytes_per_token": round(bpt, 1),
+        "writer_tokens_per_s_median": round(tokens / statistics.median(write_s)),
+        "writer_tokens_per_s_best": round(tokens / min(write_s)),
+        "reader_tokens_per_s_median": round(tokens / statistics.median(read_s)),
+        "reader_tokens_per_s_best": round(tokens / min(read_s)),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Cost of a KD step versus a CE step for the same student and batch (forward + backward + AdamW).
+
+The demo student (Llama, hidden 128, 4 layers, vocab 49,152) on 8 x 128-token batches with a k=64
+cache. Steps are interleaved (CE, KD, CE, KD, ...) so machine noise hits both alike; medians reported.
+A naive autograd implementation of the same KD loss is timed too, to show what the hand-written
+gradient buys.
+
+    python benchmarks/bench_train_step.py [--steps 20] [--batch 8] [--length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from common import machine, synthetic_topk
+from kdcache.train.config import StudentConfig, TrainConfig
+from kdcache.train.data import Batch
+from kdcache.train.loop import _forward_loss, build_optimizer
+from kdcache.train.losses import LossSettings, Targets, cross_entropy_loss, sparse_kd_loss, teacher_buckets
+
+
+def naive_kd(logits, targets: Targets, settings: LossSettings):
+    """The same bucket KD written with plain autograd (for comparison only)."""
+    q, q_tail = teacher_buckets(targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail)
+    s = torch.log_softmax(logits.float() / settings.temperature, dim=-1)
+    s_k = s.gather(1, targets.topk_ids)
+    log_r = torch.log((-torch.expm1(torch.logsumexp(s_k, -1))).clamp_min(1e-7))
+    kd = (q * (q.clamp_min(1e-38).log() - s_k)).sum() + (q_tail * (q_tail.clamp_min(1e-38).log() - log_r)).sum()
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets.labels, reduction="sum")
+    total = settings.alpha * settings.temperature**2 * kd + (1 - settings.alpha) * ce
+    return total, {}
+
+
+def make_batch(batch: int, length: int, k: int, vocab: int = 49_152) -> Batch:
+    ids_pool, lp_pool, tail_pool = synthetic_topk(batch * (length - 1), k=k)
+    ids = torch.randint(0, vocab, (batch, length))
+    select = torch.ones(batch, length - 1, dtype=torch.bool)
+    targets = Targets(ids[:, 1:][select], torch.from_numpy(ids_pool).long(), torch.from_numpy(lp_pool), torch.from_numpy(tail_pool))
+    return Batch(ids, torch.ones_like(ids), select, targets, int(select.sum()), 0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--k", type=int, default=64)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    s = StudentConfig()
+    cfg = LlamaConfig(vocab_size=49_152, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
+                      num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    opt = build_optimizer(model, TrainConfig(cache="x", out="x"))
+    batch = make_batch(args.batch, args.length, args.k)
+    variants = {
+        "ce": (cross_entropy_loss, LossSettings(alpha=0.0)),
+        "kd_T1_alpha0.5": (sparse_kd_loss, LossSettings(temperature=1.0, alpha=0.5)),
+        "kd_T2_alpha0.5": (sparse_kd_loss, LossSettings(temperature=2.0, alpha=0.5)),
+        "kd_T1_alpha1": (sparse_kd_loss, LossSettings(temperature=1.0, alpha=1.0)),
+        "naive_autograd_kd_T1_alpha0.5": (naive_kd, LossSettings(temperature=1.0, alpha=0.5)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    nullctx = __import__("contextlib").nullcontext
+    for step in range(args.steps + 2):
+        for name, (fn, settings) in variants.items():
+            t0 = time.perf_counter()
+            loss, _ = _forward_loss(model, batch, fn, settings, nullctx)
+            (loss / batch.num_tokens).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step >= 2:  # warm-up
+                times[name].append(time.perf_counter() - t0)
+    ce = statistics.median(times["ce"])
+    result = {
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "batch": f"{args.batch}x{args.length} tokens, k={args.k}, vocab 49152, student hidden {s.hidden_size} x {s.num_layers} layers",
+        "median_step_s": {k: round(statistics.median(v), 4) for k, v in times.items()},
+        "ratio_to_ce": {k: round(statistics.median(v) / ce, 3) for k, v in times.items()},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

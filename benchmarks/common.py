@@ -1,0 +1,70 @@
+"""Helpers shared by the benchmarks: synthetic teacher outputs and one-core pinning."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+def pin_one_core() -> None:
+    """Per-core numbers: one intra-op thread for torch, numpy and Arrow."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import pyarrow as pa
+
+        pa.set_cpu_count(1)
+        pa.set_io_thread_count(1)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def synthetic_topk(n_tokens: int, k: int = 64, vocab: int = 49_152, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k of Zipf-shaped noisy logits: ids skew to frequent tokens, log-probs fall off like an LM's."""
+    g = torch.Generator().manual_seed(seed)
+    prior = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    ids, lps, tails = [], [], []
+    for start in range(0, n_tokens, 2048):
+        n = min(2048, n_tokens - start)
+        logp = torch.log_softmax(prior + 3.0 * torch.randn(n, vocab, generator=g), dim=-1)
+        v, i = logp.topk(k, dim=-1)
+        ids.append(i.int().numpy())
+        lps.append(v.numpy())
+        tails.append(torch.log(-torch.expm1(torch.logsumexp(v, -1))).numpy())
+    return np.concatenate(ids), np.concatenate(lps), np.concatenate(tails)
+
+
+def synthetic_examples(n_examples: int, length: int, pool: tuple, vocab: int = 49_152, seed: int = 0):
+    """Examples drawing their rows from a pool of synthetic teacher outputs (random offsets)."""
+    ids, lps, tails = pool
+    rng = np.random.default_rng(seed)
+    for e in range(n_examples):
+        off = int(rng.integers(0, len(ids) - length))
+        yield {
+            "example_id": str(e),
+            "input_ids": rng.integers(0, vocab, length, dtype=np.int32),
+            "loss_mask": np.ones(length - 1, dtype=bool),
+            "topk_ids": ids[off : off + length - 1],
+            "topk_logprobs": lps[off : off + length - 1],
+            "tail_logprob": tails[off : off + length - 1],
+            "teacher_nll": 2.0,
+            "teacher_entropy": 3.0,
+            "num_loss_tokens": length - 1,
+        }
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
