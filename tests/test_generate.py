@@ -473,6 +473,31 @@ def test_sampled_continuations(tiny_teacher, text_jsonl, tmp_path):
     assert [e["input_ids"].tolist() for e in again] == [e["input_ids"].tolist() for e in exs]  # seeded
 
 
+def test_sampled_continuations_do_not_depend_on_batching(tiny_teacher, text_jsonl, tmp_path):
+    """The samples of a row must be a function of (seed, row) only.
+
+    batch_tokens is not part of the cache settings (a resume may use another one), and a resume starts
+    its batches at the first uncommitted row; if the samples depend on which rows share a batch, a
+    resumed sampled cache differs from an uninterrupted one and the recorded seed does not reproduce it.
+    """
+    gen = {"enabled": True, "max_new_tokens": 8, "num_samples": 2, "do_sample": True}
+    kw = dict(top_k=4, data={"max_length": 64, "max_rows": 6}, generation=gen, seed=7)
+    one_by_one = run(tiny_teacher, tmp_path / "small", text_jsonl, batch_tokens=64, **kw)
+    together = run(tiny_teacher, tmp_path / "large", text_jsonl, batch_tokens=4096, **kw)
+    assert read_manifest(tmp_path / "small").settings_hash == read_manifest(tmp_path / "large").settings_hash
+    assert [e["input_ids"].tolist() for e in one_by_one] == [e["input_ids"].tolist() for e in together]
+
+
+def test_generation_rows_without_room_are_counted(tiny_teacher, tmp_path):
+    """A prompt that already fills max_length leaves no room for a continuation: the row yields nothing,
+    and like every other dropped row it must show up in manifest.stats under bad_rows.<reason>."""
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": "the a of"}, {"text": " ".join(["the"] * 20)}, {"text": "of to in"}])
+    exs = run(tiny_teacher, tmp_path / "c", src, top_k=4, data={"max_length": 8}, generation={"enabled": True, "max_new_tokens": 4})
+    assert [e["example_id"] for e in exs] == ["0#g0", "2#g0"]
+    stats = read_manifest(tmp_path / "c").stats
+    assert sum(v for k, v in stats.items() if k.startswith("bad_rows.")) == 1, stats
+
+
 def test_multiple_greedy_samples_rejected():
     with pytest.raises(ConfigError, match="do_sample"):
         GenerationConfig(enabled=True, num_samples=2, do_sample=False)

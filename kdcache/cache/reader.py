@@ -181,6 +181,7 @@ class ExampleStream:
             return
         while self.epochs is None or self.epoch < self.epochs:
             windows = self._windows(self.epoch)
+            yielded = self.window_index > 0 or self.offset > 0  # a resumed epoch had yielded before
             while self.window_index < len(windows):
                 blocks = [self.cache.read_block(int(g), self.columns) for g in windows[self.window_index]]
                 index = [(b, i) for b in blocks for i in range(b.num_rows)]
@@ -194,11 +195,14 @@ class ExampleStream:
                     self.offset += 1
                     if self.keep is not None and not self.keep(block.scalars["example_id"][row]):
                         continue
+                    yielded = True
                     yield block.example(row)
                 self.window_index += 1
                 self.offset = 0
             self.epoch += 1
             self.window_index = 0
+            if not yielded:
+                return  # the filter keeps nothing: stop instead of looping over empty epochs forever
 
 
 def open_cache(path: str | Path) -> Cache:

@@ -80,13 +80,32 @@ def _load_datasets(src: str, split: str) -> Iterator[dict]:
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
         else:
             ds = datasets.load_dataset(src, split=split, streaming=True)
-        return iter(ds)
     except DataError:
         raise
     except FileNotFoundError as exc:
-        raise DataError(f"dataset {src!r} not found: not a local file and not reachable on the hub ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"dataset {src!r} not found: not a local file and not reachable on the hub ({_first_line(exc)})") from None
     except Exception as exc:  # datasets raises many types; report one line
-        raise DataError(f"cannot open dataset {src!r}: {str(exc).splitlines()[0][:300]}") from None
+        raise DataError(f"cannot open dataset {src!r}: {_first_line(exc)}") from None
+    return _guarded(iter(ds), src)
+
+
+def _guarded(rows: Iterator[dict], src: str) -> Iterator[dict]:
+    """Errors while reading (malformed JSON, an empty CSV) become one-line DataErrors naming the row."""
+    index = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - the readers behind datasets raise many types
+            raise DataError(f"cannot read row {index} of {src!r} ({type(exc).__name__}: {_first_line(exc)}); fix or remove that row") from None
+        yield row
+        index += 1
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 class RowTokenizer:

@@ -64,14 +64,16 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 def _batches(items: Iterator[tuple[int, object]], batch_tokens: int, max_rows: int = 256) -> Iterator[list[tuple[int, object]]]:
     """Consecutive rows whose padded size fits the token budget; bad rows ride along at no cost."""
     batch: list[tuple[int, object]] = []
-    longest = 0
+    longest = good = 0
     for index, item in items:
-        n = len(item.input_ids) if isinstance(item, Tokenized) else 0
-        if batch and (max(longest, n) * (sum(isinstance(i, Tokenized) for _, i in batch) + 1) > batch_tokens or len(batch) >= max_rows):
+        is_good = isinstance(item, Tokenized)
+        n = len(item.input_ids) if is_good else 0
+        if batch and (max(longest, n) * (good + is_good) > batch_tokens or len(batch) >= max_rows):
             yield batch
-            batch, longest = [], 0
+            batch, longest, good = [], 0, 0
         batch.append((index, item))
         longest = max(longest, n)
+        good += is_good
     if batch:
         yield batch
 
@@ -135,9 +137,10 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
     for batch in _batches(tokenized(), cfg.batch_tokens):
         good = [(i, t) for i, t in batch if isinstance(t, Tokenized)]
         examples: dict[int, list[dict]] = {i: [] for i, _ in good}
+        counts: dict[int, str] = {}
         if good:
             if cfg.generation.enabled:
-                _generate_rows(cfg, teacher, layers, good, examples)
+                _generate_rows(cfg, teacher, layers, good, examples, counts)
             else:
                 scored = teacher.score([t.input_ids for _, t in good], cfg.top_k, layers)
                 for (i, t), s in zip(good, scored):
@@ -145,8 +148,11 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
         for i, item in batch:
             if isinstance(item, BadRow):
                 writer.count(f"bad_rows.{item.reason}")
-            elif item.truncated:
-                writer.count("truncated_rows")
+            else:
+                if item.truncated:
+                    writer.count("truncated_rows")
+                if i in counts:
+                    writer.count(counts[i])
             exs = examples.get(i, [])
             tokens += sum(len(e["input_ids"]) for e in exs)
             writer.add_row(exs, i + 1)
@@ -163,15 +169,28 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
     return manifest
 
 
-def _generate_rows(cfg, teacher: Teacher, layers, good, examples) -> None:
+def _row_seed(seed: int, row: int) -> int:
+    return (seed * 1_000_003 + row) % 2**63
+
+
+def _generate_rows(cfg, teacher: Teacher, layers, good, examples, counts: dict[int, str]) -> None:
+    """Continuations of each good row's prompt, scored like any row. Rows with no room are noted in ``counts``."""
     g = cfg.generation
     prompts = [t.prompt if t.prompt is not None and len(t.prompt) else t.input_ids for _, t in good]
-    conts = teacher.generate(prompts, g, seed=cfg.seed * 1_000_003 + good[0][0])
+    room = [len(p) < cfg.data.max_length for p in prompts]
+    if g.do_sample:
+        # One seed per input row: samples do not depend on batching, so a resumed cache equals an uninterrupted one.
+        conts = [teacher.generate([p], g, seed=_row_seed(cfg.seed, i))[0] if ok else [] for (i, _), p, ok in zip(good, prompts, room)]
+    else:
+        ok_prompts = [p for p, ok in zip(prompts, room) if ok]
+        done = iter(teacher.generate(ok_prompts, g, seed=cfg.seed) if ok_prompts else [])
+        conts = [next(done) if ok else [] for ok in room]
     seqs, meta = [], []
-    for (i, _), prompt, samples in zip(good, prompts, conts):
+    for (i, _), prompt, samples, ok in zip(good, prompts, conts, room):
+        if not ok:
+            counts[i] = "bad_rows.no_room_to_generate"
+            continue
         for j, cont in enumerate(samples):
-            if len(cont) == 0:
-                continue
             seq = np.concatenate([prompt, cont]).astype(np.int32)[: cfg.data.max_length]
             if len(seq) <= len(prompt):
                 continue

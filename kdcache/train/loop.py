@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kdcache.cache import holdout_fraction_filter, open_cache
 from kdcache.config import to_dict
-from kdcache.errors import CacheMismatchError, ConfigError
+from kdcache.errors import CacheMismatchError, ConfigError, DataError
 from kdcache.fingerprint import json_hash
 from kdcache.modeling import selected_features
 from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -158,7 +158,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     final: dict[str, Any] = {}
     while step < cfg.steps:
-        micro = [next(data).to(device) for _ in range(cfg.grad_accum)]
+        try:
+            micro = [next(data).to(device) for _ in range(cfg.grad_accum)]
+        except StopIteration:
+            raise DataError(
+                f"no training examples in {cfg.cache}: all {cache.manifest.num_rows} rows are held out for evaluation; "
+                "lower --set eval_fraction=... or generate more rows"
+            ) from None
         total_tokens = sum(b.num_tokens for b in micro)
         for b in micro:
             loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)

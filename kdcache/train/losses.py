@@ -83,7 +83,9 @@ class _SparseKD(torch.autograd.Function):
         ctx.save_for_backward(logits, topk_ids, q, saved_k, lse_t, labels, ratio, lse_1)
         ctx.cfg = (temperature, alpha, renormalize)
         total = alpha * kd_sum + (1.0 - alpha) * ce_sum
-        return total, kd_sum.detach(), ce_sum.detach()
+        kd_out, ce_out = kd_sum.detach(), ce_sum.detach()
+        ctx.mark_non_differentiable(kd_out, ce_out)  # metrics only
+        return total, kd_out, ce_out
 
     @staticmethod
     def backward(ctx, grad_total, _g_kd, _g_ce):
