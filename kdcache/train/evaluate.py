@@ -15,13 +15,14 @@ _EVAL_CHUNK = 2048  # target rows per logits chunk: bounds eval memory
 
 
 @torch.no_grad()
-def evaluate(model: Any, batches: list[Batch], device: torch.device, settings: LossSettings, autocast: Any) -> dict[str, float]:
+def evaluate(model: Any, batches: list[Batch], device: torch.device, autocast: Any) -> dict[str, float]:
     was_training = model.training
     model.eval()
     ce = kd = agree = nll = 0.0
     n = 0
     has_teacher = bool(batches) and batches[0].targets.topk_ids is not None
-    kd_settings = LossSettings(temperature=1.0, alpha=1.0, tail=settings.tail)
+    # The same yardstick for every run: forward KL at T=1 over the top-k + tail buckets, whatever the training loss.
+    kd_settings = LossSettings(temperature=1.0, alpha=1.0, tail="bucket")
     for batch in batches:
         b = batch.to(device)
         with autocast():
@@ -55,7 +56,6 @@ def evaluate_student(
     max_examples: int = 256,
     batch_size: int = 8,
     device: str = "auto",
-    tail: str = "bucket",
 ) -> dict[str, float]:
     """``kdcache eval``: a saved student on a cache's held-out split (``eval_fraction=0`` means every row)."""
     from kdcache.cache import holdout_fraction_filter, open_cache
@@ -77,4 +77,4 @@ def evaluate_student(
             break
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
-    return evaluate(model, batches, dev, LossSettings(tail=tail), _autocast("auto", dev))
+    return evaluate(model, batches, dev, _autocast("auto", dev))

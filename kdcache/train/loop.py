@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             sums, tokens_since, t0 = {}, 0, time.perf_counter()
         if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            final = {"step": step, **evaluate(model, eval_batches, device, settings, autocast)}
+            final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
             _log_row(metrics_file, final)
             log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
     if not final and eval_batches:
-        final = {"step": step, **evaluate(model, eval_batches, device, settings, autocast)}
+        final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
     (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
     return final
 
@@ -218,5 +218,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint we resume from, so the log has each step once."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash we are recovering from
+        if row.get("step", 0) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
