@@ -7,6 +7,7 @@ Add a codec by adding an entry to ``CODECS``; the manifest records which one eac
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +24,31 @@ class FloatCodec:
     max_abs_error_note: str
 
     def encode(self, values: np.ndarray) -> np.ndarray:
-        return np.asarray(values, dtype=self.numpy_dtype)
+        return _convert(values, self.numpy_dtype)
 
     def decode(self, values: np.ndarray) -> np.ndarray:
-        return np.asarray(values, dtype=np.float32)
+        return _convert(values, np.float32)
+
+
+def _convert(values: np.ndarray, dtype: type) -> np.ndarray:
+    """Float casts on the hot path: torch's vectorised half conversion is ~3x numpy's."""
+    values = np.asarray(values)
+    if values.dtype == dtype:
+        return values
+    if torch is not None and values.dtype in _TORCH and np.dtype(dtype) in _TORCH:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(values)).to(_TORCH[np.dtype(dtype)]).numpy()
+    return values.astype(dtype)
+
+
+try:
+    import torch
+
+    _TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+except ImportError:  # pragma: no cover - the cache layer works without torch, only slower
+    torch = None
+    _TORCH = {}
 
 
 CODECS: dict[str, FloatCodec] = {

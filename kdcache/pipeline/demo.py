@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def _demo_generate() -> GenerateConfig:
-    return GenerateConfig(top_k=64, batch_tokens=4096, data=DataConfig(source="embedded:stdlib-docs", max_rows=400, max_length=128))
+    return GenerateConfig(top_k=64, batch_tokens=4096, data=DataConfig(source="embedded:stdlib-docs", max_rows=300, max_length=128))
 
 
 def _demo_train() -> TrainConfig:
     return TrainConfig(
-        loss="kd", alpha=0.5, temperature=1.0, steps=300, batch_size=8, lr=3e-3, warmup_steps=20,
+        loss="kd", alpha=0.5, temperature=1.0, steps=200, batch_size=8, lr=3e-3, warmup_steps=20,
         eval_fraction=0.1, eval_every=0, save_every=100, log_every=25,
         student=StudentConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
     )

@@ -38,12 +38,17 @@ def collate(examples: list[dict], pad_id: int = 0) -> Batch:
         select[i, : lens[i] - 1] = ex["loss_mask"]
     attention = (np.arange(T)[None, :] < lens[:, None]).astype(np.int64)
     labels = ids[:, 1:][select]
-    has_topk = "topk_ids" in examples[0]
     topk_ids = topk_lp = tail = None
-    if has_topk:
-        topk_ids = torch.from_numpy(np.concatenate([ex["topk_ids"][ex["loss_mask"]] for ex in examples]).astype(np.int64))
-        topk_lp = torch.from_numpy(np.concatenate([ex["topk_logprobs"][ex["loss_mask"]] for ex in examples]).astype(np.float32, copy=False))
-        tail = torch.from_numpy(np.concatenate([ex["tail_logprob"][ex["loss_mask"]] for ex in examples]).astype(np.float32, copy=False))
+    if "topk_ids" in examples[0]:
+        masks = [ex["loss_mask"] for ex in examples]
+        full = all(m.all() for m in masks)  # plain text: every target counts, so no per-example copies
+
+        def gather(name: str) -> np.ndarray:
+            return np.concatenate([ex[name] if full else ex[name][m] for ex, m in zip(examples, masks)])
+
+        topk_ids = torch.from_numpy(gather("topk_ids")).long()
+        topk_lp = torch.from_numpy(gather("topk_logprobs")).float()
+        tail = torch.from_numpy(gather("tail_logprob")).float()
     nll = sum(float(ex.get("teacher_nll", 0.0)) * int(ex.get("num_loss_tokens", 0)) for ex in examples)
     return Batch(
         torch.from_numpy(ids),
