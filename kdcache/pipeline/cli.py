@@ -65,6 +65,11 @@ def _run(fn, *args, **kwargs) -> Any:
     except MemoryError:
         click.echo("error: out of memory; lower --batch-tokens (generate) or --batch-size (train)", err=True)
         sys.exit(3)
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch's CUDA OOM
+            raise
+        click.echo("error: the GPU ran out of memory; lower --batch-tokens (generate) or --batch-size (train)", err=True)
+        sys.exit(3)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

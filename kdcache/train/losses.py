@@ -55,6 +55,13 @@ def _xlogx_over(q: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return torch.where(q > 0, q * (torch.log(q.clamp_min(1e-38)) - logp), torch.zeros_like(q))
 
 
+_CHUNK_ROWS = 64  # 64 x 49k-vocab fp32 rows = 12 MiB: temporaries stay in the last-level cache
+
+
+def _row_chunks(n: int):
+    return (slice(s, min(s + _CHUNK_ROWS, n)) for s in range(0, n, _CHUNK_ROWS))
+
+
 class _SparseKD(torch.autograd.Function):
     """Fused T^2-scaled sparse KD (+ optional hard-label CE) with a hand-written backward."""
 
@@ -62,7 +69,14 @@ class _SparseKD(torch.autograd.Function):
     def forward(ctx, logits, topk_ids, q, q_tail, labels, temperature: float, alpha: float, renormalize: bool):
         z = logits.float()
         inv_t = 1.0 / temperature
-        lse_t = torch.logsumexp(z * inv_t, dim=-1)  # [N]
+        need_lse_1 = alpha < 1.0 and temperature != 1.0
+        lse_t = torch.empty(z.shape[0], device=z.device)
+        lse_1 = torch.empty_like(lse_t) if need_lse_1 else None
+        for rows in _row_chunks(z.shape[0]):  # row chunks keep the [rows, V] temporaries in cache
+            zc = z[rows]
+            lse_t[rows] = torch.logsumexp(zc if temperature == 1.0 else zc * inv_t, dim=-1)
+            if need_lse_1:
+                lse_1[rows] = torch.logsumexp(zc, dim=-1)
         s_k = z.gather(1, topk_ids) * inv_t - lse_t[:, None]  # student log-probs at the top-k, temperature T
         if renormalize:
             s_k_norm = s_k - torch.logsumexp(s_k, dim=-1, keepdim=True)
@@ -76,7 +90,7 @@ class _SparseKD(torch.autograd.Function):
             saved_k = s_k.exp()
         kd_sum = kd.sum() * temperature**2
         if alpha < 1.0:
-            lse_1 = lse_t if temperature == 1.0 else torch.logsumexp(z, dim=-1)
+            lse_1 = lse_t if temperature == 1.0 else lse_1
             ce_sum = (lse_1 - z.gather(1, labels[:, None]).squeeze(1)).sum()
         else:
             lse_1, ce_sum = None, torch.zeros((), device=z.device)
@@ -94,21 +108,28 @@ class _SparseKD(torch.autograd.Function):
         z = logits.float()
         a = alpha * temperature  # T^2 scaling times the 1/T of d(z/T)/dz
         b = 1.0 - alpha
+        # dL/dz = a * (P * w - scatter(q)) with P the softmax at T, w = 1 on the top-k and (1 - q_tail / r)
+        # elsewhere (renormalize: w = 0 off the top-k); plus b * (softmax(z) - onehot(label)) for the CE part.
+        fused_ce = alpha < 1.0 and temperature == 1.0 and not renormalize  # one softmax serves both terms
+        coef = None if renormalize else a * (1.0 - ratio) + (b if fused_ce else 0.0)
+        grad = torch.empty_like(z)
+        for rows in _row_chunks(z.shape[0]):
+            zc, g = z[rows], grad[rows]
+            if renormalize:
+                g.zero_()
+            else:
+                if temperature == 1.0:
+                    torch.sub(zc, lse_t[rows, None], out=g)
+                else:
+                    torch.mul(zc, 1.0 / temperature, out=g).sub_(lse_t[rows, None])
+                g.exp_().mul_(coef[rows, None])
+            if alpha < 1.0 and not fused_ce:
+                g.add_(torch.sub(zc, lse_1[rows, None]).exp_(), alpha=b)
         if renormalize:
-            grad = torch.zeros_like(z)
             grad.scatter_add_(1, topk_ids, a * (p_k - q))
-            fused_ce = False
         else:
-            # dL/dz = a * (P * w - scatter(q)), w = 1 on the top-k and (1 - q_tail / r) elsewhere.
-            scaled = z if temperature == 1.0 else z * (1.0 / temperature)
-            grad = torch.sub(scaled, lse_t[:, None]).exp_()  # P at temperature T
-            coef = a * (1.0 - ratio)
-            fused_ce = alpha < 1.0 and temperature == 1.0  # the CE softmax is the same P: one pass serves both
-            grad.mul_((coef + b if fused_ce else coef)[:, None])
             grad.scatter_add_(1, topk_ids, a * (p_k * ratio[:, None] - q))
         if alpha < 1.0:
-            if not fused_ce:
-                grad.add_(torch.sub(z, lse_1[:, None]).exp_(), alpha=b)
             grad.scatter_add_(1, labels[:, None], torch.full_like(labels[:, None], -b, dtype=grad.dtype))
         grad.mul_(grad_total)
         return grad.to(logits.dtype), None, None, None, None, None, None, None
