@@ -22,16 +22,21 @@ from common import synthetic_examples, synthetic_topk
 from kdcache.cache import CacheWriter, make_signals
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from kdcache.cache import open_cache
 from kdcache.train.data import batches
 import torch
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):  # /proc values of this process only (ru_maxrss would include the parent's pre-exec peak)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+
+base = status("VmRSS")
 n = 0
 for b in batches(open_cache(sys.argv[1]).stream(shuffle=True, seed=0, window=4), batch_size=8):
     n += b.input_ids.numel()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"tokens_read": n, "rss_after_imports_mib": base / 1024, "peak_rss_mib": peak / 1024}))
+print(json.dumps({"tokens_read": n, "rss_after_imports_mib": round(base, 1), "peak_rss_mib": round(status("VmHWM"), 1)}))
 """
 
 
