@@ -11,6 +11,18 @@ from typing import Any
 
 import torch
 
+from kdcache.errors import ConfigError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA on a machine without it is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return dev
+
 
 def has_plain_head(model: Any) -> bool:
     cfg = model.config.get_text_config()

@@ -754,11 +754,11 @@ def test_pandas_reads_shard(interop_cache):
 
 
 # --------------------------------------------------------------------------------------------------
-# Bugs found in kdcache/cache (these fail until fixed; kept last so `pytest -x` runs everything else first)
+# Regressions: bugs these tests found in kdcache/cache, now fixed
 
 
 def test_keep_filter_with_column_projection(shuffle_cache):
-    """BUG: ``keep`` reads example_id from the block, which is missing when ``columns`` leaves it out (KeyError)."""
+    """Regression: ``keep`` read example_id from the block, which is missing when ``columns`` leaves it out (KeyError)."""
     cache = open_cache(shuffle_cache)
     keep = lambda eid: "#" in eid  # noqa: E731
     want = [i for i in expected_ids(0, N_SHUFFLE_ROWS) if keep(i)]
@@ -768,7 +768,7 @@ def test_keep_filter_with_column_projection(shuffle_cache):
 
 
 def test_out_of_space_while_updating_manifest(tmp_path):
-    """BUG: when the manifest update fails (EFBIG/ENOSPC) right after a shard was renamed into place,
+    """Regression: when the manifest update failed (EFBIG/ENOSPC) right after a shard was renamed into place,
     the writer leaves that renamed ``part-N.parquet`` behind although the manifest on disk does not list
     it, and its message counts it as committed ("resumes after the N+1 committed shards")."""
     path = tmp_path / "c"

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from kdcache.cache import CacheWriter, Manifest, make_signals
 from kdcache.cache.manifest import TOKENIZER_DIR
 from kdcache.config import to_dict
-from kdcache.errors import ConfigError, DataError, KDCacheError
+from kdcache.errors import ConfigError, DataError
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows

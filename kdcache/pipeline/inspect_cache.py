@@ -60,7 +60,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"rows         {s['rows']:,}  in {s['shards']} shard(s)",
         f"tokens       {s['tokens']:,}  ({s['loss_tokens']:,} loss targets)",
         f"bytes        {s['bytes']:,}  ({s['bytes_per_token']:.1f} B/token)",
-        f"signals      " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["signals"].items()),
+        "signals      " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["signals"].items()),
         f"top-k        {s['top_k']}",
     ]
     if s["teacher_ppl"] is not None:

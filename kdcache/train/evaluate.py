@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kdcache.modeling import selected_features
+from kdcache.modeling import resolve_device, selected_features
 from kdcache.train.data import Batch
 from kdcache.train.losses import LossSettings, sparse_kd_loss
 
@@ -61,11 +61,11 @@ def evaluate_student(
     from kdcache.cache import holdout_fraction_filter, open_cache
     from kdcache.train.config import StudentConfig
     from kdcache.train.data import collate
-    from kdcache.train.loop import _autocast, _device
+    from kdcache.train.loop import autocast_for
     from kdcache.train.student import build_student
 
     cache = open_cache(cache_path)
-    dev = _device(device)
+    dev = resolve_device(device)
     model, tokenizer = build_student(StudentConfig(path=student), cache)
     model.to(dev)
     keep = holdout_fraction_filter(eval_fraction) if eval_fraction > 0 else None
@@ -77,4 +77,4 @@ def evaluate_student(
             break
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
-    return evaluate(model, batches, dev, _autocast("auto", dev))
+    return evaluate(model, batches, dev, autocast_for("auto", dev))

@@ -23,7 +23,7 @@ from kdcache.cache import holdout_fraction_filter, open_cache
 from kdcache.config import to_dict
 from kdcache.errors import CacheMismatchError, ConfigError, DataError
 from kdcache.fingerprint import json_hash
-from kdcache.modeling import selected_features
+from kdcache.modeling import resolve_device, selected_features
 from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch, batches, collate
@@ -37,16 +37,8 @@ log = logging.getLogger(__name__)
 _RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
-    return dev
-
-
-def _autocast(precision: str, device: torch.device):
+def autocast_for(precision: str, device: torch.device):
+    """A context factory: bf16 autocast where asked for (or ``auto`` on bf16-capable CUDA), else nothing."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     if use_bf16:
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -116,8 +108,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     missing = [c for c in loss_spec.needs if c not in cache.columns]
     if missing:
         raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate --top-k K`")
-    device = _device(cfg.device)
-    autocast = _autocast(cfg.precision, device)
+    device = resolve_device(cfg.device)
+    autocast = autocast_for(cfg.precision, device)
     out, ckpt = _prepare_run_dir(cfg)
 
     model, tokenizer = build_student(cfg.student, cache, seed=cfg.seed)
