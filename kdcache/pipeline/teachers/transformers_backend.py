@@ -96,11 +96,19 @@ class TransformersTeacher(Teacher):
             "name": self.model_name,
             "path": str(src.resolve()) if self.is_local else self.model_name,
             "backend": "transformers",
-            "architecture": (self.config.architectures or [type(self.config).__name__])[0],
+            "architecture": self._architecture(),
             "config_hash": json_hash(cfg),
             "weights_fingerprint": tree_fingerprint(src, _WEIGHT_SUFFIXES) if self.is_local else None,
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+
+    def _architecture(self) -> str:
+        """The causal-LM class; GGUF configs carry no ``architectures``, so ask transformers' auto mapping."""
+        if self.config.architectures:
+            return self.config.architectures[0]
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.config.model_type, type(self.config).__name__)
 
     @property
     def vocab_size(self) -> int:
