@@ -8,8 +8,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kdcache.cache import ExampleStream
+from kdcache.cache import Cache, ExampleStream, holdout_fraction_filter
 from kdcache.train.losses import Targets
+
+# What training and evaluation read from a cache; hidden states and generation columns stay on disk.
+TRAIN_COLUMNS = ["example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
 
 
 @dataclass
@@ -70,3 +73,17 @@ def batches(stream: ExampleStream, batch_size: int, pad_id: int = 0) -> Iterator
             buf = []
     if buf:
         yield collate(buf, pad_id)
+
+
+def heldout_batches(cache: Cache, fraction: float, max_examples: int, batch_size: int, pad_id: int = 0) -> list[Batch]:
+    """The first ``max_examples`` held-out examples (stable split by example_id), collated once, kept in memory.
+
+    ``fraction=0`` evaluates on every row from the start of the cache.
+    """
+    keep = holdout_fraction_filter(fraction) if fraction > 0 else None
+    examples: list[dict] = []
+    for ex in cache.stream(columns=TRAIN_COLUMNS, keep=keep):
+        examples.append(ex)
+        if len(examples) >= max_examples:
+            break
+    return [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]

@@ -58,9 +58,9 @@ def evaluate_student(
     device: str = "auto",
 ) -> dict[str, float]:
     """``kdcache eval``: a saved student on a cache's held-out split (``eval_fraction=0`` means every row)."""
-    from kdcache.cache import holdout_fraction_filter, open_cache
+    from kdcache.cache import open_cache
     from kdcache.train.config import StudentConfig
-    from kdcache.train.data import collate
+    from kdcache.train.data import heldout_batches
     from kdcache.train.loop import autocast_for
     from kdcache.train.student import build_student
 
@@ -68,13 +68,5 @@ def evaluate_student(
     dev = resolve_device(device)
     model, tokenizer = build_student(StudentConfig(path=student), cache)
     model.to(dev)
-    keep = holdout_fraction_filter(eval_fraction) if eval_fraction > 0 else None
-    columns = ["example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
-    examples = []
-    for ex in cache.stream(columns=columns, keep=keep):
-        examples.append(ex)
-        if len(examples) >= max_examples:
-            break
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
-    return evaluate(model, batches, dev, autocast_for("auto", dev))
+    return evaluate(model, heldout_batches(cache, eval_fraction, max_examples, batch_size, pad), dev, autocast_for("auto", dev))

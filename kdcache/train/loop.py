@@ -26,7 +26,7 @@ from kdcache.fingerprint import json_hash
 from kdcache.modeling import resolve_device, selected_features
 from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.config import TrainConfig
-from kdcache.train.data import Batch, batches, collate
+from kdcache.train.data import TRAIN_COLUMNS, Batch, batches, heldout_batches
 from kdcache.train.evaluate import evaluate
 from kdcache.train.losses import LossSettings, get_loss
 from kdcache.train.student import build_student
@@ -119,16 +119,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     settings = LossSettings(cfg.temperature, cfg.alpha if cfg.loss != "ce" else 0.0, cfg.tail)
 
-    columns = ["example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
+    eval_batches = heldout_batches(cache, cfg.eval_fraction, cfg.eval_max_examples, cfg.batch_size, pad_id) if cfg.eval_fraction > 0 else []
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
-    heldout = cache.stream(columns=columns, keep=is_heldout) if cfg.eval_fraction > 0 else None
-    eval_examples = []
-    for ex in heldout or []:
-        eval_examples.append(ex)
-        if len(eval_examples) >= cfg.eval_max_examples:
-            break
-    eval_batches = [collate(eval_examples[i : i + cfg.batch_size], pad_id) for i in range(0, len(eval_examples), cfg.batch_size)]
-    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=columns, keep=lambda i: not is_heldout(i))
+    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=TRAIN_COLUMNS, keep=lambda i: not is_heldout(i))
 
     step = 0
     if ckpt is not None:
