@@ -540,6 +540,10 @@ def test_non_empty_non_cache_directory_refused(tmp_path):
     assert "not empty" in msg and "not a kdcache cache" in msg and "--overwrite" in msg
     assert (path / "notes.txt").read_text() == "precious"
     assert listing(path) == {"notes.txt"}
+    # --overwrite replaces caches, never someone's other files.
+    with pytest.raises(CacheMismatchError, match="never other files"):
+        CacheWriter(path, SETTINGS, SIGNALS, overwrite=True)
+    assert listing(path) == {"notes.txt"}
 
 
 def test_damaged_manifest_refused_by_writer(tmp_path):

@@ -447,3 +447,18 @@ def test_grad_accumulation_matches_one_big_batch(tiny_cache, tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5), key
     # sensitivity: half of the examples gives a clearly different update
     assert max_diff(final_weights(big), final_weights(half)) > 1e-4
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tiny_cache, tmp_path):
+    """--overwrite starts the run over without deleting unrelated files that share the folder."""
+    out = tmp_path / "shared_dir"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    cfg = dict(cache=str(tiny_cache), out=str(out), steps=2, batch_size=4, save_every=1, log_every=1, eval_fraction=0.2,
+               student=StudentConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
+    train(TrainConfig(**cfg), progress=False)
+    assert (out / "checkpoints").is_dir()
+    train(TrainConfig(**cfg, overwrite=True), progress=False)
+    assert (out / "notes.txt").read_text() == "keep me"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2]  # started over: each step logged once, not [1, 2, 1, 2]

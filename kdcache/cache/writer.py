@@ -116,10 +116,10 @@ class CacheWriter:
                 )
             self._clear()
         elif any(self.path.iterdir()):
-            entries = [p.name for p in self.path.iterdir()]
-            if not overwrite and not all(self._is_ours(n) for n in entries):
+            if not all(self._is_ours(p.name) for p in self.path.iterdir()):
                 raise CacheMismatchError(
-                    f"{self.path} is not empty and is not a kdcache cache; choose an empty --out or pass --overwrite"
+                    f"{self.path} is not empty and is not a kdcache cache; choose an empty --out "
+                    "(--overwrite only replaces kdcache caches, never other files)"
                 )
             self._clear()
         self._write_manifest(fresh)
@@ -140,10 +140,16 @@ class CacheWriter:
 
     @staticmethod
     def _is_ours(name: str) -> bool:
-        return name.startswith(("part-", ".part-", ".manifest.json", ".write-probe")) or name in (MANIFEST_NAME, TOKENIZER_DIR)
+        return name.startswith(("part-", ".part-", ".manifest.json", ".write-probe", f".{TOKENIZER_DIR}.tmp")) or name in (
+            MANIFEST_NAME,
+            TOKENIZER_DIR,
+        )
 
     def _clear(self) -> None:
+        """Remove a previous cache: only the files a cache consists of, whatever else lives beside them."""
         for p in self.path.iterdir():
+            if not self._is_ours(p.name):
+                continue
             if p.is_dir():
                 shutil.rmtree(p)
             else:

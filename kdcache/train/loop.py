@@ -33,6 +33,9 @@ from kdcache.train.student import build_student
 
 log = logging.getLogger(__name__)
 
+# Everything a run writes into its directory.
+_RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.jsonl", "final_metrics.json")
+
 # Fields that may change between a run and its resumption without changing what is being trained.
 _RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples")
 
@@ -65,8 +68,13 @@ def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """Create ``out``; decide whether to resume. Same config resumes, a different one is refused."""
     out = Path(cfg.out)
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+    if cfg.overwrite and out.is_dir():
+        for name in _RUN_FILES:  # only what a run writes: --out may be a folder with other things in it
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-probe").write_bytes(b"")
