@@ -1,0 +1,1 @@
+"""The generate stage, teacher backends, dataset tokenisation, the CLI and the demo."""
