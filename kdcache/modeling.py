@@ -7,6 +7,7 @@ head (soft-capping, logit scaling) take the full forward so the numbers stay exa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -22,6 +23,14 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     return dev
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context factory: bf16 autocast where asked for (or ``auto`` on bf16-capable CUDA), else nothing."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def has_plain_head(model: Any) -> bool:

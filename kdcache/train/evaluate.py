@@ -7,9 +7,12 @@ from typing import Any
 
 import torch
 
-from kdcache.modeling import resolve_device, selected_features
-from kdcache.train.data import Batch
+from kdcache.cache import open_cache
+from kdcache.modeling import autocast_for, resolve_device, selected_features
+from kdcache.train.config import StudentConfig
+from kdcache.train.data import Batch, heldout_batches
 from kdcache.train.losses import LossSettings, sparse_kd_loss
+from kdcache.train.student import build_student
 
 _EVAL_CHUNK = 2048  # target rows per logits chunk: bounds eval memory
 
@@ -58,12 +61,6 @@ def evaluate_student(
     device: str = "auto",
 ) -> dict[str, float]:
     """``kdcache eval``: a saved student on a cache's held-out split (``eval_fraction=0`` means every row)."""
-    from kdcache.cache import open_cache
-    from kdcache.train.config import StudentConfig
-    from kdcache.train.data import heldout_batches
-    from kdcache.train.loop import autocast_for
-    from kdcache.train.student import build_student
-
     cache = open_cache(cache_path)
     dev = resolve_device(device)
     model, tokenizer = build_student(StudentConfig(path=student), cache)

@@ -6,7 +6,6 @@ steps, logs, evaluates and checkpoints. Components live in their own modules.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ from kdcache.cache import holdout_fraction_filter, open_cache
 from kdcache.config import to_dict
 from kdcache.errors import CacheMismatchError, ConfigError, DataError
 from kdcache.fingerprint import json_hash
-from kdcache.modeling import resolve_device, selected_features
+from kdcache.modeling import autocast_for, resolve_device, selected_features
 from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import TRAIN_COLUMNS, Batch, batches, heldout_batches
@@ -38,14 +37,6 @@ _RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.json
 
 # Fields that may change between a run and its resumption without changing what is being trained.
 _RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples")
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A context factory: bf16 autocast where asked for (or ``auto`` on bf16-capable CUDA), else nothing."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def lr_lambda(cfg: TrainConfig):
