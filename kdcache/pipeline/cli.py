@@ -83,7 +83,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config (a `generate:` section is used if present).")
 @click.option("--teacher", help="Model folder, .gguf file or hub id.")
-@click.option("--backend", help="Teacher backend (transformers).")
+@click.option("--backend", help="Teacher backend: transformers or vllm (engine settings: --set vllm.FIELD=...).")
 @click.option("--dataset", "source", help="Local data file/folder, hub dataset, or embedded:stdlib-docs.")
 @click.option("--split", help="Dataset split.")
 @click.option("--field", help="Text or messages field.")
@@ -189,6 +189,18 @@ def demo(config_path, out, steps, max_rows, overrides, quiet) -> None:
     cfg = _run(build_config, DemoConfig, config_path, values, list(overrides))
     results = _run(run_demo, cfg, progress=not quiet)
     click.echo("\n" + format_results(results, cfg))
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Weights dtype to save.")
+@click.option("--overwrite", is_flag=True, help="Replace a model already in OUT.")
+def convert(src, out, dtype, overwrite) -> None:
+    """Save a .gguf teacher (or any transformers model) as a model folder that vLLM can load."""
+    from kdcache.pipeline.convert import convert_model
+
+    click.echo(f"wrote {_run(convert_model, src, out, dtype=dtype, overwrite=overwrite)}")
 
 
 @main.command()

@@ -49,6 +49,7 @@ class GenerationConfig:
     do_sample: bool = doc("Sample (true) or greedy decoding (false).", False)
     temperature: float = doc("Sampling temperature.", 1.0)
     top_p: float = doc("Nucleus sampling threshold.", 1.0)
+    stop: list[str] = doc("Stop strings: a continuation ends after the first of these it produces (EOS always ends it).", default_factory=list)
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.num_samples < 1:
@@ -58,9 +59,33 @@ class GenerationConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Engine settings of the vllm backend (ignored by the others)."""
+
+    tensor_parallel_size: int = doc("GPUs that share each layer (tensor parallelism).", 1)
+    max_model_len: int | None = doc("Engine context length; null: data.max_length + 1 (rows longer than this minus one follow data.truncation).", None)
+    gpu_memory_utilization: float = doc("Fraction of GPU memory the engine may take (weights + KV cache); lower it if the GPU runs out of memory or when storing hidden states (a second copy of the teacher computes them).", 0.9)
+    max_num_batched_tokens: int | None = doc("Tokens per engine step (null: vLLM's default). Prompt log-probabilities hold [tokens, vocab] fp32 logits per step, so lower this if memory runs out.", None)
+    max_num_seqs: int | None = doc("Sequences per engine step (null: vLLM's default).", None)
+    enforce_eager: bool | None = doc("Skip CUDA graphs / torch.compile; null: true on CPU (compiling takes minutes there), false on GPU.", None)
+    kv_cache_gib: int = doc("KV cache size in GiB on CPU machines (sets VLLM_CPU_KVCACHE_SPACE unless already set).", 2)
+    inflight_tokens: int = doc("Tokens handed to the engine ahead of the writer, so the engine never waits on the writer; bounds host memory.", 65536)
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("vllm.tensor_parallel_size must be at least 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("vllm.gpu_memory_utilization must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 3:
+            raise ConfigError("vllm.max_model_len must be at least 3")
+        if self.inflight_tokens < 1 or self.kv_cache_gib <= 0:
+            raise ConfigError("vllm.inflight_tokens and vllm.kv_cache_gib must be positive")
+
+
+@dataclass
 class GenerateConfig:
     teacher: str = doc("Teacher: a local model folder, a .gguf file, or a hub id.", "")
-    backend: str = doc("Teacher backend (see `kdcache generate --help` for the registered ones).", "transformers")
+    backend: str = doc("Teacher backend: transformers (any machine) or vllm (needs `pip install kdcache[vllm]`; see README).", "transformers")
     out: str = doc("Cache directory to write (created; resumed if it holds the same settings).", "")
     overwrite: bool = doc("Replace an existing cache at `out` whose settings differ.", False)
     top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass).", 64)
@@ -71,12 +96,13 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
     batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096)
     trust_remote_code: bool = doc("Allow model code from the model folder/hub (off unless you trust it).", False)
-    seed: int = doc("Seed for sampled generation.", 0)
+    seed: int = doc("Seed for sampled generation (each input row gets its own seed derived from it).", 0)
     shard_tokens: int = doc("Tokens per Parquet shard.", 4_000_000)
     row_group_tokens: int = doc("Tokens per Parquet row group (the reader's unit of work).", 16_384)
     compression_level: int = doc("zstd level.", 1)
     data: DataConfig = doc("Input dataset.", default_factory=DataConfig)
     generation: GenerationConfig = doc("Teacher continuations.", default_factory=GenerationConfig)
+    vllm: VLLMConfig = doc("vLLM engine settings (backend vllm).", default_factory=VLLMConfig)
 
     def __post_init__(self):
         if self.top_k < 1:

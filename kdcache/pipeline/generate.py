@@ -6,9 +6,11 @@ settings, the dataset's fields) is checked before the teacher loads, so mistakes
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import shutil
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +24,7 @@ from kdcache.errors import ConfigError, DataError
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows
-from kdcache.pipeline.teachers import Teacher, build_teacher, resolve_layers
+from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_layers
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,10 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
         "teacher": teacher.identity(),
         "tokenizer": tokenizer_record(teacher.tokenizer, teacher.vocab_size),
         "dataset": {**dataset_identity(cfg.data), **{k: v for k, v in to_dict(cfg.data).items() if k not in ("source", "split", "strict")}},
-        "scoring": {"top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec, "hidden_codec": cfg.hidden_codec},
+        "scoring": {
+            "top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec,
+            "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
+        },
         "generation": gen if cfg.generation.enabled else {"enabled": False},
         "seed": cfg.seed if cfg.generation.enabled and cfg.generation.do_sample else None,
     }
@@ -61,19 +66,24 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
     tmp.rename(target)
 
 
-def _batches(items: Iterator[tuple[int, object]], batch_tokens: int, max_rows: int = 256) -> Iterator[list[tuple[int, object]]]:
-    """Consecutive rows whose padded size fits the token budget; bad rows ride along at no cost."""
+def _batches(
+    items: Iterator[tuple[int, object]], batch_tokens: int, max_rows: int = 256, padded: bool = True
+) -> Iterator[list[tuple[int, object]]]:
+    """Consecutive rows whose size fits the token budget (padded: longest x rows; else the sum of
+    lengths); bad rows ride along at no cost."""
     batch: list[tuple[int, object]] = []
-    longest = good = 0
+    longest = good = total = 0
     for index, item in items:
         is_good = isinstance(item, Tokenized)
         n = len(item.input_ids) if is_good else 0
-        if batch and (max(longest, n) * (good + is_good) > batch_tokens or len(batch) >= max_rows):
+        cost = max(longest, n) * (good + is_good) if padded else total + n
+        if batch and (cost > batch_tokens or len(batch) >= max_rows):
             yield batch
-            batch, longest, good = [], 0, 0
+            batch, longest, good, total = [], 0, 0, 0
         batch.append((index, item))
         longest = max(longest, n)
         good += is_good
+        total += n
     if batch:
         yield batch
 
@@ -81,9 +91,14 @@ def _batches(items: Iterator[tuple[int, object]], batch_tokens: int, max_rows: i
 def generate(cfg: GenerateConfig, progress: bool = True) -> Manifest:
     """Run the teacher over ``cfg.data`` into the cache at ``cfg.out``; resumes an interrupted run."""
     cfg.validate()
-    teacher = build_teacher(cfg.backend, model=cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    teacher = build_teacher(cfg)
     if cfg.top_k > teacher.vocab_size:
         raise ConfigError(f"top_k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); pass --top-k {teacher.vocab_size} or less")
+    limit = teacher.max_sequence_length()
+    if limit is not None and limit < cfg.data.max_length:
+        log.warning("the %s engine takes at most %d tokens per sequence; rows longer than that are %s (data.truncation)",
+                    cfg.backend, limit, "truncated" if cfg.data.truncation == "truncate" else "skipped and counted")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=limit))
     layers = resolve_layers(cfg.hidden_layers, teacher.num_layers)
     signals = make_signals(
         cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled
@@ -131,33 +146,45 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
                     raise DataError(f"bad row {index}: {item.detail} (reason {item.reason}); fix the row or drop --strict to skip and count it")
             yield index, item
 
+    # Requests go to the teacher lazily and results come back in order, so an engine may keep several
+    # batches in flight while the writer commits earlier ones; `pending` pairs each result with its batch.
+    pending: deque[tuple[list, list[tuple[int, int]]]] = deque()  # (batch, [(input row, prompt length)])
+
+    def requests() -> Iterator[Request]:
+        for batch in _batches(tokenized(), cfg.batch_tokens, padded=teacher.pads_batches):
+            good = [(i, t) for i, t in batch if isinstance(t, Tokenized)]
+            if cfg.generation.enabled:
+                prompts = [(i, t.prompt if t.prompt is not None and len(t.prompt) else t.input_ids) for i, t in good]
+                fits = [(i, p) for i, p in prompts if len(p) < cfg.data.max_length]  # room for at least one new token
+                pending.append((batch, [(i, len(p)) for i, p in fits]))
+                seeds = [_row_seed(cfg.seed, i) if cfg.generation.do_sample else cfg.seed for i, _ in fits]
+                yield GenerateRequest([p for _, p in fits], seeds, cfg.generation, cfg.data.max_length)
+            else:
+                pending.append((batch, [(i, 0) for i, _ in good]))
+                yield ScoreRequest([t.input_ids for _, t in good])
+
     teacher.load()
     bar = tqdm(total=cfg.data.max_rows, initial=start, unit="row", desc="generate", disable=not progress)
     tokens = 0
-    for batch in _batches(tokenized(), cfg.batch_tokens):
-        good = [(i, t) for i, t in batch if isinstance(t, Tokenized)]
-        examples: dict[int, list[dict]] = {i: [] for i, _ in good}
-        counts: dict[int, str] = {}
-        if good:
-            if cfg.generation.enabled:
-                _generate_rows(cfg, teacher, layers, good, examples, counts)
-            else:
-                scored = teacher.score([t.input_ids for _, t in good], cfg.top_k, layers)
-                for (i, t), s in zip(good, scored):
-                    examples[i].append(_example(str(i), t.input_ids, t.loss_mask, s, layers))
-        for i, item in batch:
-            if isinstance(item, BadRow):
-                writer.count(f"bad_rows.{item.reason}")
-            else:
-                if item.truncated:
-                    writer.count("truncated_rows")
-                if i in counts:
-                    writer.count(counts[i])
-            exs = examples.get(i, [])
-            tokens += sum(len(e["input_ids"]) for e in exs)
-            writer.add_row(exs, i + 1)
-        bar.update(len(batch))
-        bar.set_postfix(tokens=tokens)
+    try:
+        for result in teacher.run(requests(), cfg.top_k, layers):
+            batch, done = pending.popleft()
+            examples = _batch_examples(cfg, batch, done, result, layers)
+            for i, item in batch:
+                if isinstance(item, BadRow):
+                    writer.count(f"bad_rows.{item.reason}")
+                else:
+                    if item.truncated:
+                        writer.count("truncated_rows")
+                    if i not in examples:
+                        writer.count("bad_rows.no_room_to_generate")
+                exs = examples.get(i, [])
+                tokens += sum(len(e["input_ids"]) for e in exs)
+                writer.add_row(exs, i + 1)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=tokens)
+    finally:
+        teacher.close()
     bar.close()
     if writer.rows_added == 0 and not writer.manifest.shards:
         reasons = {k: v for k, v in writer.stats.items() if k.startswith("bad_rows")}
@@ -173,38 +200,25 @@ def _row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % 2**63
 
 
-def _generate_rows(cfg, teacher: Teacher, layers, good, examples, counts: dict[int, str]) -> None:
-    """Continuations of each good row's prompt, scored like any row. Rows with no room are noted in ``counts``."""
-    g = cfg.generation
-    prompts = [t.prompt if t.prompt is not None and len(t.prompt) else t.input_ids for _, t in good]
-    room = [len(p) < cfg.data.max_length for p in prompts]
-    if g.do_sample:
-        # One seed per input row: samples do not depend on batching, so a resumed cache equals an uninterrupted one.
-        conts = [teacher.generate([p], g, seed=_row_seed(cfg.seed, i))[0] if ok else [] for (i, _), p, ok in zip(good, prompts, room)]
-    else:
-        ok_prompts = [p for p, ok in zip(prompts, room) if ok]
-        done = iter(teacher.generate(ok_prompts, g, seed=cfg.seed) if ok_prompts else [])
-        conts = [next(done) if ok else [] for ok in room]
-    seqs, meta = [], []
-    for (i, _), prompt, samples, ok in zip(good, prompts, conts, room):
-        if not ok:
-            counts[i] = "bad_rows.no_room_to_generate"
-            continue
-        for j, cont in enumerate(samples):
-            seq = np.concatenate([prompt, cont]).astype(np.int32)[: cfg.data.max_length]
-            if len(seq) <= len(prompt):
-                continue
+def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, layers) -> dict[int, list[dict]]:
+    """Cache examples per input row of one batch; rows missing from the result had no room to generate."""
+    examples: dict[int, list[dict]] = {}
+    if not cfg.generation.enabled:
+        items = dict(batch)
+        for (i, _), s in zip(done, result):
+            t = items[i]
+            examples[i] = [_example(str(i), t.input_ids, t.loss_mask, s, layers)]
+        return examples
+    for (i, plen), samples in zip(done, result):
+        exs = examples.setdefault(i, [])
+        for j, (seq, s) in enumerate(samples):
             mask = np.zeros(len(seq) - 1, dtype=bool)
-            mask[len(prompt) - 1 :] = True
-            seqs.append(seq)
-            meta.append((i, j, mask, len(prompt)))
-    if not seqs:
-        return
-    for (i, j, mask, plen), seq, s in zip(meta, seqs, teacher.score(seqs, cfg.top_k, layers)):
-        ex = _example(f"{i}#g{j}", seq, mask, s, layers)
-        ex["prompt_length"] = plen
-        ex["sample_index"] = j
-        examples[i].append(ex)
+            mask[plen - 1 :] = True
+            ex = _example(f"{i}#g{j}", seq, mask, s, layers)
+            ex["prompt_length"] = plen
+            ex["sample_index"] = j
+            exs.append(ex)
+    return examples
 
 
 def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: dict, layers: list[int]) -> dict:

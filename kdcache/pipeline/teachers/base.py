@@ -13,17 +13,57 @@ tokens, all numpy:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from kdcache.errors import ConfigError
 
 
+@dataclass
+class ScoreRequest:
+    """Teacher-force these sequences; the result is one score dict per sequence."""
+
+    sequences: list[np.ndarray]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+@dataclass
+class GenerateRequest:
+    """Continue each prompt ``cfg.num_samples`` times, then score prompt + continuation.
+
+    The result holds, per prompt, a list of ``(sequence, scores)`` with ``sequence`` = prompt +
+    continuation cut to ``max_length`` tokens. ``seeds`` (one per prompt) make sampled continuations
+    independent of batching, so a resumed cache equals an uninterrupted one.
+    """
+
+    prompts: list[np.ndarray]
+    seeds: list[int]
+    cfg: Any  # GenerationConfig
+    max_length: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(min(len(p) + self.cfg.max_new_tokens, self.max_length) * self.cfg.num_samples for p in self.prompts)
+
+
+Request = ScoreRequest | GenerateRequest
+
+
 class Teacher(ABC):
     """A loaded-on-demand teacher. ``identity()`` must not need the weights in memory."""
 
     tokenizer: Any
+    #: True when a batch costs its longest sequence times its size (padded forward passes); False when
+    #: the engine packs sequences, so a batch costs its total tokens.
+    pads_batches: bool = True
+    #: How ``entropy`` is computed: "exact" over the full vocabulary, or "topk_tail" (the entropy of the
+    #: top-k plus one tail bucket, a lower bound) for engines that return only the top-k.
+    entropy_kind: str = "exact"
 
     @abstractmethod
     def identity(self) -> dict:
@@ -54,8 +94,42 @@ class Teacher(ABC):
     def generate(self, prompts: list[np.ndarray], cfg: Any, seed: int) -> list[list[np.ndarray]]:
         """For each prompt, ``cfg.num_samples`` continuations (token arrays, without the prompt)."""
 
+    def max_sequence_length(self) -> int | None:
+        """Longest sequence the engine accepts (None: no limit beyond the data config's)."""
+        return None
 
-TeacherFactory = Callable[..., Teacher]
+    def close(self) -> None:
+        """Release the weights and any engine processes."""
+
+    def run(self, requests: Iterable[Request], top_k: int, hidden_layers: list[int]) -> Iterator[list]:
+        """Results of each request, in order. Synchronous here; engines with their own scheduler
+        override this to keep several requests in flight."""
+        for req in requests:
+            if isinstance(req, ScoreRequest):
+                yield self.score(req.sequences, top_k, hidden_layers) if req.sequences else []
+            else:
+                yield self.generate_and_score(req, top_k, hidden_layers)
+
+    def generate_and_score(self, req: GenerateRequest, top_k: int, hidden_layers: list[int]) -> list[list[tuple[np.ndarray, dict]]]:
+        """Continuations, then one teacher-forced pass over prompt + continuation."""
+        if not req.prompts:
+            return []
+        g = req.cfg
+        if g.do_sample:
+            conts = [self.generate([p], g, seed=s)[0] for p, s in zip(req.prompts, req.seeds)]
+        else:
+            conts = self.generate(req.prompts, g, seed=req.seeds[0])
+        # Empty continuations (the teacher stopped at once) have nothing to learn from and are dropped.
+        seqs = [
+            [np.concatenate([p, c]).astype(np.int32)[: req.max_length] for c in samples if len(c)]
+            for p, samples in zip(req.prompts, conts)
+        ]
+        flat = [s for samples in seqs for s in samples]
+        scored = iter(self.score(flat, top_k, hidden_layers) if flat else [])
+        return [[(s, next(scored)) for s in samples] for samples in seqs]
+
+
+TeacherFactory = Callable[[Any], Teacher]  # GenerateConfig -> Teacher
 BACKENDS: dict[str, TeacherFactory] = {}
 
 
@@ -69,10 +143,11 @@ def register_backend(name: str) -> Callable[[TeacherFactory], TeacherFactory]:
     return deco
 
 
-def build_teacher(name: str, **kwargs: Any) -> Teacher:
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown teacher backend {name!r}; valid backends: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](**kwargs)
+def build_teacher(cfg: Any) -> Teacher:
+    """The teacher named by ``cfg.backend`` (a GenerateConfig), weights not yet loaded."""
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"unknown teacher backend {cfg.backend!r}; valid backends: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[cfg.backend](cfg)
 
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:

@@ -61,7 +61,6 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
         raise KDCacheError(f"cannot load tokenizer of {model}: {str(exc).splitlines()[0][:200]}") from None
 
 
-@register_backend("transformers")
 class TransformersTeacher(Teacher):
     def __init__(
         self,
@@ -135,9 +134,8 @@ class TransformersTeacher(Teacher):
         self.model = model.to(self.device).eval()
 
     # -- scoring
-    @torch.inference_mode()
-    def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int]) -> list[dict[str, np.ndarray]]:
-        assert self.model is not None, "call load() first"
+    def _pad(self, sequences: list[np.ndarray]):
+        """Right-padded ids, attention mask, [B, T-1] mask of real next-token positions, lengths."""
         lens = torch.tensor([len(s) for s in sequences])
         B, T = len(sequences), int(lens.max())
         ids = torch.zeros(B, T, dtype=torch.long)
@@ -146,6 +144,13 @@ class TransformersTeacher(Teacher):
         attn = (torch.arange(T)[None, :] < lens[:, None]).long()
         ids, attn = ids.to(self.device), attn.to(self.device)
         valid = (torch.arange(T - 1)[None, :] < (lens - 1)[:, None]).to(self.device)  # [B, T-1]
+        return ids, attn, valid, lens
+
+    @torch.inference_mode()
+    def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int]) -> list[dict[str, np.ndarray]]:
+        assert self.model is not None, "call load() first"
+        ids, attn, valid, lens = self._pad(sequences)
+        B = len(sequences)
         targets = ids[:, 1:][valid]
         want_hidden = bool(hidden_layers)
         feats, head, out = selected_features(self.model, ids, attn, valid, output_hidden_states=want_hidden)
@@ -171,10 +176,25 @@ class TransformersTeacher(Teacher):
         per_seq = {n: np.split(v, splits) for n, v in flat.items()}
         results = [{n: per_seq[n][i] for n in per_seq} for i in range(B)]
         if want_hidden:
-            for layer in hidden_layers:
-                hs = out.hidden_states[layer].float().cpu().numpy()
-                for i, n in enumerate(lens.tolist()):
-                    results[i][f"hidden_{layer}"] = hs[i, :n]
+            self._add_hidden(results, out.hidden_states, hidden_layers, lens)
+        return results
+
+    @staticmethod
+    def _add_hidden(results: list[dict], hidden_states, layers: list[int], lens: torch.Tensor) -> None:
+        for layer in layers:
+            hs = hidden_states[layer].float().cpu().numpy()
+            for i, n in enumerate(lens.tolist()):
+                results[i][f"hidden_{layer}"] = hs[i, :n]
+
+    @torch.inference_mode()
+    def hidden_states(self, sequences: list[np.ndarray], layers: list[int]) -> list[dict[str, np.ndarray]]:
+        """Only the chosen layers' hidden states (no logits): the second pass behind engines that cannot
+        return hidden states themselves."""
+        assert self.model is not None, "call load() first"
+        ids, attn, _, lens = self._pad(sequences)
+        out = self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        results: list[dict] = [{} for _ in sequences]
+        self._add_hidden(results, out.hidden_states, layers, lens)
         return results
 
     # -- generation
@@ -201,6 +221,8 @@ class TransformersTeacher(Teacher):
             num_return_sequences=cfg.num_samples,
             pad_token_id=pad,
             eos_token_id=eos,
+            stop_strings=list(cfg.stop) or None,
+            tokenizer=self.tokenizer if cfg.stop else None,
         )
         new = out[:, T:].cpu().numpy()
         results: list[list[np.ndarray]] = []
@@ -210,6 +232,23 @@ class TransformersTeacher(Teacher):
                 seq = new[i * cfg.num_samples + j]
                 if eos is not None and (seq == eos).any():
                     seq = seq[: int(np.argmax(seq == eos)) + 1]
+                if cfg.stop:
+                    seq = seq[: _stop_end(self.tokenizer, seq, cfg.stop)]
                 samples.append(seq.astype(np.int32))
             results.append(samples)
         return results
+
+
+def _stop_end(tokenizer, seq: np.ndarray, stops: list[str]) -> int:
+    """Length of ``seq`` up to and including the first token that completes a stop string (batched
+    generation pads finished rows, so the stop point is found again here)."""
+    for n in range(1, len(seq) + 1):
+        text = tokenizer.decode(seq[:n])
+        if any(s in text for s in stops):
+            return n
+    return len(seq)
+
+
+@register_backend("transformers")
+def _from_config(cfg: Any) -> TransformersTeacher:
+    return TransformersTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
