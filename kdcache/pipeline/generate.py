@@ -88,10 +88,15 @@ def _batches(
         yield batch
 
 
-def generate(cfg: GenerateConfig, progress: bool = True) -> Manifest:
-    """Run the teacher over ``cfg.data`` into the cache at ``cfg.out``; resumes an interrupted run."""
+def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None = None) -> Manifest:
+    """Run the teacher over ``cfg.data`` into the cache at ``cfg.out``; resumes an interrupted run.
+
+    ``teacher``: an already built (possibly loaded) teacher to reuse across several caches; it must
+    match ``cfg`` and stays open. By default the teacher is built from ``cfg`` and closed at the end.
+    """
     cfg.validate()
-    teacher = build_teacher(cfg)
+    owned = teacher is None
+    teacher = build_teacher(cfg) if teacher is None else teacher
     if cfg.top_k > teacher.vocab_size:
         raise ConfigError(f"top_k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); pass --top-k {teacher.vocab_size} or less")
     limit = teacher.max_sequence_length()
@@ -124,10 +129,14 @@ def generate(cfg: GenerateConfig, progress: bool = True) -> Manifest:
         _save_tokenizer(teacher.tokenizer, out)
         manifest = _run(cfg, teacher, layers, writer, first, rows, tokenize, progress)
     except BaseException:
+        if owned:
+            teacher.close()
         writer.abort()
         if created and not writer.manifest.shards:
             shutil.rmtree(out, ignore_errors=True)  # nothing committed: leave no half-made cache behind
         raise
+    if owned:
+        teacher.close()
     return manifest
 
 
@@ -166,25 +175,22 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
     teacher.load()
     bar = tqdm(total=cfg.data.max_rows, initial=start, unit="row", desc="generate", disable=not progress)
     tokens = 0
-    try:
-        for result in teacher.run(requests(), cfg.top_k, layers):
-            batch, done = pending.popleft()
-            examples = _batch_examples(cfg, batch, done, result, layers)
-            for i, item in batch:
-                if isinstance(item, BadRow):
-                    writer.count(f"bad_rows.{item.reason}")
-                else:
-                    if item.truncated:
-                        writer.count("truncated_rows")
-                    if i not in examples:
-                        writer.count("bad_rows.no_room_to_generate")
-                exs = examples.get(i, [])
-                tokens += sum(len(e["input_ids"]) for e in exs)
-                writer.add_row(exs, i + 1)
-            bar.update(len(batch))
-            bar.set_postfix(tokens=tokens)
-    finally:
-        teacher.close()
+    for result in teacher.run(requests(), cfg.top_k, layers):
+        batch, done = pending.popleft()
+        examples = _batch_examples(cfg, batch, done, result, layers)
+        for i, item in batch:
+            if isinstance(item, BadRow):
+                writer.count(f"bad_rows.{item.reason}")
+            else:
+                if item.truncated:
+                    writer.count("truncated_rows")
+                if i not in examples:
+                    writer.count("bad_rows.no_room_to_generate")
+            exs = examples.get(i, [])
+            tokens += sum(len(e["input_ids"]) for e in exs)
+            writer.add_row(exs, i + 1)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=tokens)
     bar.close()
     if writer.rows_added == 0 and not writer.manifest.shards:
         reasons = {k: v for k, v in writer.stats.items() if k.startswith("bad_rows")}

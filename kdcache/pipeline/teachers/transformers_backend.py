@@ -124,6 +124,8 @@ class TransformersTeacher(Teacher):
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
+        if self.model is not None:
+            return
         log.info("loading teacher %s on %s (%s)", self.model_name, self.device, self.dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -132,6 +134,9 @@ class TransformersTeacher(Teacher):
         except (OSError, ValueError) as exc:
             raise KDCacheError(f"cannot load teacher weights from {self.model_name}: {str(exc).splitlines()[0][:200]}") from None
         self.model = model.to(self.device).eval()
+
+    def close(self) -> None:
+        self.model = None
 
     # -- scoring
     def _pad(self, sequences: list[np.ndarray]):

@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 from collections import deque
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -42,7 +43,21 @@ OOM_HINT = (
 
 
 def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):  # a broken or deliberately blocked install
+        return False
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def topk_stats(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
@@ -144,12 +159,21 @@ class VLLMTeacher(Teacher):
 
     # -- engine
     def load(self) -> None:
+        if self.llm is not None:
+            return
         e = self.engine_cfg
         device = self._device_type()
         if self.device_setting not in ("auto", device) and not self.device_setting.startswith(f"{device}:"):
             raise ConfigError(f"backend vllm runs on this machine's {device}; pass --device auto (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(e.kv_cache_gib))
+            # The engine process would die with a log line the caller never sees; check up front.
+            kv, free = float(os.environ["VLLM_CPU_KVCACHE_SPACE"]), available_memory_gib()
+            if free is not None and kv > free:
+                raise KDCacheError(
+                    f"vLLM would run out of memory: its CPU KV cache ({kv:g} GiB) exceeds the {free:.1f} GiB free; "
+                    f"lower --set vllm.kv_cache_gib (or VLLM_CPU_KVCACHE_SPACE)"
+                )
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -187,7 +211,8 @@ class VLLMTeacher(Teacher):
             except Exception:  # pragma: no cover - best effort at exit
                 pass
             self.llm = None
-        self.hf.model = None
+        self.hf.close()
+        self._layers_loaded = False
 
     # -- requests
     def _params(self, req: Request, prompt: np.ndarray, seed: int | None = None):
@@ -300,7 +325,8 @@ def _engine_error(exc: BaseException, when: str) -> KDCacheError:
     text = " ".join(str(exc).split())[:300] or type(exc).__name__
     if "memory" in text.lower() or "OutOfMemory" in type(exc).__name__:
         return KDCacheError(f"vLLM ran out of memory ({when}): {text}; {OOM_HINT}")
-    return KDCacheError(f"vLLM failed to {when}: {text}")
+    # Failures inside the engine process arrive here as a generic message; the cause is in its log.
+    return KDCacheError(f"vLLM failed to {when}: {text} (the engine's log above names the cause; if it is memory: {OOM_HINT})")
 
 
 @register_backend("vllm")
