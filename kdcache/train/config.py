@@ -29,10 +29,12 @@ class TrainConfig:
     cache: str = doc("Cache directory written by `kdcache generate`.", "")
     out: str = doc("Run directory: checkpoints, final model, metrics.", "")
     student: StudentConfig = doc("The student model.", default_factory=StudentConfig)
-    loss: str = doc("Loss name (registry in kdcache.train.losses): ce, kd.", "kd")
+    loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv.", "kd")
     alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy.", 0.5)
     temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0)
     tail: Literal["bucket", "renormalize"] = doc("Mass outside the cached top-k: one extra bucket, or drop it and renormalise.", "bucket")
+    beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5)
+    skew: float = doc("Skew of skl/srkl: the student (skl) or teacher (srkl) is mixed with this much of the other side.", 0.1)
     steps: int = doc("Optimizer steps.", 300)
     batch_size: int = doc("Examples per micro-batch.", 8)
     grad_accum: int = doc("Micro-batches per optimizer step.", 1)
@@ -57,6 +59,8 @@ class TrainConfig:
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.beta < 1.0 or not 0.0 <= self.skew < 1.0:
+            raise ConfigError(f"beta must be in (0, 1) and skew in [0, 1), got beta={self.beta}, skew={self.skew}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import ConfigError
+from kdcache.train.divergences import DIVERGENCES, bucket_log_probs, gather_log_probs
 
 _MIN_TAIL = 1e-7  # floor on the student's tail mass; below float32 resolution of 1 - sum(top-k)
 
@@ -38,6 +39,8 @@ class LossSettings:
     temperature: float = 1.0
     alpha: float = 0.5  # weight of the soft (KD) term; 1 - alpha goes to hard-label cross-entropy
     tail: Literal["bucket", "renormalize"] = "bucket"
+    beta: float = 0.5  # generalized JSD mixture weight
+    skew: float = 0.1  # skew (reverse) KL mixture weight
 
 
 def teacher_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,9 +184,34 @@ def register_loss(name: str, needs: tuple[str, ...], help: str) -> Callable[[Los
 register_loss("ce", (), "hard-label cross-entropy on the cached tokens (baseline, ignores the teacher)")(cross_entropy_loss)
 register_loss(
     "kd",
-    ("topk_ids", "topk_logprobs", "tail_logprob"),
+    ("topk_ids", "topk_logprobs", "tail_logprob"),  # = fkl, fused
     "alpha * T^2 * KL over the cached top-k (+ tail bucket) + (1 - alpha) * hard-label CE",
 )(sparse_kd_loss)
+
+
+TOPK_SIGNALS = ("topk_ids", "topk_logprobs", "tail_logprob")
+
+
+def _divergence_loss(name: str) -> LossFn:
+    divergence = DIVERGENCES[name][0]
+
+    def loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if targets.topk_ids is None:
+            raise ConfigError(f"loss {name!r} needs the cache's topk signal; regenerate the cache with `kdcache generate --top-k K`")
+        t, s = bucket_log_probs(logits, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail)
+        kd_sum = divergence(t, s, settings).sum() * settings.temperature**2
+        total, metrics = settings.alpha * kd_sum, {name: kd_sum.detach()}
+        if settings.alpha < 1.0:
+            ce_sum = -gather_log_probs(logits, targets.labels[:, None]).sum()
+            total = total + (1.0 - settings.alpha) * ce_sum
+            metrics["ce"] = ce_sum.detach()
+        return total, metrics
+
+    return loss
+
+
+for _name, (_fn, _help) in DIVERGENCES.items():
+    register_loss(_name, TOPK_SIGNALS, f"alpha * T^2 * {_help} + (1 - alpha) * CE (chunked, autograd over buckets)")(_divergence_loss(_name))
 
 
 def get_loss(name: str) -> LossSpec:
