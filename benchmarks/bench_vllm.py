@@ -13,7 +13,7 @@ Memory (``--memory``): generate over N and 10*N rows in fresh processes; reports
 kdcache process and of its whole process tree (vLLM's engine and worker processes included).
 
     python benchmarks/bench_vllm.py --model smollm2 --rows 200 --max-length 256
-    python benchmarks/bench_vllm.py --model smollm2 --memory --rows 100
+    python benchmarks/bench_vllm.py --model smollm2 --memory --rows 40 --max-length 64 --inflight-tokens 4096
     python benchmarks/bench_vllm.py --model smollm2 --parity --dtype bfloat16 --rows 32
     python benchmarks/bench_vllm.py --model random-llama-1b ...   # GPU: random-init weights, realistic shape
 
@@ -160,7 +160,7 @@ def parity(args, model: str, work: Path) -> dict:
 
 MEMORY_CHILD = r"""
 import json, sys, threading, time, psutil
-from kdcache.pipeline.config import DataConfig, GenerateConfig
+from kdcache.pipeline.config import DataConfig, GenerateConfig, VLLMConfig
 from kdcache.pipeline.generate import generate
 me = psutil.Process()
 peak = {"self": 0, "tree": 0}
@@ -174,8 +174,8 @@ def sample():
             pass
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
-model, backend, source, rows, max_length, k, out = sys.argv[1:8]
-m = generate(GenerateConfig(teacher=model, backend=backend, out=out, overwrite=True, top_k=int(k),
+model, backend, source, rows, max_length, k, out, inflight = sys.argv[1:9]
+m = generate(GenerateConfig(teacher=model, backend=backend, out=out, overwrite=True, top_k=int(k), vllm=VLLMConfig(inflight_tokens=int(inflight)),
              data=DataConfig(source=source, max_rows=int(rows), max_length=int(max_length))), progress=False)
 time.sleep(0.2)
 print(json.dumps({"rows": m.num_rows, "tokens": m.num_tokens, "peak_self_mib": round(peak["self"] / 2**20),
@@ -188,7 +188,7 @@ def memory(args, model: str, work: Path) -> dict:
     backend = "vllm" if vllm_available() else "transformers"
     for rows in (args.rows, 10 * args.rows):
         r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, model, backend, args.dataset, str(rows), str(args.max_length),
-                            str(args.top_k), str(work / f"mem-{rows}")], capture_output=True, text=True, check=True)
+                            str(args.top_k), str(work / f"mem-{rows}"), str(args.inflight_tokens)], capture_output=True, text=True, check=True)
         out[rows] = json.loads(r.stdout.strip().splitlines()[-1])
         print(json.dumps({"backend": backend, **out[rows]}), flush=True)
     return {"backend": backend, "runs": out}
@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6, help="leaves room for the transformers run in the same process")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--inflight-tokens", type=int, default=65536, help="vllm.inflight_tokens in --memory mode")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--memory", action="store_true", help="peak RSS at --rows and 10x --rows instead of throughput")
     ap.add_argument("--parity", action="store_true", help="log-prob differences between the backends in --dtype instead of throughput")

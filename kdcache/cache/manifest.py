@@ -64,7 +64,7 @@ class Manifest:
 
     @property
     def top_k(self) -> int:
-        return int(self.signals["topk"]["k"])
+        return int(self.signals["topk"]["k"]) if "topk" in self.signals else 0
 
     @property
     def vocab_size(self) -> int:

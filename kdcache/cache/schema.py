@@ -15,12 +15,16 @@ tail_logprob       list<float32> [T-1]        log of the probability mass outsid
 teacher_nll        float32                    mean teacher NLL over loss-mask targets
 teacher_entropy    float32                    mean teacher entropy (full vocab) over loss-mask targets
 num_loss_tokens    int32                      number of loss-mask targets
+sampled_ids        list<int32> [sum sizes]    (RS-KD) unique tokens drawn from the teacher, per position
+sampled_weights    list<codec> [sum sizes]    (RS-KD) their importance weights: count/N * p/q
+sampled_sizes      list<uint16> [T-1]         (RS-KD) unique draws at each position
 hidden_<L>         list<codec> [T*H]          (optional) hidden state after layer L, row-major
 prompt_length      int32                      (generation) tokens of the prompt before the continuation
 sample_index       int32                      (generation) which of the n samples for the prompt
 =================  =========================  ======================================================
 
 Flattened 2-D columns keep reads fast (one contiguous buffer per row group); the manifest gives k and H.
+Top-k columns are absent when k = 0 (a sampled-only cache); sampled columns only when draws > 0.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import pyarrow as pa
 from kdcache.cache.codecs import get_codec
 from kdcache.cache.manifest import FORMAT_VERSION
 
-BASE_COLUMNS = ("example_id", "input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob")
+BASE_COLUMNS = ("example_id", "input_ids", "loss_mask")
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
+SAMPLED_COLUMNS = ("sampled_ids", "sampled_weights", "sampled_sizes")
 STATS_COLUMNS = ("teacher_nll", "teacher_entropy", "num_loss_tokens")
 GENERATION_COLUMNS = ("prompt_length", "sample_index")
 
@@ -47,11 +53,14 @@ def make_signals(
     hidden_size: int | None = None,
     hidden_codec: str = "fp16",
     generation: bool = False,
+    sampled_draws: int = 0,
+    proposal_temperature: float = 1.0,
 ) -> dict:
     """The manifest's description of what a cache stores, with shapes, dtypes and codecs."""
     lp = get_codec(logprob_codec)
-    signals: dict = {
-        "topk": {
+    signals: dict = {"stats": {"columns": {c: {"shape": [], "dtype": "int32" if c == "num_loss_tokens" else "float32"} for c in STATS_COLUMNS}}}
+    if top_k:
+        signals["topk"] = {
             "k": top_k,
             "vocab_size": vocab_size,
             "columns": {
@@ -59,9 +68,18 @@ def make_signals(
                 "topk_logprobs": {"shape": ["T-1", top_k], "dtype": str(lp.arrow_type), "codec": lp.name},
                 "tail_logprob": {"shape": ["T-1"], "dtype": "float32", "codec": "plain"},
             },
-        },
-        "stats": {"columns": {c: {"shape": [], "dtype": "int32" if c == "num_loss_tokens" else "float32"} for c in STATS_COLUMNS}},
-    }
+        }
+    if sampled_draws:
+        signals["sampled"] = {
+            "draws": sampled_draws,
+            "proposal_temperature": proposal_temperature,
+            "vocab_size": vocab_size,
+            "columns": {
+                "sampled_ids": {"shape": ["sum(sizes)"], "dtype": "int32", "codec": "plain"},
+                "sampled_weights": {"shape": ["sum(sizes)"], "dtype": str(lp.arrow_type), "codec": lp.name},
+                "sampled_sizes": {"shape": ["T-1"], "dtype": "uint16", "codec": "plain"},
+            },
+        }
     if hidden_layers:
         hc = get_codec(hidden_codec)
         signals["hidden"] = {
@@ -78,14 +96,26 @@ def make_signals(
 
 
 def build_schema(signals: dict) -> pa.Schema:
-    lp = get_codec(signals["topk"]["columns"]["topk_logprobs"]["codec"])
     fields = [
         pa.field("example_id", pa.string(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_logprobs", pa.list_(lp.arrow_type), nullable=False),
-        pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
+    ]
+    if "topk" in signals:
+        lp = get_codec(signals["topk"]["columns"]["topk_logprobs"]["codec"])
+        fields += [
+            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("topk_logprobs", pa.list_(lp.arrow_type), nullable=False),
+            pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
+        ]
+    if "sampled" in signals:
+        w = get_codec(signals["sampled"]["columns"]["sampled_weights"]["codec"])
+        fields += [
+            pa.field("sampled_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("sampled_weights", pa.list_(w.arrow_type), nullable=False),
+            pa.field("sampled_sizes", pa.list_(pa.uint16()), nullable=False),
+        ]
+    fields += [
         pa.field("teacher_nll", pa.float32(), nullable=False),
         pa.field("teacher_entropy", pa.float32(), nullable=False),
         pa.field("num_loss_tokens", pa.int32(), nullable=False),

@@ -88,7 +88,11 @@ class GenerateConfig:
     backend: str = doc("Teacher backend: transformers (any machine) or vllm (needs `pip install kdcache[vllm]`; see README).", "transformers")
     out: str = doc("Cache directory to write (created; resumed if it holds the same settings).", "")
     overwrite: bool = doc("Replace an existing cache at `out` whose settings differ.", False)
-    top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass).", 64)
+    top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass); 0 keeps none (a sampled-only cache).", 64)
+    sampled_tokens: int = doc(
+        "RS-KD: tokens drawn per position from the teacher (with replacement), stored as distinct ids with importance "
+        "weights, an unbiased sparse target (~12 distinct at 50 draws on a confident teacher). 0: off.", 0)
+    proposal_temperature: float = doc("Temperature of the distribution the sampled tokens are drawn from (weights correct for it).", 1.0)
     logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
     hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
     hidden_codec: Literal["fp16", "fp32"] = doc("How hidden states are stored.", "fp16")
@@ -105,8 +109,12 @@ class GenerateConfig:
     vllm: VLLMConfig = doc("vLLM engine settings (backend vllm).", default_factory=VLLMConfig)
 
     def __post_init__(self):
-        if self.top_k < 1:
-            raise ConfigError("top_k must be at least 1")
+        if self.top_k < 0 or self.sampled_tokens < 0:
+            raise ConfigError("top_k and sampled_tokens must be non-negative")
+        if self.top_k == 0 and self.sampled_tokens == 0:
+            raise ConfigError("nothing to store: pass --top-k K and/or --sampled-tokens N")
+        if self.sampled_tokens > 65535 or self.proposal_temperature <= 0:
+            raise ConfigError("sampled_tokens must be at most 65535 and proposal_temperature positive")
         if self.batch_tokens < 2:
             raise ConfigError("batch_tokens must be at least 2")
 

@@ -19,12 +19,14 @@ from tqdm.auto import tqdm
 
 from kdcache.cache import CacheWriter, Manifest, make_signals
 from kdcache.cache.manifest import TOKENIZER_DIR
+from kdcache.cache.schema import SAMPLED_COLUMNS, TOPK_COLUMNS
 from kdcache.config import to_dict
 from kdcache.errors import ConfigError, DataError
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows
 from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_layers
+from kdcache.pipeline.teachers.sampling import SparseSampling
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,10 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
         "scoring": {
             "top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec,
             "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
+            **({"sampled_tokens": cfg.sampled_tokens, "proposal_temperature": cfg.proposal_temperature} if cfg.sampled_tokens else {}),
         },
         "generation": gen if cfg.generation.enabled else {"enabled": False},
-        "seed": cfg.seed if cfg.generation.enabled and cfg.generation.do_sample else None,
+        "seed": cfg.seed if (cfg.generation.enabled and cfg.generation.do_sample) or cfg.sampled_tokens else None,
     }
 
 
@@ -106,7 +109,8 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=limit))
     layers = resolve_layers(cfg.hidden_layers, teacher.num_layers)
     signals = make_signals(
-        cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled
+        cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled,
+        sampled_draws=cfg.sampled_tokens, proposal_temperature=cfg.proposal_temperature,
     )
     # Open the dataset and check its fields before creating anything on disk.
     rows = iter_rows(cfg.data)
@@ -170,12 +174,13 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
                 yield GenerateRequest([p for _, p in fits], seeds, cfg.generation, cfg.data.max_length)
             else:
                 pending.append((batch, [(i, 0) for i, _ in good]))
-                yield ScoreRequest([t.input_ids for _, t in good])
+                yield ScoreRequest([t.input_ids for _, t in good], seeds=[_row_seed(cfg.seed, i) for i, _ in good])
 
     teacher.load()
     bar = tqdm(total=cfg.data.max_rows, initial=start, unit="row", desc="generate", disable=not progress)
     tokens = 0
-    for result in teacher.run(requests(), cfg.top_k, layers):
+    sampling = SparseSampling(cfg.sampled_tokens, cfg.proposal_temperature) if cfg.sampled_tokens else None
+    for result in teacher.run(requests(), cfg.top_k, layers, sampling):
         batch, done = pending.popleft()
         examples = _batch_examples(cfg, batch, done, result, layers)
         for i, item in batch:
@@ -234,9 +239,7 @@ def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: d
         "example_id": example_id,
         "input_ids": input_ids,
         "loss_mask": loss_mask,
-        "topk_ids": s["topk_ids"],
-        "topk_logprobs": s["topk_logprobs"],
-        "tail_logprob": s["tail_logprob"],
+        **{name: s[name] for name in (*TOPK_COLUMNS, *SAMPLED_COLUMNS) if name in s},
         "teacher_nll": float(-s["target_logprob"][m].mean()) if n else float("nan"),
         "teacher_entropy": float(s["entropy"][m].mean()) if n else float("nan"),
         "num_loss_tokens": n,

@@ -29,7 +29,7 @@ class TrainConfig:
     cache: str = doc("Cache directory written by `kdcache generate`.", "")
     out: str = doc("Run directory: checkpoints, final model, metrics.", "")
     student: StudentConfig = doc("The student model.", default_factory=StudentConfig)
-    loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv.", "kd")
+    loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv; rskd (sampled sparse targets).", "kd")
     alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy.", 0.5)
     temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0)
     tail: Literal["bucket", "renormalize"] = doc("Mass outside the cached top-k: one extra bucket, or drop it and renormalise.", "bucket")

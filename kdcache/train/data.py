@@ -11,8 +11,15 @@ import torch
 from kdcache.cache import Cache, ExampleStream, holdout_fraction_filter
 from kdcache.train.losses import Targets
 
-# What training and evaluation read from a cache; hidden states and generation columns stay on disk.
-TRAIN_COLUMNS = ["example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob"]
+# What training and evaluation read from a cache (those it has); hidden states and generation columns stay on disk.
+TRAIN_COLUMNS = [
+    "example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob",
+    "sampled_ids", "sampled_weights", "sampled_sizes",
+]
+
+
+def train_columns(cache: Cache) -> list[str]:
+    return [c for c in TRAIN_COLUMNS if c in cache.columns]
 
 
 @dataclass
@@ -26,7 +33,8 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         t = self.targets
-        moved = Targets(*(x.to(device, non_blocking=True) if x is not None else None for x in (t.labels, t.topk_ids, t.topk_logprobs, t.tail_logprob)))
+        moved = Targets(*(x.to(device, non_blocking=True) if x is not None else None
+                          for x in (t.labels, t.topk_ids, t.topk_logprobs, t.tail_logprob, t.sampled_ids, t.sampled_weights)))
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device), moved, self.num_tokens, self.teacher_nll_sum)
 
 
@@ -52,15 +60,38 @@ def collate(examples: list[dict], pad_id: int = 0) -> Batch:
         topk_ids = torch.from_numpy(gather("topk_ids")).long()
         topk_lp = torch.from_numpy(gather("topk_logprobs")).float()
         tail = torch.from_numpy(gather("tail_logprob")).float()
+    s_ids = s_w = None
+    if "sampled_ids" in examples[0]:
+        s_ids, s_w = _sampled_targets(examples, [ex["loss_mask"] for ex in examples])
     nll = sum(float(ex.get("teacher_nll", 0.0)) * int(ex.get("num_loss_tokens", 0)) for ex in examples)
     return Batch(
         torch.from_numpy(ids),
         torch.from_numpy(attention),
         torch.from_numpy(select),
-        Targets(torch.from_numpy(labels), topk_ids, topk_lp, tail),
+        Targets(torch.from_numpy(labels), topk_ids, topk_lp, tail, s_ids, s_w),
         int(select.sum()),
         nll,
     )
+
+
+def _sampled_targets(examples: list[dict], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length draws per position -> padded [selected positions, max distinct] ids and weights
+    (padding has weight 0, so it adds nothing to the loss or its gradient). Vectorised per batch."""
+    sizes = np.concatenate([ex["sampled_sizes"] for ex in examples]).astype(np.int64)
+    ids = np.concatenate([ex["sampled_ids"] for ex in examples])
+    weights = np.concatenate([ex["sampled_weights"] for ex in examples]).astype(np.float32)
+    keep_pos = np.concatenate(masks)
+    entry_pos = np.repeat(np.arange(len(sizes)), sizes)
+    keep = keep_pos[entry_pos]
+    rank = np.cumsum(keep_pos) - 1  # row of each kept position in the output
+    slot = np.arange(len(ids)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    width = int(sizes[keep_pos].max()) if keep_pos.any() else 1
+    out_ids = np.zeros((int(keep_pos.sum()), max(width, 1)), dtype=np.int64)
+    out_w = np.zeros(out_ids.shape, dtype=np.float32)
+    rows, cols = rank[entry_pos[keep]], slot[keep]
+    out_ids[rows, cols] = ids[keep]
+    out_w[rows, cols] = weights[keep]
+    return torch.from_numpy(out_ids), torch.from_numpy(out_w)
 
 
 def batches(stream: ExampleStream, batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
@@ -82,7 +113,7 @@ def heldout_batches(cache: Cache, fraction: float, max_examples: int, batch_size
     """
     keep = holdout_fraction_filter(fraction) if fraction > 0 else None
     examples: list[dict] = []
-    for ex in cache.stream(columns=TRAIN_COLUMNS, keep=keep):
+    for ex in cache.stream(columns=train_columns(cache), keep=keep):
         examples.append(ex)
         if len(examples) >= max_examples:
             break

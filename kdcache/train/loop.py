@@ -25,7 +25,7 @@ from kdcache.fingerprint import json_hash
 from kdcache.modeling import autocast_for, resolve_device, selected_features
 from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.config import TrainConfig
-from kdcache.train.data import TRAIN_COLUMNS, Batch, batches, heldout_batches
+from kdcache.train.data import Batch, batches, heldout_batches, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.losses import LossSettings, get_loss
 from kdcache.train.student import build_student
@@ -106,7 +106,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     loss_spec = get_loss(cfg.loss)
     missing = [c for c in loss_spec.needs if c not in cache.columns]
     if missing:
-        raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate --top-k K`")
+        flag = "--sampled-tokens N" if missing[0].startswith("sampled_") else "--top-k K"
+        raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate {flag}`")
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
     out, ckpt = _prepare_run_dir(cfg)
@@ -120,7 +121,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     eval_batches = heldout_batches(cache, cfg.eval_fraction, cfg.eval_max_examples, cfg.batch_size, pad_id) if cfg.eval_fraction > 0 else []
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
-    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=TRAIN_COLUMNS, keep=lambda i: not is_heldout(i))
+    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=train_columns(cache), keep=lambda i: not is_heldout(i))
 
     step = 0
     if ckpt is not None:

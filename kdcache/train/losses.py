@@ -32,6 +32,8 @@ class Targets:
     topk_ids: torch.Tensor | None = None  # [N, k] long
     topk_logprobs: torch.Tensor | None = None  # [N, k] float32, temperature 1
     tail_logprob: torch.Tensor | None = None  # [N] float32
+    sampled_ids: torch.Tensor | None = None  # [N, m] long, distinct draws per position (padding: weight 0)
+    sampled_weights: torch.Tensor | None = None  # [N, m] float32 importance weights
 
 
 @dataclass
@@ -212,6 +214,28 @@ def _divergence_loss(name: str) -> LossFn:
 
 for _name, (_fn, _help) in DIVERGENCES.items():
     register_loss(_name, TOPK_SIGNALS, f"alpha * T^2 * {_help} + (1 - alpha) * CE (chunked, autograd over buckets)")(_divergence_loss(_name))
+
+
+SAMPLED_SIGNALS = ("sampled_ids", "sampled_weights", "sampled_sizes")
+
+
+def sampled_kd_loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RS-KD: cross-entropy of the student against the cached importance-weighted draws. In expectation
+    its gradient is that of full-vocabulary KL(teacher || student) at temperature 1."""
+    if targets.sampled_ids is None:
+        raise ConfigError("loss 'rskd' needs the cache's sampled signal; regenerate the cache with `kdcache generate --sampled-tokens N`")
+    if settings.temperature != 1.0:
+        raise ConfigError("loss 'rskd' estimates the temperature-1 teacher; pass --temperature 1 (set the proposal with --set proposal_temperature=... at generate time)")
+    kd_sum = -(targets.sampled_weights * gather_log_probs(logits, targets.sampled_ids)).sum()
+    total, metrics = settings.alpha * kd_sum, {"rskd": kd_sum.detach()}
+    if settings.alpha < 1.0:
+        ce_sum = -gather_log_probs(logits, targets.labels[:, None]).sum()
+        total = total + (1.0 - settings.alpha) * ce_sum
+        metrics["ce"] = ce_sum.detach()
+    return total, metrics
+
+
+register_loss("rskd", SAMPLED_SIGNALS, "alpha * cross-entropy to the cached sampled sparse targets (unbiased KD) + (1 - alpha) * CE")(sampled_kd_loss)
 
 
 def get_loss(name: str) -> LossSpec:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from kdcache.errors import ConfigError
+from kdcache.pipeline.teachers.sampling import SparseSampling
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ScoreRequest:
     """Teacher-force these sequences; the result is one score dict per sequence."""
 
     sequences: list[np.ndarray]
+    seeds: list[int] | None = None  # one per sequence, for sampled targets
 
     @property
     def num_tokens(self) -> int:
@@ -87,8 +89,12 @@ class Teacher(ABC):
         """Bring the weights into memory (slow); called once, after all settings are validated."""
 
     @abstractmethod
-    def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int]) -> list[dict[str, np.ndarray]]:
-        """Teacher-forced distributions for each sequence (see module docstring)."""
+    def score(
+        self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int],
+        sampling: SparseSampling | None = None, seeds: list[int] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Teacher-forced distributions for each sequence (see module docstring); with ``sampling``,
+        also ``sampled_ids``/``sampled_weights``/``sampled_sizes`` drawn with one seed per sequence."""
 
     @abstractmethod
     def generate(self, prompts: list[np.ndarray], cfg: Any, seed: int) -> list[list[np.ndarray]]:
@@ -101,16 +107,18 @@ class Teacher(ABC):
     def close(self) -> None:
         """Release the weights and any engine processes."""
 
-    def run(self, requests: Iterable[Request], top_k: int, hidden_layers: list[int]) -> Iterator[list]:
+    def run(self, requests: Iterable[Request], top_k: int, hidden_layers: list[int], sampling: SparseSampling | None = None) -> Iterator[list]:
         """Results of each request, in order. Synchronous here; engines with their own scheduler
         override this to keep several requests in flight."""
         for req in requests:
             if isinstance(req, ScoreRequest):
-                yield self.score(req.sequences, top_k, hidden_layers) if req.sequences else []
+                yield self.score(req.sequences, top_k, hidden_layers, sampling, req.seeds) if req.sequences else []
             else:
-                yield self.generate_and_score(req, top_k, hidden_layers)
+                yield self.generate_and_score(req, top_k, hidden_layers, sampling)
 
-    def generate_and_score(self, req: GenerateRequest, top_k: int, hidden_layers: list[int]) -> list[list[tuple[np.ndarray, dict]]]:
+    def generate_and_score(
+        self, req: GenerateRequest, top_k: int, hidden_layers: list[int], sampling: SparseSampling | None = None
+    ) -> list[list[tuple[np.ndarray, dict]]]:
         """Continuations, then one teacher-forced pass over prompt + continuation."""
         if not req.prompts:
             return []
@@ -125,7 +133,8 @@ class Teacher(ABC):
             for p, samples in zip(req.prompts, conts)
         ]
         flat = [s for samples in seqs for s in samples]
-        scored = iter(self.score(flat, top_k, hidden_layers) if flat else [])
+        seeds = [seed * 31 + j for seed, samples in zip(req.seeds, seqs) for j in range(len(samples))]
+        scored = iter(self.score(flat, top_k, hidden_layers, sampling, seeds) if flat else [])
         return [[(s, next(scored)) for s in samples] for samples in seqs]
 
 

@@ -18,6 +18,7 @@ from kdcache.errors import ConfigError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
 from kdcache.modeling import resolve_device, selected_features
 from kdcache.pipeline.teachers.base import Teacher, register_backend
+from kdcache.pipeline.teachers.sampling import SparseSampling, sample_sparse, sequence_uniforms, split_by_sequence
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,10 @@ class TransformersTeacher(Teacher):
         return ids, attn, valid, lens
 
     @torch.inference_mode()
-    def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int]) -> list[dict[str, np.ndarray]]:
+    def score(
+        self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int],
+        sampling: SparseSampling | None = None, seeds: list[int] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
         assert self.model is not None, "call load() first"
         ids, attn, valid, lens = self._pad(sequences)
         B = len(sequences)
@@ -161,25 +165,40 @@ class TransformersTeacher(Teacher):
         feats, head, out = selected_features(self.model, ids, attn, valid, output_hidden_states=want_hidden)
         V = self.vocab_size
         k = min(top_k, V)
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprob", "entropy")}
+        u = None
+        if sampling is not None:
+            u = sequence_uniforms(seeds if seeds is not None else [0] * B, (lens - 1).tolist(), sampling.draws, self.device)
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("target_logprob", "entropy")}
         for start in range(0, feats.shape[0], self.logits_chunk_tokens):
             f = feats[start : start + self.logits_chunk_tokens]
             logits = (head(f) if head is not None else f).float()[:, :V]
             logp = torch.log_softmax(logits, dim=-1)
-            values, index = logp.topk(k, dim=-1)
-            if k < V:
-                tail = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1)
-            else:
-                tail = torch.full_like(values[:, 0], float("-inf"))
-            parts["topk_ids"].append(index.int())
-            parts["topk_logprobs"].append(values)
-            parts["tail_logprob"].append(tail)
-            parts["target_logprob"].append(logp.gather(-1, targets[start : start + f.shape[0], None]).squeeze(-1))
-            parts["entropy"].append(-(logp.exp() * logp).nan_to_num().sum(-1))
+            chunk = {
+                "target_logprob": logp.gather(-1, targets[start : start + f.shape[0], None]).squeeze(-1),
+                "entropy": -(logp.exp() * logp).nan_to_num().sum(-1),
+            }
+            if k:
+                values, index = logp.topk(k, dim=-1)
+                if k < V:
+                    tail = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1)
+                else:
+                    tail = torch.full_like(values[:, 0], float("-inf"))
+                chunk.update(topk_ids=index.int(), topk_logprobs=values, tail_logprob=tail)
+            if u is not None:
+                s_ids, s_w, s_n = sample_sparse(logp, u[start : start + f.shape[0]], sampling.temperature)
+                chunk.update(sampled_ids=s_ids.int(), sampled_weights=s_w, sampled_sizes=s_n)
+            for name, value in chunk.items():
+                parts.setdefault(name, []).append(value)
         flat = {n: torch.cat(v).cpu().numpy() for n, v in parts.items()}
-        splits = np.cumsum((lens - 1).numpy())[:-1]
+        positions = (lens - 1).tolist()
+        splits = np.cumsum(positions)[:-1]
+        sampled = {n: flat.pop(n) for n in ("sampled_ids", "sampled_weights", "sampled_sizes") if n in flat}
         per_seq = {n: np.split(v, splits) for n, v in flat.items()}
         results = [{n: per_seq[n][i] for n in per_seq} for i in range(B)]
+        if sampled:
+            triples = split_by_sequence(sampled["sampled_ids"], sampled["sampled_weights"], sampled["sampled_sizes"], positions)
+            for r, (s_ids, s_w, s_n) in zip(results, triples):
+                r.update(sampled_ids=s_ids, sampled_weights=s_w, sampled_sizes=s_n)
         if want_hidden:
             self._add_hidden(results, out.hidden_states, hidden_layers, lens)
         return results

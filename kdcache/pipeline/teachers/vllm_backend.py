@@ -106,6 +106,11 @@ class VLLMTeacher(Teacher):
                 f"backend vllm needs a model folder, not the GGUF file {cfg.teacher}; convert it once with "
                 f"`kdcache convert {cfg.teacher} OUT_DIR` and pass OUT_DIR"
             )
+        if cfg.sampled_tokens or not cfg.top_k:
+            raise ConfigError(
+                "backend vllm returns only the top-k, so it cannot draw sampled targets (--sampled-tokens) nor run "
+                "with --top-k 0; use --backend transformers for RS-KD caches"
+            )
         self.tokenizer = self.hf.tokenizer
         self.engine_cfg = cfg.vllm
         self.top_k = cfg.top_k
@@ -249,8 +254,9 @@ class VLLMTeacher(Teacher):
             ids.append(rid)
         return ids
 
-    def run(self, requests: Iterable[Request], top_k: int, hidden_layers: list[int]) -> Iterator[list]:
+    def run(self, requests: Iterable[Request], top_k: int, hidden_layers: list[int], sampling: Any = None) -> Iterator[list]:
         assert self.llm is not None, "call load() first"
+        assert sampling is None, "refused in __init__"
         assert top_k == self.top_k, "the engine's max_logprobs was set from another k"
         if hidden_layers:
             self._load_hidden()
@@ -312,8 +318,8 @@ class VLLMTeacher(Teacher):
         return per_prompt
 
     # The generic entry points, for callers that use the Teacher API directly.
-    def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int]) -> list[dict[str, np.ndarray]]:
-        return next(self.run([ScoreRequest(sequences)], top_k, hidden_layers))
+    def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int], sampling: Any = None, seeds: Any = None) -> list[dict[str, np.ndarray]]:
+        return next(self.run([ScoreRequest(sequences)], top_k, hidden_layers, sampling))
 
     def generate(self, prompts: list[np.ndarray], cfg: Any, seed: int) -> list[list[np.ndarray]]:
         req = GenerateRequest(prompts, [seed + i for i in range(len(prompts))], cfg, max_length=self.max_model_len)
