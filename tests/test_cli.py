@@ -132,7 +132,7 @@ def test_train_missing_cache(tmp_path):
 
 def test_train_unknown_loss_lists_valid(cli_cache, tmp_path):
     r = invoke("train", "--cache", cli_cache, "--out", tmp_path / "run", "--loss", "kl")
-    assert_user_error(r, "unknown loss 'kl'", "ce, kd")
+    assert_user_error(r, "unknown loss 'kl'", "ce, fkl, jsd, kd, rkl")
     assert not (tmp_path / "run").exists()
 
 

@@ -403,7 +403,7 @@ def test_matching_student_folder_is_accepted(tiny_cache, tmp_path):
 def test_config_refusals(tiny_cache, tmp_path):
     with pytest.raises(ConfigError) as exc:
         train(make_cfg(tiny_cache, tmp_path / "run", loss="nope"), progress=False)
-    assert "'nope'" in str(exc.value) and "ce, kd" in str(exc.value)
+    assert "'nope'" in str(exc.value) and "ce, fkl, jsd, kd, rkl, rskd" in str(exc.value)
     for alpha in (1.5, -0.1):
         with pytest.raises(ConfigError, match="alpha"):
             make_cfg(tiny_cache, tmp_path / "run", alpha=alpha)
