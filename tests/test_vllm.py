@@ -93,7 +93,10 @@ def test_vllm_manifest_records_backend_and_entropy_kind(tiny_pair):
 
 def test_vllm_generation_caches_scored_continuations(tiny_teacher, text_jsonl, tmp_path):
     """One engine pass yields continuations with their top-k; they equal a teacher-forced re-score."""
-    gen = GenerationConfig(enabled=True, max_new_tokens=6, num_samples=2, do_sample=True, temperature=1.0)
+    from conftest import WORDS
+
+    stops = list(WORDS[:12])  # frequent enough that some continuations stop early
+    gen = GenerationConfig(enabled=True, max_new_tokens=6, num_samples=2, do_sample=True, temperature=1.0, stop=stops)
     cfg = _cfg(tiny_teacher, DataConfig(source=str(text_jsonl), max_length=64, max_rows=10), tmp_path / "gen", "vllm", top_k=8, generation=gen, seed=7)
     generate(cfg, progress=False)
     rows = _rows(tmp_path / "gen")
@@ -107,6 +110,15 @@ def test_vllm_generation_caches_scored_continuations(tiny_teacher, text_jsonl, t
         mask = np.asarray(ex["loss_mask"])
         assert not mask[: plen - 1].any() and mask[plen - 1 :].all()
         assert_topk_parity({"topk_ids": s["topk_ids"], "topk_logprobs": s["topk_logprobs"], "tail_logprob": s["tail_logprob"]}, ex, k=8)
+    # Stop strings: a continuation ends at the token that completes one, or runs to max_new_tokens.
+    stopped = 0
+    for ex in rows.values():
+        cont = np.asarray(ex["input_ids"])[ex["prompt_length"] :]
+        texts = [ref.tokenizer.decode(cont[:n]) for n in range(1, len(cont) + 1)]
+        hits = [any(w in t for w in stops) for t in texts]
+        assert not any(hits[:-1]), texts
+        stopped += hits[-1] and len(cont) < 6
+    assert stopped > 0
     # Two samples per prompt, drawn with per-row seeds: they are not all copies of each other.
     by_row: dict[str, list] = {}
     for eid, ex in rows.items():
