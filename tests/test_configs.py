@@ -12,7 +12,7 @@ from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.demo import DemoConfig
 from kdcache.train.config import TrainConfig
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -49,7 +49,7 @@ def test_overrides_parse_types_and_nested_keys():
         build_config(TrainConfig, overrides=["steps"])
     with pytest.raises(ConfigError, match="expected an integer"):
         build_config(TrainConfig, overrides=["steps=many"])
-    with pytest.raises(ConfigError, match="alpha must be in"):
+    with pytest.raises(ConfigError, match="alpha and alpha_end must be in"):
         build_config(TrainConfig, overrides=["alpha=2"])
     with pytest.raises(ConfigError, match="is not one of"):
         build_config(GenerateConfig, overrides=["data.truncation=chop"])

@@ -30,7 +30,9 @@ class TrainConfig:
     out: str = doc("Run directory: checkpoints, final model, metrics.", "")
     student: StudentConfig = doc("The student model.", default_factory=StudentConfig)
     loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv; rskd (sampled sparse targets).", "kd")
-    alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy.", 0.5)
+    alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy (the start value under a schedule).", 0.5)
+    alpha_schedule: Literal["constant", "linear", "cosine"] = doc("How alpha moves from `alpha` (step 0) to `alpha_end` (last step).", "constant")
+    alpha_end: float | None = doc("Final alpha of a linear/cosine schedule (null: stay at alpha).", None)
     temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0)
     tail: Literal["bucket", "renormalize"] = doc("Mass outside the cached top-k: one extra bucket, or drop it and renormalise.", "bucket")
     beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5)
@@ -57,8 +59,10 @@ class TrainConfig:
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.alpha <= 1.0 or (self.alpha_end is not None and not 0.0 <= self.alpha_end <= 1.0):
+            raise ConfigError(f"alpha and alpha_end must be in [0, 1], got {self.alpha} and {self.alpha_end}")
+        if self.alpha_schedule != "constant" and self.alpha_end is None:
+            raise ConfigError(f"alpha_schedule {self.alpha_schedule} needs alpha_end (the value at the last step)")
         if not 0.0 < self.beta < 1.0 or not 0.0 <= self.skew < 1.0:
             raise ConfigError(f"beta must be in (0, 1) and skew in [0, 1), got beta={self.beta}, skew={self.skew}")
         if self.temperature <= 0:

@@ -49,6 +49,20 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def alpha_at(cfg: TrainConfig, step: int) -> float:
+    """KD weight at ``step``: constant, or moving from ``alpha`` to ``alpha_end`` (linear or cosine).
+
+    A schedule lets the hard labels dominate early and the teacher late, or the reverse."""
+    if cfg.loss == "ce":
+        return 0.0
+    if cfg.alpha_schedule == "constant" or cfg.alpha_end is None:
+        return cfg.alpha
+    progress = min(step / max(cfg.steps - 1, 1), 1.0)
+    if cfg.alpha_schedule == "cosine":
+        progress = 0.5 * (1 - math.cos(math.pi * progress))
+    return cfg.alpha + (cfg.alpha_end - cfg.alpha) * progress
+
+
 def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -117,7 +131,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    settings = LossSettings(cfg.temperature, cfg.alpha if cfg.loss != "ce" else 0.0, cfg.tail, beta=cfg.beta, skew=cfg.skew)
+    settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, beta=cfg.beta, skew=cfg.skew)
 
     eval_batches = heldout_batches(cache, cfg.eval_fraction, cfg.eval_max_examples, cfg.batch_size, pad_id) if cfg.eval_fraction > 0 else []
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
@@ -151,6 +165,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 "lower --set eval_fraction=... or generate more rows"
             ) from None
         total_tokens = sum(b.num_tokens for b in micro)
+        settings.alpha = alpha_at(cfg, step)
         for b in micro:
             loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)
             (loss_sum / max(total_tokens, 1)).backward()
@@ -167,7 +182,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
-            row = {"step": step, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_since / elapsed}
+            row = {"step": step, "lr": scheduler.get_last_lr()[0], "alpha": settings.alpha, "tokens_per_s": tokens_since / elapsed}
             row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
             _log_row(metrics_file, row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
