@@ -113,3 +113,22 @@ def test_bad_settings_and_names():
         get_loss("kl-divergence")
     with pytest.raises(ConfigError, match="needs the cache's topk signal"):
         get_loss("rkl").fn(torch.zeros(2, 5), Targets(torch.zeros(2, dtype=torch.long)), LossSettings())
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_virtual_teacher_equals_dense_reference(tau, alpha):
+    _, student, tg = _case(n=9, V=23, seed=6)
+    settings = LossSettings(temperature=tau, alpha=alpha, correct_prob=0.8)
+    z = student.clone().requires_grad_(True)
+    loss, metrics = get_loss("tfkd").fn(z, tg, settings)
+    loss.backward()
+    V = student.shape[1]
+    u = torch.full((9, V), 0.2 / (V - 1), dtype=torch.float64).scatter_(1, tg.labels[:, None], 0.8)
+    zr = student.clone().requires_grad_(True)
+    t = torch.log_softmax(u.log() / tau, -1)
+    s = torch.log_softmax(zr / tau, -1)
+    ref = alpha * (t.exp() * (t - s)).sum() * tau**2 + (1 - alpha) * torch.nn.functional.cross_entropy(zr, tg.labels, reduction="sum")
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-6) and torch.allclose(z.grad, zr.grad, rtol=1e-5, atol=1e-9)
+    assert get_loss("tfkd").needs == ()  # no teacher signal at all

@@ -29,13 +29,14 @@ class TrainConfig:
     cache: str = doc("Cache directory written by `kdcache generate`.", "")
     out: str = doc("Run directory: checkpoints, final model, metrics.", "")
     student: StudentConfig = doc("The student model.", default_factory=StudentConfig)
-    loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv; rskd (sampled sparse targets).", "kd")
+    loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv; rskd (sampled sparse targets); tfkd (teacher-free virtual teacher).", "kd")
     alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy (the start value under a schedule).", 0.5)
     alpha_schedule: Literal["constant", "linear", "cosine"] = doc("How alpha moves from `alpha` (step 0) to `alpha_end` (last step).", "constant")
     alpha_end: float | None = doc("Final alpha of a linear/cosine schedule (null: stay at alpha).", None)
     temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0)
     tail: Literal["bucket", "renormalize"] = doc("Mass outside the cached top-k: one extra bucket, or drop it and renormalise.", "bucket")
     beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5)
+    correct_prob: float = doc("Virtual teacher of loss tfkd: probability on the label (the rest is spread uniformly).", 0.9)
     skew: float = doc("Skew of skl/srkl: the student (skl) or teacher (srkl) is mixed with this much of the other side.", 0.1)
     steps: int = doc("Optimizer steps.", 300)
     batch_size: int = doc("Examples per micro-batch.", 8)
@@ -63,6 +64,8 @@ class TrainConfig:
             raise ConfigError(f"alpha and alpha_end must be in [0, 1], got {self.alpha} and {self.alpha_end}")
         if self.alpha_schedule != "constant" and self.alpha_end is None:
             raise ConfigError(f"alpha_schedule {self.alpha_schedule} needs alpha_end (the value at the last step)")
+        if not 0.0 < self.correct_prob < 1.0:
+            raise ConfigError(f"correct_prob must be in (0, 1), got {self.correct_prob}")
         if not 0.0 < self.beta < 1.0 or not 0.0 <= self.skew < 1.0:
             raise ConfigError(f"beta must be in (0, 1) and skew in [0, 1), got beta={self.beta}, skew={self.skew}")
         if self.temperature <= 0:

@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, beta=cfg.beta, skew=cfg.skew)
+    settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, beta=cfg.beta, skew=cfg.skew, correct_prob=cfg.correct_prob)
 
     eval_batches = heldout_batches(cache, cfg.eval_fraction, cfg.eval_max_examples, cfg.batch_size, pad_id) if cfg.eval_fraction > 0 else []
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)

@@ -14,6 +14,7 @@ on non-top-k entries), which makes a KD step cost about what a cross-entropy ste
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -43,6 +44,7 @@ class LossSettings:
     tail: Literal["bucket", "renormalize"] = "bucket"
     beta: float = 0.5  # generalized JSD mixture weight
     skew: float = 0.1  # skew (reverse) KL mixture weight
+    correct_prob: float = 0.9  # virtual teacher (tfkd): probability on the label
 
 
 def teacher_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +237,37 @@ def sampled_kd_loss(logits: torch.Tensor, targets: Targets, settings: LossSettin
     return total, metrics
 
 
+def virtual_teacher_loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Teacher-free KD with a virtual teacher (Tf-KD, Yuan et al. 2020): the target puts ``correct_prob``
+    on the label and spreads the rest uniformly; alpha * T^2 * KL(virtual_T || student_T) + (1 - alpha) * CE.
+
+    KL(u || s) = sum u log u - a' log s_label - b' sum_{j != label} log s_j, where a', b' are the tempered
+    target's probabilities and sum_j log s_j = sum_j z_j / T - V * lse(z / T): no [N, V] target is built.
+    """
+    tau, a = settings.temperature, settings.correct_prob
+    z, labels = logits, targets.labels[:, None]
+    V = z.shape[-1]
+    # The virtual teacher at temperature tau: softmax of log-probabilities (log a, log((1-a)/(V-1))) / tau.
+    la, lb = math.log(a) / tau, math.log((1.0 - a) / (V - 1)) / tau
+    norm = math.log(math.exp(la) + (V - 1) * math.exp(lb))
+    pa, pb = math.exp(la - norm), math.exp(lb - norm)
+    neg_entropy = pa * math.log(pa) + (V - 1) * pb * math.log(pb)
+    log_s_label = gather_log_probs(z, labels, tau)[:, 0]
+    dt = log_s_label.dtype  # fp32, or fp64 for fp64 logits
+    lse = z.gather(1, labels)[:, 0].to(dt) / tau - log_s_label
+    sum_log_s = z.to(dt).sum(-1) / tau - V * lse
+    kl = neg_entropy - pa * log_s_label - pb * (sum_log_s - log_s_label)
+    kd_sum = kl.sum() * tau**2
+    total, metrics = settings.alpha * kd_sum, {"tfkd": kd_sum.detach()}
+    if settings.alpha < 1.0:
+        ce_sum = -(log_s_label if tau == 1.0 else gather_log_probs(z, labels)[:, 0]).sum()
+        total = total + (1.0 - settings.alpha) * ce_sum
+        metrics["ce"] = ce_sum.detach()
+    return total, metrics
+
+
+register_loss("tfkd", (), "teacher-free: alpha * T^2 * KL(virtual teacher || student) + (1 - alpha) * CE; the virtual "
+              "teacher puts correct_prob on the label, the rest uniform (Tf-KD)")(virtual_teacher_loss)
 register_loss("rskd", SAMPLED_SIGNALS, "alpha * cross-entropy to the cached sampled sparse targets (unbiased KD) + (1 - alpha) * CE")(sampled_kd_loss)
 
 
