@@ -193,6 +193,25 @@ def demo(config_path, out, steps, max_rows, overrides, quiet) -> None:
 
 
 @main.command()
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--weights", required=True, help="Comma-separated weight per cache, e.g. 0.7,0.3 (normalised to sum 1).")
+@click.option("--out", required=True, help="Directory of the combined cache.")
+@click.option("--top-k", type=int, help="Tokens kept per position (default: the largest source k).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache with other settings.")
+def combine(caches, weights, out, top_k, overwrite) -> None:
+    """Ensemble target from several teachers' caches (same tokenizer and examples), no teacher loaded."""
+    from kdcache.cache.combine import combine_caches
+
+    try:
+        w = [float(x) for x in weights.split(",")]
+    except ValueError:
+        click.echo(f"error: --weights must be comma-separated numbers, got {weights!r}", err=True)
+        sys.exit(2)
+    m = _run(combine_caches, list(caches), w, out, top_k=top_k, overwrite=overwrite)
+    click.echo(f"cache {out}: {m.num_rows:,} rows, mixture of {len(caches)} teachers, top-{m.top_k}")
+
+
+@main.command()
 @click.argument("src")
 @click.argument("out")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Weights dtype to save.")
