@@ -29,7 +29,7 @@ def caches(tmp_path_factory):
 def test_recipe_runs_end_to_end(recipe, tiny_teacher, text_jsonl, tmp_path_factory, caches):
     data = yaml.safe_load(recipe.read_text())
     gen = build_config(GenerateConfig, recipe, {"teacher": str(tiny_teacher), "data.source": str(text_jsonl), "data.max_length": 48,
-                                                "data.max_rows": 40, "out": "pending"}, section="generate")
+                                                "data.max_rows": 40, "generation.max_new_tokens": 4, "out": "pending"}, section="generate")
     key = json.dumps({k: v for k, v in to_dict(gen).items() if k != "out"}, sort_keys=True)
     if key not in caches:  # recipes with the same generate settings share a cache, as users would
         gen.out = str(tmp_path_factory.mktemp("recipe_cache") / "cache")
@@ -44,6 +44,13 @@ def test_recipe_runs_end_to_end(recipe, tiny_teacher, text_jsonl, tmp_path_facto
     metric = {"kd": "kd"}.get(cfg.loss, cfg.loss)
     assert all(math.isfinite(r[metric]) for r in rows if "loss" in r), f"{recipe.stem}: no {metric} metric"
     assert data["train"]["loss"] == cfg.loss
+    if gen.generation.enabled:  # sequence-level / response-based: trained on teacher continuations, loss on them only
+        from kdcache.cache import open_cache
+
+        for ex in open_cache(caches[key]).stream():
+            assert "#g" in ex["example_id"]
+            mask = ex["loss_mask"]
+            assert not mask[: ex["prompt_length"] - 1].any() and mask[ex["prompt_length"] - 1 :].all()
 
 
 def test_alpha_schedule_moves_from_start_to_end():
