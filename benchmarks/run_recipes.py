@@ -26,7 +26,8 @@ from kdcache.pipeline.generate import generate
 from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train
 
-METHOD_KEYS = ("loss", "alpha", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew")
+METHOD_KEYS = ("loss", "alpha", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
+               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k")
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
 

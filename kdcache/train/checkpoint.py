@@ -46,12 +46,14 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically; a failure (e.g. a full disk) leaves the previous one in place."""
+def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer, scheduler, trainer_state: dict, keep: int,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoints/step-N`` atomically; a failure (e.g. a full disk) leaves the previous one in place.
+    ``extra_tensors`` (e.g. a pseudo-teacher's weights) come back from :func:`load_checkpoint`."""
     ckpt_root = run_dir / "checkpoints"
     tmp = ckpt_root / f".step-{step:07d}.tmp"
     try:
-        return _save(ckpt_root, tmp, step, model, tokenizer, optimizer, scheduler, trainer_state, keep)
+        return _save(ckpt_root, tmp, step, model, tokenizer, optimizer, scheduler, trainer_state, keep, extra_tensors or {})
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_space_error(exc):
@@ -62,13 +64,15 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimi
         raise KDCacheError(f"cannot write checkpoint in {ckpt_root}: {exc}") from None
 
 
-def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
+def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict, keep: int,
+          extra_tensors: dict[str, torch.Tensor]) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
     tensors, optim_meta = _optimizer_tensors(optimizer)
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -120,4 +124,5 @@ def load_checkpoint(path: Path, model: Any, optimizer, scheduler, device: torch.
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
+    state["extra_tensors"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return state

@@ -6,6 +6,7 @@ steps, logs, evaluates and checkpoints. Components live in their own modules.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch, batches, heldout_batches, train_columns
 from kdcache.train.evaluate import evaluate
-from kdcache.train.losses import LossSettings, get_loss
+from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss
+from kdcache.train.pseudo_teachers import build_pseudo_teacher
 from kdcache.train.student import build_student
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if cache.manifest.status != "complete":
         log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
     loss_spec = get_loss(cfg.loss)
-    missing = [c for c in loss_spec.needs if c not in cache.columns]
+    if cfg.pseudo_teacher != "none" and loss_spec.needs != TOPK_SIGNALS:
+        raise ConfigError(f"pseudo_teacher {cfg.pseudo_teacher} produces top-k targets; pair it with a divergence loss "
+                          f"(kd, fkl, rkl, jsd, skl, srkl, tv), not {cfg.loss!r}")
+    needs = () if cfg.pseudo_teacher != "none" else loss_spec.needs  # the pseudo-teacher supplies the top-k
+    missing = [c for c in needs if c not in cache.columns]
     if missing:
         flag = "--sampled-tokens N" if missing[0].startswith("sampled_") else "--top-k K"
         raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate {flag}`")
@@ -129,6 +135,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     model, tokenizer = build_student(cfg.student, cache, seed=cfg.seed)
     model.to(device).train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pseudo = build_pseudo_teacher(cfg, model)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, beta=cfg.beta, skew=cfg.skew, correct_prob=cfg.correct_prob)
@@ -140,6 +147,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     step = 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        if pseudo is not None:
+            pseudo.load_state_tensors(state["extra_tensors"])
         stream.load_state_dict(state["data"])
         step = state["step"]
         _truncate_metrics(out / "metrics.jsonl", step)
@@ -148,7 +157,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     def checkpoint(at: int) -> None:
         save_checkpoint(out, at, model, tokenizer, optimizer, scheduler,
-                        {"data": stream.state_dict(), "config_hash": json_hash(to_dict(cfg))}, cfg.keep_checkpoints)
+                        {"data": stream.state_dict(), "config_hash": json_hash(to_dict(cfg))}, cfg.keep_checkpoints,
+                        extra_tensors=pseudo.state_tensors() if pseudo is not None else None)
 
     metrics_file = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress)
@@ -167,6 +177,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         total_tokens = sum(b.num_tokens for b in micro)
         settings.alpha = alpha_at(cfg, step)
         for b in micro:
+            if pseudo is not None:  # targets from the student itself, computed before it reads the batch
+                b = dataclasses.replace(pseudo.student_batch(b, step), targets=pseudo.targets(model, b, autocast))
             loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)
             (loss_sum / max(total_tokens, 1)).backward()
             for key, value in {**parts, "loss": loss_sum.detach()}.items():
@@ -174,6 +186,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if pseudo is not None:
+            pseudo.after_step(model)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -1,0 +1,75 @@
+"""Pseudo-teachers built from the student: cache-shaped targets, the EMA update and its exact resume,
+augmentation that corrupts only the student's input, and refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import assert_same_weights, final_weights, make_cfg, train_rows, without_timing
+
+from kdcache.cache import open_cache
+from kdcache.errors import ConfigError
+from kdcache.train import train
+from kdcache.train.data import batches, train_columns
+from kdcache.train.pseudo_teachers import AugmentTeacher, EMATeacher, topk_targets
+from kdcache.train.student import build_student
+
+
+def test_topk_targets_match_a_cache_row():
+    logits = torch.randn(6, 20, dtype=torch.float64)
+    t = topk_targets(logits, torch.zeros(6, dtype=torch.long), 5)
+    logp = torch.log_softmax(logits, -1)
+    vals, ids = logp.topk(5, -1)
+    assert torch.equal(t.topk_ids, ids) and torch.allclose(t.topk_logprobs, vals.float())
+    assert torch.allclose(t.tail_logprob.exp() + t.topk_logprobs.exp().sum(-1), torch.ones(6), atol=1e-6)
+    full = topk_targets(logits, torch.zeros(6, dtype=torch.long), 20)
+    assert torch.isneginf(full.tail_logprob).all()
+
+
+def test_ema_update_and_augmentation(tiny_cache):
+    cfg = make_cfg(tiny_cache, "unused", pseudo_teacher="ema", ema_decay=0.9, augment_prob=0.3)
+    model, _ = build_student(cfg.student, open_cache(tiny_cache), seed=0)
+    ema = EMATeacher(cfg, model)
+    before = [p.detach().clone() for p in ema.ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.after_step(model)
+    for e, b, p in zip(ema.ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.9 * b + 0.1 * p)
+    batch = next(batches(open_cache(tiny_cache).stream(columns=train_columns(open_cache(tiny_cache))), 8))
+    aug = AugmentTeacher(cfg, model)
+    a, b = aug.student_batch(batch, step=3), aug.student_batch(batch, step=3)
+    assert torch.equal(a.input_ids, b.input_ids)  # drawn from (seed, step): a resumed run draws the same
+    changed = (a.input_ids != batch.input_ids) & batch.attention_mask.bool()
+    assert 0.1 < changed.sum().item() / batch.attention_mask.sum().item() < 0.4
+    assert not changed[:, 0].any() and torch.equal(a.targets.labels, batch.targets.labels)
+    assert torch.equal(a.input_ids[~batch.attention_mask.bool()], batch.input_ids[~batch.attention_mask.bool()])
+
+
+@pytest.mark.parametrize("kind", ["ema", "augment"])
+def test_pseudo_teacher_trains_and_resumes_exactly(kind, tiny_cache, tmp_path):
+    common = dict(steps=6, save_every=3, loss="jsd", alpha=0.5, min_lr_ratio=1.0, warmup_steps=4, pseudo_teacher=kind, ema_decay=0.5)
+    a, b = tmp_path / "a", tmp_path / "b"
+    final_a = train(make_cfg(tiny_cache, a, **common), progress=False)
+    train(make_cfg(tiny_cache, b, **{**common, "steps": 3}), progress=False)
+    final_b = train(make_cfg(tiny_cache, b, **common, resume=True), progress=False)
+    assert_same_weights(final_weights(a), final_weights(b))
+    assert [without_timing(r) for r in train_rows(a)[3:]] == [without_timing(r) for r in train_rows(b)[3:]]
+    assert final_a == final_b and math.isfinite(final_a["eval_ppl"])
+    if kind == "ema":  # the average travels with the checkpoint
+        state = load_file(str(a / "checkpoints" / "step-0000006" / "trainer_state.safetensors"))
+        assert any(k.startswith("extra.ema.") for k in state)
+    # The pseudo-teacher's targets differ from the student's predictions (for ema from step 2 on: at step 1
+    # the average still equals the student).
+    assert all(r["jsd"] > 0 for r in train_rows(a)[1 if kind == "ema" else 0 :])
+
+
+def test_pseudo_teacher_needs_a_divergence_loss(tiny_cache, tmp_path):
+    with pytest.raises(ConfigError, match="pair it with a divergence loss"):
+        train(make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="ema", loss="ce"), progress=False)
+    with pytest.raises(ConfigError, match="ema_decay must be in"):
+        make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="ema", ema_decay=1.5)
