@@ -27,7 +27,7 @@ from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train
 
 METHOD_KEYS = ("loss", "alpha", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
-               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k")
+               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers")
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
 

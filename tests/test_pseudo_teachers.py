@@ -73,3 +73,28 @@ def test_pseudo_teacher_needs_a_divergence_loss(tiny_cache, tmp_path):
         train(make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="ema", loss="ce"), progress=False)
     with pytest.raises(ConfigError, match="ema_decay must be in"):
         make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="ema", ema_decay=1.5)
+
+
+def test_peers_train_together_from_one_read_and_resume_exactly(tiny_cache, tmp_path, monkeypatch):
+    from kdcache.cache.reader import Cache
+
+    reads = []
+    original = Cache.read_block
+    monkeypatch.setattr(Cache, "read_block", lambda self, g, columns=None: reads.append(g) or original(self, g, columns))
+    common = dict(steps=6, save_every=3, loss="kd", alpha=0.5, min_lr_ratio=1.0, warmup_steps=4, pseudo_teacher="peers", num_peers=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(make_cfg(tiny_cache, tmp_path / "solo", steps=6, loss="kd"), progress=False)
+    single_reads, reads[:] = list(reads), []
+    final_a = train(make_cfg(tiny_cache, a, **common), progress=False)
+    assert reads == single_reads  # three students, the same cache reads as one
+    train(make_cfg(tiny_cache, b, **{**common, "steps": 3}), progress=False)
+    final_b = train(make_cfg(tiny_cache, b, **common, resume=True), progress=False)
+    assert_same_weights(final_weights(a), final_weights(b))
+    sa = load_file(str(a / "checkpoints" / "step-0000006" / "trainer_state.safetensors"))
+    sb = load_file(str(b / "checkpoints" / "step-0000006" / "trainer_state.safetensors"))
+    peers = [k for k in sa if k.startswith("extra.peer1.w.")]
+    assert peers and all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("extra.peer"))
+    assert final_a == final_b
+    # Peers start from other weights: peer 1 is not a copy of the student.
+    key = next(k for k in peers if "layers.0." in k)
+    assert not torch.equal(sa[key], final_weights(a)[key.split(".w.", 1)[1]])

@@ -2,7 +2,7 @@
 
 A pseudo-teacher produces, at training time, the same kind of targets a cache holds (top-k
 log-probabilities plus the tail mass, at the positions that count), so every divergence loss works
-with it unchanged and the cache only has to hold tokens. Two are built in:
+with it unchanged and the cache only has to hold tokens. Built in:
 
 - ``ema``: an exponential moving average of the student's weights (mean teacher / self-distillation);
   its predictions are smoother than the student's and improve as it does. Its weights go into every
@@ -10,6 +10,8 @@ with it unchanged and the cache only has to hold tokens. Two are built in:
 - ``augment``: the student's own predictions on the clean tokens teach the student reading a corrupted
   copy (each input token replaced by a random one with probability ``augment_prob``): augmentation
   consistency. The corruption is drawn from (seed, step), so a resumed run draws the same.
+- ``peers``: online / collaborative distillation, several students trained together from one data pass,
+  each taught by the pooled prediction of the others (:class:`PeerTeacher`).
 
 Add one by subclassing :class:`PseudoTeacher` and registering it in ``PSEUDO_TEACHERS``.
 """
@@ -116,7 +118,87 @@ class AugmentTeacher(PseudoTeacher):
             model.train(was_training)
 
 
-PSEUDO_TEACHERS: dict[str, Callable[[Any, Any], PseudoTeacher]] = {"ema": EMATeacher, "augment": AugmentTeacher}
+class PeerTeacher(PseudoTeacher):
+    """Online / collaborative distillation: ``num_peers - 1`` more students of the same architecture (other
+    initial weights) train beside the run's student on the same batch, so one read of the cache feeds all
+    of them. Each learns from the pooled prediction (mean probability) of all the others with the run's
+    loss; the run's student is the one saved in ``final/``. Peers' weights, optimizer moments and
+    schedule position travel in every checkpoint, so resuming is exact."""
+
+    def __init__(self, cfg: Any, model: Any):
+        super().__init__(cfg, model)
+        from kdcache.train.loop import build_optimizer, lr_lambda  # the run's own recipe for each peer
+        from kdcache.train.losses import LossSettings, get_loss
+
+        if cfg.grad_accum != 1:
+            raise ConfigError("pseudo_teacher peers steps each peer once per batch; use grad_accum 1")
+        device = next(model.parameters()).device
+        self.peers, self.optimizers, self.schedulers = [], [], []
+        for i in range(1, cfg.num_peers):
+            torch.manual_seed(cfg.seed + 7919 * i)
+            peer = type(model)(model.config).to(device).train()
+            opt = build_optimizer(peer, cfg)
+            self.peers.append(peer)
+            self.optimizers.append(opt)
+            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self.loss_fn = get_loss(cfg.loss).fn
+        self.settings = LossSettings(cfg.temperature, cfg.alpha, cfg.tail, beta=cfg.beta, skew=cfg.skew)
+        self.last_loss = 0.0
+
+    def _pooled(self, logps: list[torch.Tensor], labels: torch.Tensor) -> Targets:
+        pooled = torch.logsumexp(torch.stack(logps), dim=0) - torch.log(torch.tensor(float(len(logps))))
+        return topk_targets(pooled, labels, self.cfg.pseudo_top_k)
+
+    def targets(self, model: Any, batch: Batch, autocast) -> Targets:
+        labels = batch.targets.labels
+        main = torch.log_softmax(_logits(model, batch, autocast), dim=-1)
+        peer_logits = []
+        for peer in self.peers:
+            with autocast():
+                feats, head, _ = selected_features(peer, batch.input_ids, batch.attention_mask, batch.select)
+                peer_logits.append(head(feats) if head is not None else feats)
+        peer_logp = [torch.log_softmax(z.detach().float(), dim=-1) for z in peer_logits]
+        everyone = [main, *peer_logp]
+        for j, z in enumerate(peer_logits):
+            others = [lp for i, lp in enumerate(everyone) if i != j + 1]
+            loss, _ = self.loss_fn(z, self._pooled(others, labels), self.settings)
+            (loss / max(batch.num_tokens, 1)).backward()
+            self.last_loss = float(loss.detach()) / max(batch.num_tokens, 1)
+        return self._pooled(peer_logp, labels)
+
+    def after_step(self, model: Any) -> None:
+        for peer, opt, sched in zip(self.peers, self.optimizers, self.schedulers):
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(peer.parameters(), self.cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, (peer, opt, sched) in enumerate(zip(self.peers, self.optimizers, self.schedulers)):
+            out.update({f"peer{i}.w.{k}": v.detach().cpu().clone() for k, v in peer.state_dict().items()})
+            for pid, st in opt.state_dict()["state"].items():
+                out.update({f"peer{i}.opt.{pid}.{k}": v.detach().cpu().clone() for k, v in st.items()})
+            out[f"peer{i}.sched"] = torch.tensor(sched.last_epoch)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, (peer, opt, sched) in enumerate(zip(self.peers, self.optimizers, self.schedulers)):
+            device = next(peer.parameters()).device
+            peer.load_state_dict({k.split(".w.", 1)[1]: v for k, v in tensors.items() if k.startswith(f"peer{i}.w.")})
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():
+                if k.startswith(f"peer{i}.opt."):
+                    pid, name = k[len(f"peer{i}.opt."):].split(".", 1)
+                    state.setdefault(int(pid), {})[name] = v if v.dim() == 0 else v.to(device)
+            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+            sched.last_epoch = int(tensors[f"peer{i}.sched"])
+            for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * fn(sched.last_epoch)
+
+
+PSEUDO_TEACHERS: dict[str, Callable[[Any, Any], PseudoTeacher]] = {"ema": EMATeacher, "augment": AugmentTeacher, "peers": PeerTeacher}
 
 
 def build_pseudo_teacher(cfg: Any, model: Any) -> PseudoTeacher | None:
