@@ -40,6 +40,16 @@ def _section(path: str | None, name: str) -> str | None:
     return name if name in load_yaml(path) else None
 
 
+def _config_path(config_path: str | None, recipe: str | None) -> str | None:
+    if recipe is None:
+        return config_path
+    if config_path is not None:
+        raise KDCacheError("pass either --config or --recipe, not both")
+    from kdcache.pipeline.recipes import recipe_path
+
+    return str(recipe_path(recipe))
+
+
 # Flag names that differ from their config key.
 _FLAG_KEYS = {
     "source": "data.source", "fmt": "data.format", "field": "data.field", "split": "data.split",
@@ -82,6 +92,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config (a `generate:` section is used if present).")
+@click.option("--recipe", help="A recipe from configs/recipes by name (`kdcache recipes` lists them); instead of --config.")
 @click.option("--teacher", help="Model folder, .gguf file or hub id.")
 @click.option("--backend", help="Teacher backend: transformers or vllm (engine settings: --set vllm.FIELD=...).")
 @click.option("--dataset", "source", help="Local data file/folder, hub dataset, or embedded:stdlib-docs.")
@@ -104,7 +115,7 @@ def main(verbose: bool) -> None:
 @click.option("--num-samples", type=int, help="Continuations per prompt.")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(config_path, hidden_layers, overrides, quiet, **flags) -> None:
+def generate(config_path, recipe, hidden_layers, overrides, quiet, **flags) -> None:
     """Run the teacher once over a dataset and write a cache (re-running resumes)."""
     from kdcache.pipeline.config import GenerateConfig
     from kdcache.pipeline.generate import generate as run
@@ -112,7 +123,8 @@ def generate(config_path, hidden_layers, overrides, quiet, **flags) -> None:
     values = _flag_values(flags)
     if hidden_layers is not None:
         values["hidden_layers"] = [int(x) for x in hidden_layers.split(",") if x.strip()]
-    cfg = _run(build_config, GenerateConfig, config_path, values, list(overrides), section=_section(config_path, "generate"))
+    config_path = _run(_config_path, config_path, recipe)
+    cfg = _run(lambda: build_config(GenerateConfig, config_path, values, list(overrides), section=_section(config_path, "generate")))
     manifest = _run(run, cfg, progress=not quiet)
     click.echo(f"cache {cfg.out}: {manifest.num_rows:,} rows, {manifest.num_tokens:,} tokens, "
                f"{manifest.num_bytes / max(manifest.num_tokens, 1):.1f} B/token ({manifest.status})")
@@ -120,6 +132,7 @@ def generate(config_path, hidden_layers, overrides, quiet, **flags) -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config (a `train:` section is used if present).")
+@click.option("--recipe", help="A recipe from configs/recipes by name (`kdcache recipes` lists them); instead of --config.")
 @click.option("--cache", help="Cache directory.")
 @click.option("--student", "student_path", help="Student folder or hub id (default: build from student.* spec).")
 @click.option("--loss", help="Loss name: ce, kd.")
@@ -134,13 +147,14 @@ def generate(config_path, hidden_layers, overrides, quiet, **flags) -> None:
 @click.option("--device", help="auto, cpu, cuda, cuda:N.")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(config_path, overrides, quiet, **flags) -> None:
+def train(config_path, recipe, overrides, quiet, **flags) -> None:
     """Distil a student from a cache, without loading the teacher (re-running resumes)."""
     from kdcache.train.config import TrainConfig
     from kdcache.train.loop import train as run
 
     values = _flag_values(flags)
-    cfg = _run(build_config, TrainConfig, config_path, values, list(overrides), section=_section(config_path, "train"))
+    config_path = _run(_config_path, config_path, recipe)
+    cfg = _run(lambda: build_config(TrainConfig, config_path, values, list(overrides), section=_section(config_path, "train")))
     metrics = _run(run, cfg, progress=not quiet)
     click.echo(json.dumps(metrics, indent=2))
 
@@ -221,6 +235,15 @@ def convert(src, out, dtype, overwrite) -> None:
     from kdcache.pipeline.convert import convert_model
 
     click.echo(f"wrote {_run(convert_model, src, out, dtype=dtype, overwrite=overwrite)}")
+
+
+@main.command()
+def recipes() -> None:
+    """List the recipes (configs/recipes) usable with --recipe NAME."""
+    from kdcache.pipeline.recipes import list_recipes
+
+    for name, what in list_recipes().items():
+        click.echo(f"{name:28s} {what}")
 
 
 @main.command()
