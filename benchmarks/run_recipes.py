@@ -3,7 +3,7 @@
 One teacher pass (the demo's: SmolLM2-135M-Instruct over 300 stdlib docstrings, 128 tokens) writes a
 cache with both signals the recipes read (top-64 + tail, and RS-KD draws); each student then trains with
 the demo's settings (steps, student, data order, init, eval split) and the recipe's method keys (loss,
-alpha and its schedule, temperature, tail, beta, skew). Bytes per token are reported per signal from
+alpha and its schedule, temperature, tail, beta, skew, pseudo-teacher settings, student dropout). Bytes per token are reported per signal from
 the Parquet column sizes, so the RS-KD figure is what a sampled-only cache would hold.
 
     python benchmarks/run_recipes.py [--work runs/recipes] [--steps 200]
@@ -27,7 +27,7 @@ from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train
 
 METHOD_KEYS = ("loss", "alpha", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
-               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers")
+               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight")
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     docs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}
     skipped = [n for n, d in docs.items() if "ensemble" in d]  # one real teacher here; the mixture is tested in tests/test_combine.py
     recipes = [("ce-only", {"loss": "ce"})] + [
-        (n, {k: v for k, v in d["train"].items() if k in METHOD_KEYS}) for n, d in docs.items() if n not in skipped
+        (n, {k: v for k, v in d["train"].items() if k in METHOD_KEYS or k == "student"}) for n, d in docs.items() if n not in skipped
     ]
     if skipped:
         print(f"skipped (need several teachers): {', '.join(skipped)}", flush=True)
@@ -77,7 +77,9 @@ def main() -> None:
     for name, method in recipes:
         if names and name not in names:
             continue
-        tcfg = dataclasses.replace(demo.train, cache=gen.out, out=str(work / name), **method, **({"steps": args.steps} if args.steps else {}))
+        student = dataclasses.replace(demo.train.student, **method.get("student", {}))  # e.g. dropout for the dropout teacher
+        keys = {k: v for k, v in method.items() if k != "student"}
+        tcfg = dataclasses.replace(demo.train, cache=gen.out, out=str(work / name), student=student, **keys, **({"steps": args.steps} if args.steps else {}))
         t0 = time.perf_counter()
         final = train(tcfg, progress=False)
         results[name] = {"eval_ppl": final["eval_ppl"], "eval_top1_agreement": final.get("eval_top1_agreement"),

@@ -98,3 +98,38 @@ def test_peers_train_together_from_one_read_and_resume_exactly(tiny_cache, tmp_p
     # Peers start from other weights: peer 1 is not a copy of the student.
     key = next(k for k in peers if "layers.0." in k)
     assert not torch.equal(sa[key], final_weights(a)[key.split(".w.", 1)[1]])
+
+
+def test_dropout_teacher_needs_dropout_and_resumes_exactly(tiny_cache, tmp_path):
+    from test_train import STUDENT
+
+    from kdcache.train import StudentConfig
+
+    with pytest.raises(ConfigError, match="student.attention_dropout=0.1"):
+        train(make_cfg(tiny_cache, tmp_path / "x", pseudo_teacher="dropout", loss="kd"), progress=False)
+    student = StudentConfig(**{**STUDENT, "attention_dropout": 0.3})
+    common = dict(steps=4, save_every=2, loss="kd", alpha=0.5, min_lr_ratio=1.0, warmup_steps=3, pseudo_teacher="dropout", student=student)
+    a, b = tmp_path / "a", tmp_path / "b"
+    final_a = train(make_cfg(tiny_cache, a, **common), progress=False)
+    train(make_cfg(tiny_cache, b, **{**common, "steps": 2}), progress=False)
+    final_b = train(make_cfg(tiny_cache, b, **common, resume=True), progress=False)
+    assert_same_weights(final_weights(a), final_weights(b)) and final_a == final_b
+    # Two dropout masks disagree: the KD term is not zero even at step 1, when teacher and student share weights.
+    assert all(r["kd"] > 0 for r in train_rows(a))
+
+
+def test_peers_can_mix_in_the_cached_teacher(tiny_cache, tmp_path):
+    from kdcache.train.pseudo_teachers import PeerTeacher
+
+    cfg = make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="peers", peer_teacher_weight=1.0, loss="kd")
+    cache = open_cache(tiny_cache)
+    model, _ = build_student(cfg.student, cache, seed=0)
+    peers = PeerTeacher(cfg, model)
+    batch = next(batches(cache.stream(columns=train_columns(cache)), 4))
+    t = peers.targets(model, batch, lambda: torch.autocast("cpu", enabled=False))
+    k = batch.targets.topk_ids.shape[1]
+    # weight 1: the target is the cached teacher (its top-k first, then the evenly spread tail)
+    assert torch.equal(t.topk_ids[:, :k].sort(-1).values, batch.targets.topk_ids.sort(-1).values)
+    assert torch.allclose(t.topk_logprobs[:, :k], batch.targets.topk_logprobs.float(), atol=1e-3)  # fp16 cache, renormalised
+    final = train(make_cfg(tiny_cache, tmp_path / "mix", steps=3, pseudo_teacher="peers", peer_teacher_weight=0.5, loss="jsd"), progress=False)
+    assert math.isfinite(final["eval_ppl"])

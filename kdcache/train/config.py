@@ -22,6 +22,7 @@ class StudentConfig:
     tie_embeddings: bool = doc("Spec: share input and output embeddings.", True)
     tokenizer: str = doc("Spec: tokenizer folder; empty uses the copy stored in the cache.", "")
     trust_remote_code: bool = doc("Allow model code from the student folder/hub.", False)
+    attention_dropout: float = doc("Spec: dropout on attention probabilities (the dropout pseudo-teacher needs it > 0).", 0.0)
 
 
 @dataclass
@@ -36,11 +37,15 @@ class TrainConfig:
     temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0)
     tail: Literal["bucket", "renormalize"] = doc("Mass outside the cached top-k: one extra bucket, or drop it and renormalise.", "bucket")
     beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5)
-    pseudo_teacher: Literal["none", "ema", "augment", "peers"] = doc(
+    pseudo_teacher: Literal["none", "ema", "augment", "dropout", "peers"] = doc(
         "Teacher-free targets from the student itself: ema (a moving average of its weights), augment (its own "
-        "predictions on clean tokens teach it on corrupted ones), peers (num_peers students trained together, each "
+        "predictions on clean tokens teach it on corrupted ones), dropout (its own predictions under another "
+        "dropout mask; needs student.attention_dropout > 0), peers (num_peers students trained together, each "
         "taught by the pooled prediction of the others). Replaces the cache's top-k; any divergence loss.", "none")
     num_peers: int = doc("pseudo_teacher peers: students trained together (the run's student included).", 2)
+    peer_teacher_weight: float = doc(
+        "pseudo_teacher peers: weight of the cached teacher in each student's target (0: peers only; >0 mixes the "
+        "cache's top-k, its tail spread evenly over the other tokens, with the peers' pooled prediction).", 0.0)
     ema_decay: float = doc("pseudo_teacher ema: weight of the old average per step.", 0.99)
     augment_prob: float = doc("pseudo_teacher augment: probability of replacing each input token with a random one.", 0.1)
     pseudo_top_k: int = doc("Top-k kept from a pseudo-teacher's predictions (plus the tail mass), as in a cache.", 64)
@@ -72,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"alpha and alpha_end must be in [0, 1], got {self.alpha} and {self.alpha_end}")
         if self.alpha_schedule != "constant" and self.alpha_end is None:
             raise ConfigError(f"alpha_schedule {self.alpha_schedule} needs alpha_end (the value at the last step)")
+        if not 0.0 <= self.peer_teacher_weight <= 1.0 or not 0.0 <= self.student.attention_dropout < 1.0:
+            raise ConfigError("peer_teacher_weight must be in [0, 1] and student.attention_dropout in [0, 1)")
         if self.num_peers < 2:
             raise ConfigError(f"num_peers must be at least 2 (the run's student and one peer), got {self.num_peers}")
         if not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.augment_prob < 1.0 or self.pseudo_top_k < 1:

@@ -10,8 +10,10 @@ with it unchanged and the cache only has to hold tokens. Built in:
 - ``augment``: the student's own predictions on the clean tokens teach the student reading a corrupted
   copy (each input token replaced by a random one with probability ``augment_prob``): augmentation
   consistency. The corruption is drawn from (seed, step), so a resumed run draws the same.
+- ``dropout``: the student's predictions under another dropout mask (self-distillation with dropout).
 - ``peers``: online / collaborative distillation, several students trained together from one data pass,
-  each taught by the pooled prediction of the others (:class:`PeerTeacher`).
+  each taught by the pooled prediction of the others, optionally mixed with the cached teacher
+  (:class:`PeerTeacher`).
 
 Add one by subclassing :class:`PseudoTeacher` and registering it in ``PSEUDO_TEACHERS``.
 """
@@ -19,6 +21,7 @@ Add one by subclassing :class:`PseudoTeacher` and registering it in ``PSEUDO_TEA
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -118,6 +121,19 @@ class AugmentTeacher(PseudoTeacher):
             model.train(was_training)
 
 
+class DropoutTeacher(PseudoTeacher):
+    """The student's own predictions under another dropout mask teach it (self-distillation with dropout):
+    a consistency target between two random sub-networks of the same model."""
+
+    def __init__(self, cfg: Any, model: Any):
+        super().__init__(cfg, model)
+        if not getattr(model.config, "attention_dropout", 0.0):
+            raise ConfigError("pseudo_teacher dropout needs a student with dropout; set --set student.attention_dropout=0.1")
+
+    def targets(self, model: Any, batch: Batch, autocast) -> Targets:
+        return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k)  # train mode: dropout on
+
+
 class PeerTeacher(PseudoTeacher):
     """Online / collaborative distillation: ``num_peers - 1`` more students of the same architecture (other
     initial weights) train beside the run's student on the same batch, so one read of the cache feeds all
@@ -143,11 +159,25 @@ class PeerTeacher(PseudoTeacher):
             self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         self.loss_fn = get_loss(cfg.loss).fn
         self.settings = LossSettings(cfg.temperature, cfg.alpha, cfg.tail, beta=cfg.beta, skew=cfg.skew)
-        self.last_loss = 0.0
 
-    def _pooled(self, logps: list[torch.Tensor], labels: torch.Tensor) -> Targets:
+    def _pooled(self, logps: list[torch.Tensor], labels: torch.Tensor, cached: torch.Tensor | None) -> Targets:
         pooled = torch.logsumexp(torch.stack(logps), dim=0) - torch.log(torch.tensor(float(len(logps))))
+        if cached is not None:
+            w = self.cfg.peer_teacher_weight
+            pooled = torch.logaddexp(pooled + math.log1p(-w), cached + math.log(w)) if w < 1.0 else cached
         return topk_targets(pooled, labels, self.cfg.pseudo_top_k)
+
+    def _cached_teacher(self, batch: Batch, vocab: int) -> torch.Tensor | None:
+        """The cache's top-k as a full log-distribution, its tail spread evenly over the other tokens."""
+        t = batch.targets
+        if self.cfg.peer_teacher_weight <= 0.0:
+            return None
+        if t.topk_ids is None:
+            raise ConfigError("peer_teacher_weight > 0 needs a cache with the top-k signal; regenerate with `kdcache generate --top-k K`")
+        k = t.topk_ids.shape[1]
+        rest = t.tail_logprob - math.log(max(vocab - k, 1))
+        full = rest[:, None].expand(-1, vocab).clone()
+        return full.scatter_(1, t.topk_ids, t.topk_logprobs.float())
 
     def targets(self, model: Any, batch: Batch, autocast) -> Targets:
         labels = batch.targets.labels
@@ -158,13 +188,13 @@ class PeerTeacher(PseudoTeacher):
                 feats, head, _ = selected_features(peer, batch.input_ids, batch.attention_mask, batch.select)
                 peer_logits.append(head(feats) if head is not None else feats)
         peer_logp = [torch.log_softmax(z.detach().float(), dim=-1) for z in peer_logits]
+        cached = self._cached_teacher(batch, main.shape[-1])
         everyone = [main, *peer_logp]
         for j, z in enumerate(peer_logits):
             others = [lp for i, lp in enumerate(everyone) if i != j + 1]
-            loss, _ = self.loss_fn(z, self._pooled(others, labels), self.settings)
+            loss, _ = self.loss_fn(z, self._pooled(others, labels, cached), self.settings)
             (loss / max(batch.num_tokens, 1)).backward()
-            self.last_loss = float(loss.detach()) / max(batch.num_tokens, 1)
-        return self._pooled(peer_logp, labels)
+        return self._pooled(peer_logp, labels, cached)
 
     def after_step(self, model: Any) -> None:
         for peer, opt, sched in zip(self.peers, self.optimizers, self.schedulers):
@@ -198,7 +228,9 @@ class PeerTeacher(PseudoTeacher):
                 group["lr"] = base * fn(sched.last_epoch)
 
 
-PSEUDO_TEACHERS: dict[str, Callable[[Any, Any], PseudoTeacher]] = {"ema": EMATeacher, "augment": AugmentTeacher, "peers": PeerTeacher}
+PSEUDO_TEACHERS: dict[str, Callable[[Any, Any], PseudoTeacher]] = {
+    "ema": EMATeacher, "augment": AugmentTeacher, "dropout": DropoutTeacher, "peers": PeerTeacher,
+}
 
 
 def build_pseudo_teacher(cfg: Any, model: Any) -> PseudoTeacher | None:

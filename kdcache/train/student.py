@@ -27,6 +27,7 @@ def _llama(cfg: StudentConfig, vocab_size: int, tokenizer: Any):
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.attention_dropout,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
