@@ -47,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/recipes")
     ap.add_argument("--steps", type=int, default=None, help="default: the demo's")
-    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated recipe names, run in that order (default: all)")
     args = ap.parse_args()
     work = Path(args.work)
     demo = DemoConfig()
@@ -73,10 +73,14 @@ def main() -> None:
     ]
     if skipped:
         print(f"skipped (need several teachers): {', '.join(skipped)}", flush=True)
+    if names:  # in the order given
+        by_name = dict(recipes)
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise SystemExit(f"unknown recipes {unknown}; valid: {', '.join(by_name)}")
+        recipes = [(n, by_name[n]) for n in names]
     results = {}
     for name, method in recipes:
-        if names and name not in names:
-            continue
         student = dataclasses.replace(demo.train.student, **method.get("student", {}))  # e.g. dropout for the dropout teacher
         keys = {k: v for k, v in method.items() if k != "student"}
         tcfg = dataclasses.replace(demo.train, cache=gen.out, out=str(work / name), student=student, **keys, **({"steps": args.steps} if args.steps else {}))
