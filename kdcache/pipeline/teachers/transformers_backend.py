@@ -267,7 +267,7 @@ def _stop_end(tokenizer, seq: np.ndarray, stops: list[str]) -> int:
     """Length of ``seq`` up to and including the first token that completes a stop string (batched
     generation pads finished rows, so the stop point is found again here)."""
     for n in range(1, len(seq) + 1):
-        text = tokenizer.decode(seq[:n])
+        text = tokenizer.decode(seq[:n], skip_special_tokens=True)  # as vLLM matches stop strings
         if any(s in text for s in stops):
             return n
     return len(seq)
