@@ -245,8 +245,6 @@ class TransformersTeacher(Teacher):
             num_return_sequences=cfg.num_samples,
             pad_token_id=pad,
             eos_token_id=eos,
-            stop_strings=list(cfg.stop) or None,
-            tokenizer=self.tokenizer if cfg.stop else None,
         )
         new = out[:, T:].cpu().numpy()
         results: list[list[np.ndarray]] = []
@@ -264,8 +262,9 @@ class TransformersTeacher(Teacher):
 
 
 def _stop_end(tokenizer, seq: np.ndarray, stops: list[str]) -> int:
-    """Length of ``seq`` up to and including the first token that completes a stop string (batched
-    generation pads finished rows, so the stop point is found again here)."""
+    """Length of ``seq`` up to and including the first token that completes a stop string. Applied after
+    generation rather than through transformers' StopStringCriteria, which fails on some tokenizers
+    (word-level ones); the cost is decoding past the stop point."""
     for n in range(1, len(seq) + 1):
         text = tokenizer.decode(seq[:n], skip_special_tokens=True)  # as vLLM matches stop strings
         if any(s in text for s in stops):
