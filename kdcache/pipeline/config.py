@@ -91,7 +91,7 @@ class GenerateConfig:
     top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass); 0 keeps none (a sampled-only cache).", 64)
     sampled_tokens: int = doc(
         "RS-KD: tokens drawn per position from the teacher (with replacement), stored as distinct ids with importance "
-        "weights, an unbiased sparse target (~12 distinct at 50 draws on a confident teacher). 0: off.", 0)
+        "weights, an unbiased sparse target (28 draws gave ~11 distinct for SmolLM2 on docstrings). 0: off.", 0)
     proposal_temperature: float = doc("Temperature of the distribution the sampled tokens are drawn from (weights correct for it).", 1.0)
     logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
     hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
