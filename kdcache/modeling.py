@@ -50,3 +50,9 @@ def selected_features(
         return out.last_hidden_state[:, :-1][select], model.get_output_embeddings(), out
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
     return out.logits[:, :-1][select], None, out
+
+
+def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """Logits [N, V] at ``select`` only (the head runs on the selected positions, not on padding)."""
+    feats, head, _ = selected_features(model, input_ids, attention_mask, select)
+    return head(feats) if head is not None else feats

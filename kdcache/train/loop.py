@@ -23,7 +23,7 @@ from kdcache.cache import holdout_fraction_filter, open_cache
 from kdcache.config import to_dict
 from kdcache.errors import CacheMismatchError, ConfigError, DataError
 from kdcache.fingerprint import json_hash
-from kdcache.modeling import autocast_for, resolve_device, selected_features
+from kdcache.modeling import autocast_for, resolve_device, selected_logits
 from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch, batches, heldout_batches, train_columns
@@ -108,8 +108,7 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 def _forward_loss(model, batch: Batch, loss_fn, settings: LossSettings, autocast) -> tuple[torch.Tensor, dict]:
     with autocast():
-        feats, head, _ = selected_features(model, batch.input_ids, batch.attention_mask, batch.select)
-        logits = head(feats) if head is not None else feats
+        logits = selected_logits(model, batch.input_ids, batch.attention_mask, batch.select)
     return loss_fn(logits, batch.targets, settings)
 
 

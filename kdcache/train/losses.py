@@ -196,6 +196,16 @@ register_loss(
 TOPK_SIGNALS = ("topk_ids", "topk_logprobs", "tail_logprob")
 
 
+def _mix_hard_labels(name: str, kd_sum: torch.Tensor, logits: torch.Tensor, targets: Targets, settings: LossSettings):
+    """alpha * kd_sum + (1 - alpha) * hard-label CE (chunked), with both terms as metrics."""
+    total, metrics = settings.alpha * kd_sum, {name: kd_sum.detach()}
+    if settings.alpha < 1.0:
+        ce_sum = -gather_log_probs(logits, targets.labels[:, None]).sum()
+        total = total + (1.0 - settings.alpha) * ce_sum
+        metrics["ce"] = ce_sum.detach()
+    return total, metrics
+
+
 def _divergence_loss(name: str) -> LossFn:
     divergence = DIVERGENCES[name][0]
 
@@ -204,12 +214,7 @@ def _divergence_loss(name: str) -> LossFn:
             raise ConfigError(f"loss {name!r} needs the cache's topk signal; regenerate the cache with `kdcache generate --top-k K`")
         t, s = bucket_log_probs(logits, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail)
         kd_sum = divergence(t, s, settings).sum() * settings.temperature**2
-        total, metrics = settings.alpha * kd_sum, {name: kd_sum.detach()}
-        if settings.alpha < 1.0:
-            ce_sum = -gather_log_probs(logits, targets.labels[:, None]).sum()
-            total = total + (1.0 - settings.alpha) * ce_sum
-            metrics["ce"] = ce_sum.detach()
-        return total, metrics
+        return _mix_hard_labels(name, kd_sum, logits, targets, settings)
 
     return loss
 
@@ -229,12 +234,7 @@ def sampled_kd_loss(logits: torch.Tensor, targets: Targets, settings: LossSettin
     if settings.temperature != 1.0:
         raise ConfigError("loss 'rskd' estimates the temperature-1 teacher; pass --temperature 1 (set the proposal with --set proposal_temperature=... at generate time)")
     kd_sum = -(targets.sampled_weights * gather_log_probs(logits, targets.sampled_ids)).sum()
-    total, metrics = settings.alpha * kd_sum, {"rskd": kd_sum.detach()}
-    if settings.alpha < 1.0:
-        ce_sum = -gather_log_probs(logits, targets.labels[:, None]).sum()
-        total = total + (1.0 - settings.alpha) * ce_sum
-        metrics["ce"] = ce_sum.detach()
-    return total, metrics
+    return _mix_hard_labels("rskd", kd_sum, logits, targets, settings)
 
 
 def virtual_teacher_loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.modeling import selected_features
+from kdcache.modeling import selected_logits
 from kdcache.train.data import Batch
 from kdcache.train.losses import Targets
 
@@ -47,8 +47,7 @@ def topk_targets(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Targets:
 @torch.no_grad()
 def _logits(model: Any, batch: Batch, autocast) -> torch.Tensor:
     with autocast():
-        feats, head, _ = selected_features(model, batch.input_ids, batch.attention_mask, batch.select)
-        return (head(feats) if head is not None else feats).float()
+        return selected_logits(model, batch.input_ids, batch.attention_mask, batch.select).float()
 
 
 class PseudoTeacher:
@@ -185,8 +184,7 @@ class PeerTeacher(PseudoTeacher):
         peer_logits = []
         for peer in self.peers:
             with autocast():
-                feats, head, _ = selected_features(peer, batch.input_ids, batch.attention_mask, batch.select)
-                peer_logits.append(head(feats) if head is not None else feats)
+                peer_logits.append(selected_logits(peer, batch.input_ids, batch.attention_mask, batch.select))
         peer_logp = [torch.log_softmax(z.detach().float(), dim=-1) for z in peer_logits]
         cached = self._cached_teacher(batch, main.shape[-1])
         everyone = [main, *peer_logp]
