@@ -498,6 +498,21 @@ def test_generation_rows_without_room_are_counted(tiny_teacher, tmp_path):
     assert sum(v for k, v in stats.items() if k.startswith("bad_rows.")) == 1, stats
 
 
+def test_prompt_tokens_cut_text_rows_to_a_prefix(tiny_teacher, tok, model, text_jsonl, tmp_path):
+    """Sequence-level KD on plain text: the teacher continues the first N tokens of each row, not the whole row."""
+    rows = [json.loads(line)["text"] for line in text_jsonl.read_text().splitlines()[:4]]
+    exs = run(tiny_teacher, tmp_path / "c", text_jsonl, top_k=4, data={"max_length": 64, "max_rows": 4},
+              generation={"enabled": True, "max_new_tokens": 5, "prompt_tokens": 3})
+    for ex, text in zip(exs, rows):
+        prompt = ids_of(tok, text)[:3]
+        assert ex["prompt_length"] == len(prompt) == 3
+        np.testing.assert_array_equal(ex["input_ids"][:3], prompt)
+        assert ex["input_ids"][3:].tolist() == _greedy(model, prompt, 5, tok.eos_token_id)
+        assert not ex["loss_mask"][:2].any() and ex["loss_mask"][2:].all()
+    with pytest.raises(ConfigError, match="prompt_tokens"):
+        GenerationConfig(enabled=True, prompt_tokens=-1)
+
+
 def test_multiple_greedy_samples_rejected():
     with pytest.raises(ConfigError, match="do_sample"):
         GenerationConfig(enabled=True, num_samples=2, do_sample=False)

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import CHAT_TEMPLATE, WORDS, build_tiny_llama, build_tiny_tokenizer
-from kdcache.cache import open_cache
+from kdcache.cache import holdout_fraction_filter, open_cache
 from kdcache.config import build_config, to_dict
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.fingerprint import tokenizer_fingerprint
@@ -398,6 +398,38 @@ def test_matching_student_folder_is_accepted(tiny_cache, tmp_path):
     out = tmp_path / "run"
     metrics = train(make_cfg(tiny_cache, out, steps=2, student=StudentConfig(path=str(folder))), progress=False)
     assert metrics["step"] == 2 and (out / "final" / "model.safetensors").is_file()
+
+
+def test_eval_cache_evaluates_on_another_caches_heldout_rows(tiny_teacher, tiny_cache, text_jsonl, tmp_path):
+    """Train on teacher continuations, evaluate on the real text: the held-out split of the eval cache, by the
+    same example ids, so a row held out there never trains here."""
+    from kdcache.pipeline.config import DataConfig, GenerateConfig, GenerationConfig
+    from kdcache.pipeline.generate import generate
+    from kdcache.train.evaluate import evaluate_student
+
+    cont = tmp_path / "continuations"
+    generate(GenerateConfig(teacher=str(tiny_teacher), out=str(cont), top_k=8, device="cpu", data=DataConfig(source=str(text_jsonl), max_length=64),
+                            generation=GenerationConfig(enabled=True, max_new_tokens=6, prompt_tokens=4)), progress=False)
+    real = open_cache(tiny_cache)
+    heldout = [ex for ex in real.stream(columns=["example_id", "num_loss_tokens"]) if holdout_fraction_filter(0.25)(ex["example_id"])]
+    assert heldout
+    out = tmp_path / "run"
+    final = train(make_cfg(cont, out, steps=4, eval_fraction=0.25, eval_cache=str(tiny_cache)), progress=False)
+    assert final["eval_tokens"] == sum(int(ex["num_loss_tokens"]) for ex in heldout)
+    again = evaluate_student(str(tiny_cache), str(out / "final"), eval_fraction=0.25, device="cpu")
+    assert final["eval_ppl"] == pytest.approx(again["eval_ppl"], rel=1e-5)
+    # The training side skips exactly those base ids.
+    trained = {ex["example_id"].split("#")[0] for ex in open_cache(cont).stream(columns=["example_id"], keep=lambda i: not holdout_fraction_filter(0.25)(i))}
+    assert trained and not trained & {ex["example_id"] for ex in heldout}
+
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(tiny_cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"]["tokenizer"]["fingerprint"] = "0" * 16
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheMismatchError, match="different tokenizers"):
+        train(make_cfg(cont, tmp_path / "run2", steps=1, eval_cache=str(other)), progress=False)
+    assert not (tmp_path / "run2").exists()
 
 
 def test_config_refusals(tiny_cache, tmp_path):

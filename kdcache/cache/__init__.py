@@ -1,6 +1,6 @@
 """The on-disk contract: a JSON manifest plus zstd Parquet shards. Knows nothing of models."""
 
-from kdcache.cache.manifest import FORMAT_VERSION, Manifest, ShardInfo, read_manifest
+from kdcache.cache.manifest import FORMAT_VERSION, Manifest, ShardInfo, read_manifest, require_same_tokenizer
 from kdcache.cache.reader import Cache, ExampleStream, holdout_fraction_filter, open_cache
 from kdcache.cache.schema import build_schema, hidden_column, make_signals
 from kdcache.cache.writer import CacheWriter
@@ -18,4 +18,5 @@ __all__ = [
     "make_signals",
     "open_cache",
     "read_manifest",
+    "require_same_tokenizer",
 ]

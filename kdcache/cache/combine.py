@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache.manifest import TOKENIZER_DIR, Manifest
+from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, require_same_tokenizer
 from kdcache.cache.reader import open_cache
 from kdcache.cache.schema import GENERATION_COLUMNS, make_signals
 from kdcache.cache.writer import CacheWriter
@@ -71,11 +71,7 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
             raise ConfigError(f"cache {c.path} has no top-k signal to combine; regenerate it with `kdcache generate --top-k K`")
         if m.status != "complete":
             raise ConfigError(f"cache {c.path} is incomplete; finish it (rerun its generate command) before combining")
-        if m.tokenizer.get("fingerprint") != first.tokenizer.get("fingerprint") or m.vocab_size != first.vocab_size:
-            raise CacheMismatchError(
-                f"caches {caches[0].path} and {c.path} use different tokenizers (fingerprints {first.tokenizer.get('fingerprint')} vs "
-                f"{m.tokenizer.get('fingerprint')}, vocab {first.vocab_size} vs {m.vocab_size}); an ensemble needs one tokenizer"
-            )
+        require_same_tokenizer(first, m, str(caches[0].path), str(c.path), "an ensemble")
         if m.num_rows != first.num_rows:
             raise CacheMismatchError(f"caches {caches[0].path} ({first.num_rows} rows) and {c.path} ({m.num_rows} rows) hold different examples; "
                                      "generate them from the same dataset settings")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcache.errors import CacheFormatError
+from kdcache.errors import CacheFormatError, CacheMismatchError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -110,6 +110,15 @@ class Manifest:
 def settings_hash(settings: dict) -> str:
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def require_same_tokenizer(a: Manifest, b: Manifest, a_name: str, b_name: str, purpose: str) -> None:
+    """Token ids only mean the same thing under one tokenizer: caches mixed in one run must share it."""
+    if a.tokenizer.get("fingerprint") != b.tokenizer.get("fingerprint") or a.vocab_size != b.vocab_size:
+        raise CacheMismatchError(
+            f"caches {a_name} and {b_name} use different tokenizers (fingerprints {a.tokenizer.get('fingerprint')} vs "
+            f"{b.tokenizer.get('fingerprint')}, vocab {a.vocab_size} vs {b.vocab_size}); {purpose} needs one tokenizer"
+        )
 
 
 def read_manifest(path: str | Path) -> Manifest:

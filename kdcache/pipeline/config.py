@@ -50,10 +50,16 @@ class GenerationConfig:
     temperature: float = doc("Sampling temperature.", 1.0)
     top_p: float = doc("Nucleus sampling threshold.", 1.0)
     stop: list[str] = doc("Stop strings: a continuation ends after the first of these it produces (EOS always ends it).", default_factory=list)
+    prompt_tokens: int = doc(
+        "Plain-text rows: the teacher continues the first N tokens of each row (0: the whole row). "
+        "Chat and prompt/response rows always use their own prompt.", 0,
+    )
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.num_samples < 1:
             raise ConfigError("generation.max_new_tokens and generation.num_samples must be positive")
+        if self.prompt_tokens < 0:
+            raise ConfigError(f"generation.prompt_tokens must be 0 (whole row) or positive, got {self.prompt_tokens}")
         if self.num_samples > 1 and not self.do_sample:
             raise ConfigError("generation.num_samples > 1 needs generation.do_sample=true (greedy gives identical samples)")
 

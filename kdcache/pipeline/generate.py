@@ -167,7 +167,7 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
         for batch in _batches(tokenized(), cfg.batch_tokens, padded=teacher.pads_batches):
             good = [(i, t) for i, t in batch if isinstance(t, Tokenized)]
             if cfg.generation.enabled:
-                prompts = [(i, t.prompt if t.prompt is not None and len(t.prompt) else t.input_ids) for i, t in good]
+                prompts = [(i, _prompt(t, cfg.generation.prompt_tokens)) for i, t in good]
                 fits = [(i, p) for i, p in prompts if len(p) < cfg.data.max_length]  # room for at least one new token
                 pending.append((batch, [(i, len(p)) for i, p in fits]))
                 seeds = [_row_seed(cfg.seed, i) if cfg.generation.do_sample else cfg.seed for i, _ in fits]
@@ -205,6 +205,13 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
     if bad:
         log.warning("skipped bad rows: %s", ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(bad.items())))
     return manifest
+
+
+def _prompt(t: Tokenized, prompt_tokens: int) -> np.ndarray:
+    """What the teacher continues: the row's own prompt, else the start of its text."""
+    if t.prompt is not None and len(t.prompt):
+        return t.prompt
+    return t.input_ids[:prompt_tokens] if prompt_tokens else t.input_ids
 
 
 def _row_seed(seed: int, row: int) -> int:

@@ -63,6 +63,11 @@ class TrainConfig:
     device: str = doc("auto, cpu, cuda, cuda:N.", "auto")
     seed: int = doc("Seed for student init and data order.", 0)
     eval_fraction: float = doc("Examples held out from training for evaluation (stable split by example_id).", 0.05)
+    eval_cache: str = doc(
+        "Evaluate on this cache's held-out split instead of `cache`'s (every row if eval_fraction is 0), e.g. the real text "
+        "when training on teacher continuations; made from the same dataset rows, the split keeps them out of training.",
+        "",
+    )
     eval_max_examples: int = doc("Cap on held-out examples evaluated.", 256)
     eval_every: int = doc("Evaluate every N steps (0: only at the end).", 100)
     log_every: int = doc("Log training metrics every N steps.", 10)

@@ -19,7 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from kdcache.cache import holdout_fraction_filter, open_cache
+from kdcache.cache import Cache, holdout_fraction_filter, open_cache, require_same_tokenizer
 from kdcache.config import to_dict
 from kdcache.errors import CacheMismatchError, ConfigError, DataError
 from kdcache.fingerprint import json_hash
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.jsonl", "final_metrics.json")
 
 # Fields that may change between a run and its resumption without changing what is being trained.
-_RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples")
+_RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples", "eval_cache")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -127,6 +127,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if missing:
         flag = "--sampled-tokens N" if missing[0].startswith("sampled_") else "--top-k K"
         raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate {flag}`")
+    eval_source = _open_eval_cache(cfg, cache)
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
     out, ckpt = _prepare_run_dir(cfg)
@@ -139,7 +140,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, beta=cfg.beta, skew=cfg.skew, correct_prob=cfg.correct_prob)
 
-    eval_batches = heldout_batches(cache, cfg.eval_fraction, cfg.eval_max_examples, cfg.batch_size, pad_id) if cfg.eval_fraction > 0 else []
+    eval_batches = _eval_batches(cfg, cache, eval_source, pad_id)
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
     stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=train_columns(cache), keep=lambda i: not is_heldout(i))
 
@@ -220,6 +221,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
     (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def _open_eval_cache(cfg: TrainConfig, cache: Cache) -> Cache | None:
+    if not cfg.eval_cache:
+        return None
+    source = open_cache(cfg.eval_cache)
+    require_same_tokenizer(cache.manifest, source.manifest, cfg.cache, cfg.eval_cache, "evaluating on another cache")
+    return source
+
+
+def _eval_batches(cfg: TrainConfig, cache: Cache, source: Cache | None, pad_id: int) -> list:
+    if source is None:
+        return heldout_batches(cache, cfg.eval_fraction, cfg.eval_max_examples, cfg.batch_size, pad_id) if cfg.eval_fraction > 0 else []
+    batches = heldout_batches(source, cfg.eval_fraction, cfg.eval_max_examples, cfg.batch_size, pad_id)
+    if not batches:
+        raise DataError(f"eval cache {cfg.eval_cache} has no held-out rows at eval_fraction={cfg.eval_fraction}; "
+                        "raise --set eval_fraction=... or pass eval_fraction=0 to evaluate every row")
+    return batches
 
 
 def _log_row(f, row: dict) -> None:
