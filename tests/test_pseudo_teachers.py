@@ -98,6 +98,13 @@ def test_peers_train_together_from_one_read_and_resume_exactly(tiny_cache, tmp_p
     # Peers start from other weights: peer 1 is not a copy of the student.
     key = next(k for k in peers if "layers.0." in k)
     assert not torch.equal(sa[key], final_weights(a)[key.split(".w.", 1)[1]])
+    # Every peer is saved beside the run's student and evaluated with it.
+    for name in ("peer1", "peer2"):
+        saved = load_file(str(a / "final" / "peers" / name / "model.safetensors"))
+        ours = {k.split(".w.", 1)[1]: v for k, v in sa.items() if k.startswith(f"extra.{name}.w.")}
+        assert ours.keys() >= saved.keys() and all(torch.equal(saved[k], ours[k]) for k in saved)
+        assert math.isfinite(final_a["peers"][name]["eval_ppl"]) and final_a["peers"][name]["eval_ppl"] != final_a["eval_ppl"]
+    assert not (a / "final" / "peers" / "peer3").exists()
 
 
 def test_dropout_teacher_needs_dropout_and_resumes_exactly(tiny_cache, tmp_path):

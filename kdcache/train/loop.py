@@ -213,12 +213,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     final_dir = out / "final"
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    extras = pseudo.extra_students() if pseudo is not None else {}
+    for folder, m in [(tmp, model), *((tmp / "peers" / name, m) for name, m in extras.items())]:
+        m.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
     if not final and eval_batches:
         final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
+    if extras and eval_batches:
+        final["peers"] = {name: evaluate(m, eval_batches, device, autocast) for name, m in extras.items()}
     (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
     return final
 

@@ -67,6 +67,10 @@ class PseudoTeacher:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def extra_students(self) -> dict[str, Any]:
+        """Students trained beside the run's own, saved and evaluated with it at the end."""
+        return {}
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
@@ -137,7 +141,7 @@ class PeerTeacher(PseudoTeacher):
     """Online / collaborative distillation: ``num_peers - 1`` more students of the same architecture (other
     initial weights) train beside the run's student on the same batch, so one read of the cache feeds all
     of them. Each learns from the pooled prediction (mean probability) of all the others with the run's
-    loss; the run's student is the one saved in ``final/``. Peers' weights, optimizer moments and
+    loss; the run's student is saved in ``final/``, the others in ``final/peers/peerN``. Peers' weights, optimizer moments and
     schedule position travel in every checkpoint, so resuming is exact."""
 
     def __init__(self, cfg: Any, model: Any):
@@ -202,26 +206,32 @@ class PeerTeacher(PseudoTeacher):
             sched.step()
             opt.zero_grad(set_to_none=True)
 
+    def extra_students(self) -> dict[str, Any]:
+        return dict(zip(self._names(), self.peers))
+
+    def _names(self) -> list[str]:
+        return [f"peer{i}" for i in range(1, len(self.peers) + 1)]  # peer 0 is the run's own student
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for i, (peer, opt, sched) in enumerate(zip(self.peers, self.optimizers, self.schedulers)):
-            out.update({f"peer{i}.w.{k}": v.detach().cpu().clone() for k, v in peer.state_dict().items()})
+        for name, peer, opt, sched in zip(self._names(), self.peers, self.optimizers, self.schedulers):
+            out.update({f"{name}.w.{k}": v.detach().cpu().clone() for k, v in peer.state_dict().items()})
             for pid, st in opt.state_dict()["state"].items():
-                out.update({f"peer{i}.opt.{pid}.{k}": v.detach().cpu().clone() for k, v in st.items()})
-            out[f"peer{i}.sched"] = torch.tensor(sched.last_epoch)
+                out.update({f"{name}.opt.{pid}.{k}": v.detach().cpu().clone() for k, v in st.items()})
+            out[f"{name}.sched"] = torch.tensor(sched.last_epoch)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for i, (peer, opt, sched) in enumerate(zip(self.peers, self.optimizers, self.schedulers)):
+        for name, peer, opt, sched in zip(self._names(), self.peers, self.optimizers, self.schedulers):
             device = next(peer.parameters()).device
-            peer.load_state_dict({k.split(".w.", 1)[1]: v for k, v in tensors.items() if k.startswith(f"peer{i}.w.")})
+            peer.load_state_dict({k.split(".w.", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{name}.w.")})
             state: dict[int, dict[str, torch.Tensor]] = {}
             for k, v in tensors.items():
-                if k.startswith(f"peer{i}.opt."):
-                    pid, name = k[len(f"peer{i}.opt."):].split(".", 1)
-                    state.setdefault(int(pid), {})[name] = v if v.dim() == 0 else v.to(device)
+                if k.startswith(f"{name}.opt."):
+                    pid, key = k[len(f"{name}.opt."):].split(".", 1)
+                    state.setdefault(int(pid), {})[key] = v if v.dim() == 0 else v.to(device)
             opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-            sched.last_epoch = int(tensors[f"peer{i}.sched"])
+            sched.last_epoch = int(tensors[f"{name}.sched"])
             for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base * fn(sched.last_epoch)
 
