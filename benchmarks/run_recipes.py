@@ -6,7 +6,14 @@ the demo's settings (steps, student, data order, init, eval split) and the recip
 alpha and its schedule, temperature, tail, beta, skew, pseudo-teacher settings, student dropout). Bytes per token are reported per signal from
 the Parquet column sizes, so the RS-KD figure is what a sampled-only cache would hold.
 
-    python benchmarks/run_recipes.py [--work runs/recipes] [--steps 200]
+Recipes that need another cache get it from the same 300 rows: the task-specific ones (sequence-level,
+response-based) a cache of the teacher's continuations of each docstring's first --prompt-tokens tokens;
+the ensemble a mixture of the demo cache and a second teacher's (SmolLM2 fine-tuned on the training rows,
+benchmarks/domain_teacher.py), with a KD student of that second teacher alone beside it. Every student is
+evaluated on the same held-out docstrings of the demo cache (train `eval_cache`), so perplexity and top-1
+agreement with SmolLM2 compare across rows.
+
+    python benchmarks/run_recipes.py [--work runs/recipes] [--steps 200] [--only a,b]
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from domain_teacher import domain_teacher
 from kdcache.cache import open_cache
+from kdcache.cache.combine import combine_caches
+from kdcache.pipeline.config import GenerateConfig, GenerationConfig
 from kdcache.pipeline.demo import DemoConfig
 from kdcache.pipeline.generate import generate
 from kdcache.pipeline.smollm2 import smollm2_gguf
@@ -43,11 +53,32 @@ def column_bytes(cache_dir: Path) -> dict[str, int]:
     return out
 
 
+def recipe_caches(name: str, recipe: dict, base: GenerateConfig, work: Path, prompt_tokens: int, eval_fraction: float) -> list[tuple[str, str, str]]:
+    """[(row name, train cache, eval cache)] for a recipe; an empty eval cache means the train cache's own split."""
+    gen = recipe.get("generate", {})
+    if "ensemble" in recipe:
+        teacher_b = domain_teacher(work / "teacher-b", base.out, eval_fraction)
+        cache_b = dataclasses.replace(base, teacher=str(teacher_b), out=str(work / "cache-teacher-b"), sampled_tokens=0)
+        generate(cache_b, progress=False)
+        weights = recipe["ensemble"].get("weights", [0.5, 0.5])
+        combine_caches([base.out, cache_b.out], weights, work / "cache-ensemble")
+        return [("kd-teacher-b-alone", cache_b.out, base.out), (name, str(work / "cache-ensemble"), base.out)]
+    if gen.get("generation", {}).get("enabled"):
+        cont = dataclasses.replace(base, out=str(work / f"cache-{name}"), top_k=gen.get("top_k", base.top_k), sampled_tokens=0,
+                                   generation=GenerationConfig(**{**gen["generation"], "prompt_tokens": prompt_tokens}))
+        t0 = time.perf_counter()
+        m = generate(cont, progress=False)
+        print(f"{name} cache: {m.num_rows} continuations, {m.num_tokens} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
+        return [(name, cont.out, base.out)]
+    return [(name, base.out, "")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/recipes")
     ap.add_argument("--steps", type=int, default=None, help="default: the demo's")
     ap.add_argument("--only", default="", help="comma-separated recipe names, run in that order (default: all)")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="task-specific recipes: docstring tokens the teacher continues")
     args = ap.parse_args()
     work = Path(args.work)
     demo = DemoConfig()
@@ -65,31 +96,28 @@ def main() -> None:
         "rskd_distinct_per_position": float(sum(sizes) / len(sizes)),
     }
     print(json.dumps(bytes_info), flush=True)
-    names = [n for n in (args.only.split(",") if args.only else [])]
-    docs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}
-    skipped = [n for n, d in docs.items() if "ensemble" in d]  # one real teacher here; the mixture is tested in tests/test_combine.py
-    recipes = [("ce-only", {"loss": "ce"})] + [
-        (n, {k: v for k, v in d["train"].items() if k in METHOD_KEYS or k == "student"}) for n, d in docs.items() if n not in skipped
-    ]
-    if skipped:
-        print(f"skipped (need several teachers): {', '.join(skipped)}", flush=True)
-    if names:  # in the order given
-        by_name = dict(recipes)
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise SystemExit(f"unknown recipes {unknown}; valid: {', '.join(by_name)}")
-        recipes = [(n, by_name[n]) for n in names]
+    docs = {"ce-only": {"train": {"loss": "ce"}}, **{p.stem: yaml.safe_load(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}}
+    names = args.only.split(",") if args.only else list(docs)
+    unknown = [n for n in names if n not in docs]
+    if unknown:
+        raise SystemExit(f"unknown recipes {unknown}; valid: {', '.join(docs)}")
     results = {}
-    for name, method in recipes:
+    for name in names:  # in the order given
+        method = {k: v for k, v in docs[name]["train"].items() if k in METHOD_KEYS or k == "student"}
         student = dataclasses.replace(demo.train.student, **method.get("student", {}))  # e.g. dropout for the dropout teacher
         keys = {k: v for k, v in method.items() if k != "student"}
-        tcfg = dataclasses.replace(demo.train, cache=gen.out, out=str(work / name), student=student, **keys, **({"steps": args.steps} if args.steps else {}))
-        t0 = time.perf_counter()
-        final = train(tcfg, progress=False)
-        results[name] = {"eval_ppl": final["eval_ppl"], "eval_top1_agreement": final.get("eval_top1_agreement"),
-                         "teacher_ppl": final.get("teacher_ppl"), "seconds": round(time.perf_counter() - t0), "method": method}
-        print(json.dumps({name: results[name]}), flush=True)
-    (work / "results.json").write_text(json.dumps({"bytes": bytes_info, "recipes": results}, indent=2))
+        for row, cache, eval_cache in recipe_caches(name, docs[name], gen, work, args.prompt_tokens, demo.train.eval_fraction):
+            tcfg = dataclasses.replace(demo.train, cache=cache, eval_cache=eval_cache, out=str(work / row), student=student, **keys,
+                                       **({"steps": args.steps} if args.steps else {}))
+            t0 = time.perf_counter()
+            final = train(tcfg, progress=False)
+            results[row] = {"eval_ppl": final["eval_ppl"], "eval_top1_agreement": final.get("eval_top1_agreement"),
+                            "teacher_ppl": final.get("teacher_ppl"), "peers": final.get("peers"), "cache": cache,
+                            "seconds": round(time.perf_counter() - t0), "method": method}
+            print(json.dumps({row: results[row]}), flush=True)
+    saved = work / "results.json"  # runs with --only add their rows to the earlier ones
+    earlier = json.loads(saved.read_text())["recipes"] if saved.is_file() else {}
+    saved.write_text(json.dumps({"bytes": bytes_info, "recipes": {**earlier, **results}}, indent=2))
     print("| recipe | loss | held-out ppl | top-1 agreement |\n|---|---|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['method']['loss']} | {r['eval_ppl']:.2f} | {r['eval_top1_agreement']:.3f} |")
