@@ -1,4 +1,5 @@
 """Cost of a KD step versus a CE step for the same student and batch (forward + backward + AdamW).
+The generic divergence losses (--divergences) are timed beside them.
 
 The demo student (Llama, hidden 128, 4 layers, vocab 49,152) on 8 x 128-token batches with a k=64
 cache. Steps are interleaved (CE, KD, CE, KD, ...) so machine noise hits both alike; medians reported.
@@ -21,7 +22,7 @@ from common import machine, synthetic_topk
 from kdcache.train.config import StudentConfig, TrainConfig
 from kdcache.train.data import Batch
 from kdcache.train.loop import _forward_loss, build_optimizer
-from kdcache.train.losses import LossSettings, Targets, cross_entropy_loss, sparse_kd_loss, teacher_buckets
+from kdcache.train.losses import LossSettings, Targets, cross_entropy_loss, get_loss, sparse_kd_loss, teacher_buckets
 
 
 def naive_kd(logits, targets: Targets, settings: LossSettings):
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--divergences", default="fkl,rkl,jsd", help="generic divergence losses to time too (comma-separated)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -66,6 +68,7 @@ def main() -> None:
         "kd_T2_alpha0.5": (sparse_kd_loss, LossSettings(temperature=2.0, alpha=0.5)),
         "kd_T1_alpha1": (sparse_kd_loss, LossSettings(temperature=1.0, alpha=1.0)),
         "naive_autograd_kd_T1_alpha0.5": (naive_kd, LossSettings(temperature=1.0, alpha=0.5)),
+        **{f"{d}_T1_alpha0.5": (get_loss(d).fn, LossSettings(temperature=1.0, alpha=0.5)) for d in args.divergences.split(",") if d},
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     nullctx = __import__("contextlib").nullcontext

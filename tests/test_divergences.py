@@ -97,13 +97,28 @@ def test_properties_of_the_divergences():
     assert get_loss("jsd").fn(student, tg, settings)[0].item() <= n * math.log(2)
 
 
-def test_alpha_mixes_hard_labels():
+def _value_and_grad(fn, z):
+    z = z.detach().clone().requires_grad_(True)
+    out, metrics = fn(z)
+    out.backward()
+    return out.detach(), z.grad, metrics
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_alpha_mixes_hard_labels(tau):
+    """The hard-label term shares the divergence's pass over the vocabulary at T=1; value and gradient must
+    still be exactly alpha * KD + (1 - alpha) * CE (CE at T=1 whatever the KD temperature)."""
     _, student, tg = _case(k=8, seed=5)
-    for name in NAMES:
-        kd, m = get_loss(name).fn(student.clone(), tg, LossSettings(alpha=1.0))
-        mixed, m2 = get_loss(name).fn(student.clone(), tg, LossSettings(alpha=0.25))
-        ce = torch.nn.functional.cross_entropy(student, tg.labels, reduction="sum")
-        assert torch.allclose(mixed, 0.25 * kd + 0.75 * ce) and torch.allclose(m2["ce"], ce)
+    ce_fn = lambda z: (torch.nn.functional.cross_entropy(z, tg.labels, reduction="sum"), {})  # noqa: E731
+    ce, g_ce, _ = _value_and_grad(ce_fn, student)
+    sampled = Targets(tg.labels, sampled_ids=tg.topk_ids[:, :5], sampled_weights=torch.rand(tg.topk_ids.shape[0], 5))
+    cases = [(name, tg) for name in NAMES] + ([("rskd", sampled)] if tau == 1.0 else [])
+    for name, targets in cases:
+        fn = get_loss(name).fn
+        kd, g_kd, _ = _value_and_grad(lambda z: fn(z, targets, LossSettings(alpha=1.0, temperature=tau)), student)
+        mixed, g_mixed, m2 = _value_and_grad(lambda z: fn(z, targets, LossSettings(alpha=0.25, temperature=tau)), student)
+        assert torch.allclose(mixed, 0.25 * kd + 0.75 * ce) and torch.allclose(m2["ce"], ce), name
+        torch.testing.assert_close(g_mixed, 0.25 * g_kd + 0.75 * g_ce, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_bad_settings_and_names():

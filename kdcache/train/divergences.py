@@ -77,7 +77,11 @@ def bucket_log_probs(
     stored tail mass re-tempered with the top-k); where the teacher has no tail (k = vocab) both tails
     are empty. ``tail="renormalize"``: B = k, both renormalised over the top-k.
     """
-    s_k = gather_log_probs(z, topk_ids, tau, chunk_rows)
+    return buckets(gather_log_probs(z, topk_ids, tau, chunk_rows), topk_logprobs, tail_logprob, tau, tail)
+
+
+def buckets(s_k: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, tau: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bucket_log_probs` from the student's log-probabilities ``s_k`` at the top-k ids, already gathered."""
     if tail == "renormalize":
         return torch.log_softmax(topk_logprobs / tau, dim=-1), torch.log_softmax(s_k, dim=-1)
     t = torch.log_softmax(torch.cat([topk_logprobs, tail_logprob[:, None]], dim=-1) / tau, dim=-1)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import ConfigError
-from kdcache.train.divergences import DIVERGENCES, bucket_log_probs, gather_log_probs
+from kdcache.train.divergences import DIVERGENCES, buckets, gather_log_probs
 
 _MIN_TAIL = 1e-7  # floor on the student's tail mass; below float32 resolution of 1 - sum(top-k)
 
@@ -196,11 +196,22 @@ register_loss(
 TOPK_SIGNALS = ("topk_ids", "topk_logprobs", "tail_logprob")
 
 
-def _mix_hard_labels(name: str, kd_sum: torch.Tensor, logits: torch.Tensor, targets: Targets, settings: LossSettings):
-    """alpha * kd_sum + (1 - alpha) * hard-label CE (chunked), with both terms as metrics."""
+def _gather_with_labels(logits: torch.Tensor, ids: torch.Tensor, targets: Targets, settings: LossSettings, tau: float):
+    """Student log-probabilities at ``ids`` (temperature ``tau``) and, when hard labels are mixed in, at the
+    labels (temperature 1). At tau = 1 both come out of one chunked pass over the vocabulary."""
+    if settings.alpha >= 1.0:
+        return gather_log_probs(logits, ids, tau), None
+    if tau == 1.0:
+        both = gather_log_probs(logits, torch.cat([ids, targets.labels[:, None]], dim=1))
+        return both[:, :-1], both[:, -1]
+    return gather_log_probs(logits, ids, tau), gather_log_probs(logits, targets.labels[:, None])[:, 0]
+
+
+def _mix_hard_labels(name: str, kd_sum: torch.Tensor, label_logprob: torch.Tensor | None, settings: LossSettings):
+    """alpha * kd_sum + (1 - alpha) * hard-label CE, with both terms as metrics."""
     total, metrics = settings.alpha * kd_sum, {name: kd_sum.detach()}
-    if settings.alpha < 1.0:
-        ce_sum = -gather_log_probs(logits, targets.labels[:, None]).sum()
+    if label_logprob is not None:
+        ce_sum = -label_logprob.sum()
         total = total + (1.0 - settings.alpha) * ce_sum
         metrics["ce"] = ce_sum.detach()
     return total, metrics
@@ -212,9 +223,10 @@ def _divergence_loss(name: str) -> LossFn:
     def loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if targets.topk_ids is None:
             raise ConfigError(f"loss {name!r} needs the cache's topk signal; regenerate the cache with `kdcache generate --top-k K`")
-        t, s = bucket_log_probs(logits, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail)
+        s_k, label_lp = _gather_with_labels(logits, targets.topk_ids, targets, settings, settings.temperature)
+        t, s = buckets(s_k, targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail)
         kd_sum = divergence(t, s, settings).sum() * settings.temperature**2
-        return _mix_hard_labels(name, kd_sum, logits, targets, settings)
+        return _mix_hard_labels(name, kd_sum, label_lp, settings)
 
     return loss
 
@@ -233,8 +245,9 @@ def sampled_kd_loss(logits: torch.Tensor, targets: Targets, settings: LossSettin
         raise ConfigError("loss 'rskd' needs the cache's sampled signal; regenerate the cache with `kdcache generate --sampled-tokens N`")
     if settings.temperature != 1.0:
         raise ConfigError("loss 'rskd' estimates the temperature-1 teacher; pass --temperature 1 (set the proposal with --set proposal_temperature=... at generate time)")
-    kd_sum = -(targets.sampled_weights * gather_log_probs(logits, targets.sampled_ids)).sum()
-    return _mix_hard_labels("rskd", kd_sum, logits, targets, settings)
+    s_k, label_lp = _gather_with_labels(logits, targets.sampled_ids, targets, settings, 1.0)
+    kd_sum = -(targets.sampled_weights * s_k).sum()
+    return _mix_hard_labels("rskd", kd_sum, label_lp, settings)
 
 
 def virtual_teacher_loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
