@@ -498,6 +498,32 @@ def test_generation_rows_without_room_are_counted(tiny_teacher, tmp_path):
     assert sum(v for k, v in stats.items() if k.startswith("bad_rows.")) == 1, stats
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (2.0, 0.7)])
+def test_batched_sampling_draws_from_the_tempered_nucleus(tiny_teacher, tok, model, temperature, top_p):
+    """All rows decode in one batch, each from its own seed: the first tokens of many rows with one prompt
+    follow softmax(logits / T) restricted to the top-p nucleus, and tokens outside it never appear."""
+    from kdcache.pipeline.teachers.transformers_backend import TransformersTeacher
+
+    teacher = TransformersTeacher(str(tiny_teacher), device="cpu", dtype="float32")
+    teacher.load()
+    prompt = np.asarray(ids_of(tok, "the value of the"))
+    rows = 6000
+    cfg = GenerationConfig(enabled=True, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=1)
+    first = np.array([samples[0][0] for samples in teacher.generate([prompt] * rows, cfg, seeds=list(range(rows)))])
+    with torch.no_grad():
+        p = torch.softmax(model(torch.as_tensor(prompt)[None]).logits[0, -1].double() / temperature, dim=-1)
+    srt, order = p.sort(descending=True)
+    keep = order[(srt.cumsum(0) - srt) < top_p]
+    q = torch.zeros_like(p)
+    q[keep] = p[keep] / p[keep].sum()
+    assert (q > 0.02).sum() >= 3  # a real choice among several tokens
+    if top_p < 1.0:
+        assert p[q == 0].sum() > 0.05  # and the nucleus really cuts mass away
+    freq = np.bincount(first, minlength=len(q)) / rows
+    assert 0.5 * np.abs(freq - q.numpy()).sum() < 0.04
+    assert freq[(q == 0).numpy()].sum() == 0
+
+
 def test_prompt_tokens_cut_text_rows_to_a_prefix(tiny_teacher, tok, model, text_jsonl, tmp_path):
     """Sequence-level KD on plain text: the teacher continues the first N tokens of each row, not the whole row."""
     rows = [json.loads(line)["text"] for line in text_jsonl.read_text().splitlines()[:4]]

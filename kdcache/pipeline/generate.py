@@ -44,6 +44,8 @@ def tokenizer_record(tokenizer, vocab_size: int) -> dict:
 
 def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
     gen = to_dict(cfg.generation)
+    if cfg.generation.do_sample:
+        gen["sampler"] = teacher.sampler
     return {
         "teacher": teacher.identity(),
         "tokenizer": tokenizer_record(teacher.tokenizer, teacher.vocab_size),

@@ -66,6 +66,9 @@ class Teacher(ABC):
     #: How ``entropy`` is computed: "exact" over the full vocabulary, or "topk_tail" (the entropy of the
     #: top-k plus one tail bucket, a lower bound) for engines that return only the top-k.
     entropy_kind: str = "exact"
+    #: What draws sampled continuations; recorded in the cache settings, because another sampler draws
+    #: other continuations from the same seeds (so a cache is never resumed under a different one).
+    sampler: str = "engine"
 
     @abstractmethod
     def identity(self) -> dict:
@@ -97,8 +100,10 @@ class Teacher(ABC):
         also ``sampled_ids``/``sampled_weights``/``sampled_sizes`` drawn with one seed per sequence."""
 
     @abstractmethod
-    def generate(self, prompts: list[np.ndarray], cfg: Any, seed: int) -> list[list[np.ndarray]]:
-        """For each prompt, ``cfg.num_samples`` continuations (token arrays, without the prompt)."""
+    def generate(self, prompts: list[np.ndarray], cfg: Any, seeds: list[int], max_length: int | None = None) -> list[list[np.ndarray]]:
+        """For each prompt, ``cfg.num_samples`` continuations (token arrays, without the prompt), decoded
+        together. Sampled ones depend only on the prompt's seed (never on the batch), and none needs to
+        run past ``max_length`` tokens including the prompt."""
 
     def max_sequence_length(self) -> int | None:
         """Longest sequence the engine accepts (None: no limit beyond the data config's)."""
@@ -122,11 +127,7 @@ class Teacher(ABC):
         """Continuations, then one teacher-forced pass over prompt + continuation."""
         if not req.prompts:
             return []
-        g = req.cfg
-        if g.do_sample:
-            conts = [self.generate([p], g, seed=s)[0] for p, s in zip(req.prompts, req.seeds)]
-        else:
-            conts = self.generate(req.prompts, g, seed=req.seeds[0])
+        conts = self.generate(req.prompts, req.cfg, req.seeds, req.max_length)
         # Empty continuations (the teacher stopped at once) have nothing to learn from and are dropped.
         seqs = [
             [np.concatenate([p, c]).astype(np.int32)[: req.max_length] for c in samples if len(c)]

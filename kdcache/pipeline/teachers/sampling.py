@@ -30,6 +30,28 @@ def sequence_uniforms(seeds: list[int], lengths: list[int], draws: int, device: 
     return torch.cat(parts).to(device) if parts else torch.zeros(0, draws, device=device)
 
 
+def sample_seed(seed: int, sample: int) -> int:
+    """Seed of continuation ``sample`` of the prompt whose seed is ``seed``."""
+    return (seed * 1_000_003 + sample) % 2**63
+
+
+def row_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[len(seeds), steps] uniforms in [0, 1): row i's come from its own seed alone."""
+    return sequence_uniforms(seeds, [steps] * len(seeds), 1, device).reshape(len(seeds), steps)
+
+
+def draw_next_tokens(scores: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of ``scores`` [B, V] by inverse CDF on ``u`` [B]: softmax at ``temperature``,
+    restricted to the smallest set of most likely tokens holding ``top_p`` of the mass (nucleus)."""
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        srt, order = probs.sort(dim=-1, descending=True)
+        drop = srt.cumsum(dim=-1) - srt >= top_p  # mass before this token already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(1, order, srt.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True).clamp_max_(scores.shape[-1] - 1)
+
+
 def sample_sparse(logp: torch.Tensor, u: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distinct drawn tokens per row of ``logp`` [P, V] with their importance weights.
 

@@ -18,7 +18,9 @@ from kdcache.errors import ConfigError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
 from kdcache.modeling import resolve_device, selected_features
 from kdcache.pipeline.teachers.base import Teacher, register_backend
-from kdcache.pipeline.teachers.sampling import SparseSampling, sample_sparse, sequence_uniforms, split_by_sequence
+from kdcache.pipeline.teachers.sampling import (
+    SparseSampling, draw_next_tokens, row_uniforms, sample_seed, sample_sparse, sequence_uniforms, split_by_sequence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 
 
 class TransformersTeacher(Teacher):
+    sampler = "kdcache-inverse-cdf"  # _SeededSampler below
+
     def __init__(
         self,
         model: str,
@@ -223,35 +227,34 @@ class TransformersTeacher(Teacher):
 
     # -- generation
     @torch.inference_mode()
-    def generate(self, prompts: list[np.ndarray], cfg: Any, seed: int) -> list[list[np.ndarray]]:
+    def generate(self, prompts: list[np.ndarray], cfg: Any, seeds: list[int], max_length: int | None = None) -> list[list[np.ndarray]]:
         assert self.model is not None, "call load() first"
+        from transformers import LogitsProcessorList
+
+        n = cfg.num_samples
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.tokenizer.eos_token_id
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        rows = [p for p in prompts for _ in range(n)]  # prompt i's samples are rows i*n .. i*n+n-1
+        T = max(len(p) for p in rows)
+        room = cfg.max_new_tokens if max_length is None else max(1, min(cfg.max_new_tokens, max_length - min(len(p) for p in rows)))
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
+        for i, p in enumerate(rows):  # left padding, so every prompt ends where generation starts
             ids[i, T - len(p) :] = torch.from_numpy(np.asarray(p, dtype=np.int64))
             attn[i, T - len(p) :] = 1
-        torch.manual_seed(seed)
+        processors = LogitsProcessorList()
+        if cfg.do_sample:  # our own draws: transformers' sampler shares one RNG across the batch
+            u = row_uniforms([sample_seed(s, j) for s in seeds for j in range(n)], room, self.device)
+            processors.append(_SeededSampler(u, T, cfg.temperature, cfg.top_p))
         out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=cfg.do_sample,
-            temperature=cfg.temperature if cfg.do_sample else None,
-            top_p=cfg.top_p if cfg.do_sample else None,
-            top_k=0 if cfg.do_sample else None,
-            num_return_sequences=cfg.num_samples,
-            pad_token_id=pad,
-            eos_token_id=eos,
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), max_new_tokens=room,
+            do_sample=False, logits_processor=processors, pad_token_id=pad, eos_token_id=eos,
         )
         new = out[:, T:].cpu().numpy()
         results: list[list[np.ndarray]] = []
         for i in range(len(prompts)):
             samples = []
-            for j in range(cfg.num_samples):
-                seq = new[i * cfg.num_samples + j]
+            for seq in new[i * n : (i + 1) * n]:
                 if eos is not None and (seq == eos).any():
                     seq = seq[: int(np.argmax(seq == eos)) + 1]
                 if cfg.stop:
@@ -259,6 +262,20 @@ class TransformersTeacher(Teacher):
                 samples.append(seq.astype(np.int32))
             results.append(samples)
         return results
+
+
+class _SeededSampler:
+    """A logits processor that draws each row's next token from its own uniforms and masks every other
+    token, so greedy decoding emits the draw. A row's continuation then depends on its seed alone, not on
+    which rows share the batch, and all rows decode together."""
+
+    def __init__(self, uniforms: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+        self.u, self.T, self.temperature, self.top_p = uniforms, prompt_width, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.T
+        tok = draw_next_tokens(scores, self.u[:, step], self.temperature, self.top_p)
+        return torch.full_like(scores, -torch.inf).scatter_(1, tok, 0.0)
 
 
 def _stop_end(tokenizer, seq: np.ndarray, stops: list[str]) -> int:

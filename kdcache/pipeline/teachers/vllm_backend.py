@@ -95,6 +95,7 @@ def flat_to_arrays(flat: Any, k: int, skip_first: bool) -> tuple[np.ndarray, np.
 class VLLMTeacher(Teacher):
     pads_batches = False
     entropy_kind = "topk_tail"
+    sampler = "vllm"
 
     def __init__(self, cfg: Any):
         if not vllm_available():
@@ -321,8 +322,8 @@ class VLLMTeacher(Teacher):
     def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int], sampling: Any = None, seeds: Any = None) -> list[dict[str, np.ndarray]]:
         return next(self.run([ScoreRequest(sequences)], top_k, hidden_layers, sampling))
 
-    def generate(self, prompts: list[np.ndarray], cfg: Any, seed: int) -> list[list[np.ndarray]]:
-        req = GenerateRequest(prompts, [seed + i for i in range(len(prompts))], cfg, max_length=self.max_model_len)
+    def generate(self, prompts: list[np.ndarray], cfg: Any, seeds: list[int], max_length: int | None = None) -> list[list[np.ndarray]]:
+        req = GenerateRequest(prompts, seeds, cfg, max_length=min(max_length or self.max_model_len, self.max_model_len))
         result = next(self.run([req], self.top_k, []))
         return [[seq[len(p):] for seq, _ in samples] for p, samples in zip(prompts, result)]
 
