@@ -24,7 +24,7 @@ from kdcache.pipeline.smollm2 import smollm2_gguf
 log = logging.getLogger(__name__)
 
 
-def domain_teacher(out: Path, cache_dir: str, eval_fraction: float, steps: int = 34, batch_size: int = 8, lr: float = 1e-4, seed: int = 0) -> Path:
+def domain_teacher(out: Path, cache_dir: str, eval_fraction: float, steps: int = 16, batch_size: int = 8, lr: float = 1e-4, seed: int = 0) -> Path:
     """Fine-tune SmolLM2 on ``cache_dir``'s training rows into ``out`` (reused if it exists)."""
     from transformers import AutoModelForCausalLM
 

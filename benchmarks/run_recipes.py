@@ -53,19 +53,19 @@ def column_bytes(cache_dir: Path) -> dict[str, int]:
     return out
 
 
-def recipe_caches(name: str, recipe: dict, base: GenerateConfig, work: Path, prompt_tokens: int, eval_fraction: float) -> list[tuple[str, str, str]]:
+def recipe_caches(name: str, recipe: dict, base: GenerateConfig, work: Path, args: argparse.Namespace, eval_fraction: float) -> list[tuple[str, str, str]]:
     """[(row name, train cache, eval cache)] for a recipe; an empty eval cache means the train cache's own split."""
     gen = recipe.get("generate", {})
     if "ensemble" in recipe:
-        teacher_b = domain_teacher(work / "teacher-b", base.out, eval_fraction)
+        teacher_b = domain_teacher(work / "teacher-b", base.out, eval_fraction, steps=args.teacher_b_steps)
         cache_b = dataclasses.replace(base, teacher=str(teacher_b), out=str(work / "cache-teacher-b"), sampled_tokens=0)
         generate(cache_b, progress=False)
         weights = recipe["ensemble"].get("weights", [0.5, 0.5])
         combine_caches([base.out, cache_b.out], weights, work / "cache-ensemble")
-        return [("kd-teacher-b-alone", cache_b.out, base.out), (name, str(work / "cache-ensemble"), base.out)]
+        return [(name, str(work / "cache-ensemble"), base.out), ("kd-teacher-b-alone", cache_b.out, base.out)]
     if gen.get("generation", {}).get("enabled"):
         cont = dataclasses.replace(base, out=str(work / f"cache-{name}"), top_k=gen.get("top_k", base.top_k), sampled_tokens=0,
-                                   generation=GenerationConfig(**{**gen["generation"], "prompt_tokens": prompt_tokens}))
+                                   generation=GenerationConfig(**{**gen["generation"], "prompt_tokens": args.prompt_tokens}))
         t0 = time.perf_counter()
         m = generate(cont, progress=False)
         print(f"{name} cache: {m.num_rows} continuations, {m.num_tokens} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the demo's")
     ap.add_argument("--only", default="", help="comma-separated recipe names, run in that order (default: all)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="task-specific recipes: docstring tokens the teacher continues")
+    ap.add_argument("--teacher-b-steps", type=int, default=16, help="ensemble: fine-tuning steps (x 8 docstrings) of the second teacher")
     args = ap.parse_args()
     work = Path(args.work)
     demo = DemoConfig()
@@ -106,7 +107,7 @@ def main() -> None:
         method = {k: v for k, v in docs[name]["train"].items() if k in METHOD_KEYS or k == "student"}
         student = dataclasses.replace(demo.train.student, **method.get("student", {}))  # e.g. dropout for the dropout teacher
         keys = {k: v for k, v in method.items() if k != "student"}
-        for row, cache, eval_cache in recipe_caches(name, docs[name], gen, work, args.prompt_tokens, demo.train.eval_fraction):
+        for row, cache, eval_cache in recipe_caches(name, docs[name], gen, work, args, demo.train.eval_fraction):
             tcfg = dataclasses.replace(demo.train, cache=cache, eval_cache=eval_cache, out=str(work / row), student=student, **keys,
                                        **({"steps": args.steps} if args.steps else {}))
             t0 = time.perf_counter()

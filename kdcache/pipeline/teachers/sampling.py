@@ -36,7 +36,8 @@ def sample_seed(seed: int, sample: int) -> int:
 
 
 def row_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[len(seeds), steps] uniforms in [0, 1): row i's come from its own seed alone."""
+    """[len(seeds), steps] uniforms in [0, 1): row i's come from its own seed alone, and its first t are the
+    same whatever ``steps`` is (the CPU generator fills in order), so the batch's length cap changes nothing."""
     return sequence_uniforms(seeds, [steps] * len(seeds), 1, device).reshape(len(seeds), steps)
 
 
