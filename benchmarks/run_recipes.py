@@ -64,7 +64,7 @@ def recipe_caches(name: str, recipe: dict, base: GenerateConfig, work: Path, arg
         combine_caches([base.out, cache_b.out], weights, work / "cache-ensemble")
         return [(name, str(work / "cache-ensemble"), base.out), ("kd-teacher-b-alone", cache_b.out, base.out)]
     if gen.get("generation", {}).get("enabled"):
-        cont = dataclasses.replace(base, out=str(work / f"cache-{name}"), top_k=gen.get("top_k", base.top_k), sampled_tokens=0,
+        cont = dataclasses.replace(base, out=str(work / f"cache-{name}"), top_k=gen.get("top_k", base.top_k), sampled_tokens=0, batch_tokens=args.generate_batch_tokens,
                                    generation=GenerationConfig(**{**gen["generation"], "prompt_tokens": args.prompt_tokens}))
         t0 = time.perf_counter()
         m = generate(cont, progress=False)
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the demo's")
     ap.add_argument("--only", default="", help="comma-separated recipe names, run in that order (default: all)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="task-specific recipes: docstring tokens the teacher continues")
+    ap.add_argument("--generate-batch-tokens", type=int, default=16384,
+                    help="task-specific recipes: rows per teacher batch x 128 (decoding is memory-bound: bigger batches, same cost per step)")
     ap.add_argument("--teacher-b-steps", type=int, default=16, help="ensemble: fine-tuning steps (x 8 docstrings) of the second teacher")
     args = ap.parse_args()
     work = Path(args.work)
