@@ -40,7 +40,8 @@ class GenerateRequest:
 
     The result holds, per prompt, a list of ``(sequence, scores)`` with ``sequence`` = prompt +
     continuation cut to ``max_length`` tokens. ``seeds`` (one per prompt) make sampled continuations
-    independent of batching, so a resumed cache equals an uninterrupted one.
+    independent of batching (up to the float rounding of batched logits), so a resumed cache matches an
+    uninterrupted one.
     """
 
     prompts: list[np.ndarray]
@@ -102,8 +103,8 @@ class Teacher(ABC):
     @abstractmethod
     def generate(self, prompts: list[np.ndarray], cfg: Any, seeds: list[int], max_length: int | None = None) -> list[list[np.ndarray]]:
         """For each prompt, ``cfg.num_samples`` continuations (token arrays, without the prompt), decoded
-        together. Sampled ones depend only on the prompt's seed (never on the batch), and none needs to
-        run past ``max_length`` tokens including the prompt."""
+        together. Sampled ones draw from the prompt's seed (not from an RNG the batch shares), and none
+        needs to run past ``max_length`` tokens including the prompt."""
 
     def max_sequence_length(self) -> int | None:
         """Longest sequence the engine accepts (None: no limit beyond the data config's)."""
