@@ -271,12 +271,8 @@ def virtual_teacher_loss(logits: torch.Tensor, targets: Targets, settings: LossS
     sum_log_s = z.to(dt).sum(-1) / tau - V * lse
     kl = neg_entropy - pa * log_s_label - pb * (sum_log_s - log_s_label)
     kd_sum = kl.sum() * tau**2
-    total, metrics = settings.alpha * kd_sum, {"tfkd": kd_sum.detach()}
-    if settings.alpha < 1.0:
-        ce_sum = -(log_s_label if tau == 1.0 else gather_log_probs(z, labels)[:, 0]).sum()
-        total = total + (1.0 - settings.alpha) * ce_sum
-        metrics["ce"] = ce_sum.detach()
-    return total, metrics
+    label_lp = None if settings.alpha >= 1.0 else log_s_label if tau == 1.0 else gather_log_probs(z, labels)[:, 0]
+    return _mix_hard_labels("tfkd", kd_sum, label_lp, settings)
 
 
 register_loss("tfkd", (), "teacher-free: alpha * T^2 * KL(virtual teacher || student) + (1 - alpha) * CE; the virtual "
