@@ -21,7 +21,8 @@ import torch
 from common import machine, synthetic_topk
 from kdcache.train.config import StudentConfig, TrainConfig
 from kdcache.train.data import Batch
-from kdcache.train.loop import _forward_loss, build_optimizer
+from kdcache.train.loop import _forward_loss
+from kdcache.train.optim import build_optimizer
 from kdcache.train.losses import LossSettings, Targets, cross_entropy_loss, get_loss, sparse_kd_loss, teacher_buckets
 
 

@@ -31,7 +31,7 @@ from domain_teacher import domain_teacher
 from kdcache.cache import open_cache
 from kdcache.cache.combine import combine_caches
 from kdcache.pipeline.config import GenerateConfig, GenerationConfig
-from kdcache.pipeline.demo import DemoConfig
+from kdcache.cli.demo import DemoConfig
 from kdcache.pipeline.generate import generate
 from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train

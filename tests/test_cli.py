@@ -1,7 +1,7 @@
-"""Tests of the ``kdcache`` command line (kdcache.pipeline.cli).
+"""Tests of the ``kdcache`` command line (kdcache.cli.main).
 
 Most commands run in-process through click's CliRunner; the exit-code contract is also checked on a real
-``python -m kdcache.pipeline.cli`` subprocess and the installed ``kdcache`` console script.
+``python -m kdcache`` subprocess and the installed ``kdcache`` console script.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from kdcache.cache import open_cache, read_manifest
-from kdcache.pipeline.cli import main
+from kdcache.cli import main
 
 SMALL_STUDENT = [
     "--set", "student.hidden_size=32", "--set", "student.num_heads=2", "--set", "student.num_kv_heads=1",
@@ -177,7 +177,7 @@ def test_real_process_exit_codes(tiny_teacher, text_jsonl, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "cache"
     ok = subprocess.run(
-        [sys.executable, "-m", "kdcache.pipeline.cli", "generate", "--teacher", str(tiny_teacher), "--dataset", str(text_jsonl),
+        [sys.executable, "-m", "kdcache", "generate", "--teacher", str(tiny_teacher), "--dataset", str(text_jsonl),
          "--out", str(out), "--top-k", "4", "--max-rows", "5", "--max-length", "16", "--quiet"],
         env=env, capture_output=True, text=True, timeout=120,
     )
@@ -186,7 +186,7 @@ def test_real_process_exit_codes(tiny_teacher, text_jsonl, tmp_path):
     assert read_manifest(out).status == "complete"
 
     script = Path(sys.executable).parent / "kdcache"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "kdcache.pipeline.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "kdcache"]
     bad = subprocess.run([*cmd, "inspect", str(tmp_path / "missing")], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stdout == ""

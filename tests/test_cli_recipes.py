@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from kdcache.pipeline.cli import main
+from kdcache.cli import main
 from kdcache.pipeline.recipes import RECIPES_DIR, list_recipes
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from kdcache.cache import open_cache
 from kdcache.cache.combine import combine_caches
 from kdcache.errors import CacheMismatchError, ConfigError
-from kdcache.pipeline.cli import main
+from kdcache.cli import main
 from kdcache.pipeline.config import DataConfig, GenerateConfig
 from kdcache.pipeline.generate import generate
 from kdcache.pipeline.teachers.transformers_backend import TransformersTeacher

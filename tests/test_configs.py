@@ -9,7 +9,7 @@ import pytest
 from kdcache.config import build_config, field_docs
 from kdcache.errors import ConfigError
 from kdcache.pipeline.config import GenerateConfig
-from kdcache.pipeline.demo import DemoConfig
+from kdcache.cli.demo import DemoConfig
 from kdcache.train.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))

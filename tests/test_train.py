@@ -34,7 +34,7 @@ from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.train import StudentConfig, TrainConfig, train
 from kdcache.train.checkpoint import latest_checkpoint
-from kdcache.train.loop import lr_lambda
+from kdcache.train.optim import lr_lambda
 from kdcache.train.student import build_student
 
 STUDENT = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -286,7 +286,7 @@ def test_resume_after_torn_metrics_line(tiny_cache, tmp_path):
 
 def _cli() -> list[str]:
     script = Path(sys.executable).parent / "kdcache"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "kdcache.pipeline.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "kdcache"]
 
 
 def test_sigkill_mid_train_then_rerun_matches_uninterrupted(tiny_cache, tmp_path):

@@ -167,7 +167,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 from kdcache.pipeline.teachers.vllm_backend import vllm_available
 assert not vllm_available()
-from kdcache.pipeline.cli import main
+from kdcache.cli import main
 main()
 """
 

@@ -28,6 +28,7 @@ from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch, batches, heldout_batches, train_columns
 from kdcache.train.evaluate import evaluate
+from kdcache.train.optim import build_optimizer, lr_lambda
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss
 from kdcache.train.pseudo_teachers import build_pseudo_teacher
 from kdcache.train.student import build_student
@@ -39,16 +40,6 @@ _RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.json
 
 # Fields that may change between a run and its resumption without changing what is being trained.
 _RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples", "eval_cache")
-
-
-def lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def alpha_at(cfg: TrainConfig, step: int) -> float:
@@ -63,13 +54,6 @@ def alpha_at(cfg: TrainConfig, step: int) -> float:
     if cfg.alpha_schedule == "cosine":
         progress = 0.5 * (1 - math.cos(math.pi * progress))
     return cfg.alpha + (cfg.alpha_end - cfg.alpha) * progress
-
-
-def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:

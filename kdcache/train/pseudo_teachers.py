@@ -30,7 +30,8 @@ import torch
 from kdcache.errors import ConfigError
 from kdcache.modeling import selected_logits
 from kdcache.train.data import Batch
-from kdcache.train.losses import Targets
+from kdcache.train.losses import LossSettings, Targets, get_loss
+from kdcache.train.optim import build_optimizer, lr_lambda  # the run's own recipe for each peer
 
 
 def topk_targets(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Targets:
@@ -146,9 +147,6 @@ class PeerTeacher(PseudoTeacher):
 
     def __init__(self, cfg: Any, model: Any):
         super().__init__(cfg, model)
-        from kdcache.train.loop import build_optimizer, lr_lambda  # the run's own recipe for each peer
-        from kdcache.train.losses import LossSettings, get_loss
-
         if cfg.grad_accum != 1:
             raise ConfigError("pseudo_teacher peers steps each peer once per batch; use grad_accum 1")
         device = next(model.parameters()).device

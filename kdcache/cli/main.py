@@ -180,7 +180,7 @@ def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device) ->
 @click.option("--plot", type=click.Path(), help="Write a PNG of per-example teacher NLL and entropy.")
 def inspect(cache, as_json, plot) -> None:
     """Rows, tokens, bytes/token, signals, teacher and entropy statistics of a cache."""
-    from kdcache.pipeline.inspect_cache import format_summary, plot_summary, summarize
+    from kdcache.cli.inspect_cache import format_summary, plot_summary, summarize
 
     s = _run(summarize, cache)
     if plot:
@@ -198,7 +198,7 @@ def inspect(cache, as_json, plot) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(config_path, out, steps, max_rows, overrides, quiet) -> None:
     """Distil the embedded SmolLM2-135M teacher into a small student; compare with CE-only training."""
-    from kdcache.pipeline.demo import DemoConfig, format_results, run_demo
+    from kdcache.cli.demo import DemoConfig, format_results, run_demo
 
     values = {"out": out, "train.steps": steps, "generate.data.max_rows": max_rows}
     cfg = _run(build_config, DemoConfig, config_path, values, list(overrides))
@@ -251,7 +251,7 @@ def recipes() -> None:
 def fields(command) -> None:
     """List every config field of COMMAND with its default and meaning."""
     from kdcache.pipeline.config import GenerateConfig
-    from kdcache.pipeline.demo import DemoConfig
+    from kdcache.cli.demo import DemoConfig
     from kdcache.train.config import TrainConfig
 
     cls = {"generate": GenerateConfig, "train": TrainConfig, "demo": DemoConfig}[command]
