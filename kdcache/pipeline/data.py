@@ -7,6 +7,7 @@ returned as :class:`BadRow` with a reason, so the caller can count them or, with
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -108,6 +109,9 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers detects template masks
+
+
 class RowTokenizer:
     """Turns one dataset row into a :class:`Tokenized` or a :class:`BadRow`."""
 
@@ -118,6 +122,10 @@ class RowTokenizer:
         """For teacher generation: rows need only a prompt (a response, if present, is dropped)."""
         self.format = cfg.format
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        template = getattr(tokenizer, "chat_template", None)
+        self.template_masks = bool(getattr(tokenizer, "is_fast", False)) and bool(_GENERATION_TAG.search(str(template or "")))
+        """The template marks assistant output with ``{% generation %}``: its own mask is used."""
+        self._special: np.ndarray | None = None
 
     def resolve_format(self, first_row: dict) -> None:
         """Pick the format from the first row, and fail early on a field that is not there at all."""
@@ -200,27 +208,87 @@ class RowTokenizer:
             return self._finish(ids, np.zeros(max(len(ids) - 1, 0), dtype=bool), prompt_len=len(ids))
         if not any(m["role"] == "assistant" for m in messages):
             raise _Bad("no_response", "no assistant message")
-        ids = self._render(messages, add_generation_prompt=False)
-        mask = np.zeros(max(len(ids) - 1, 0), dtype=bool)
-        prompt_len = None
+        ids, targets = self._chat_targets(messages)
+        # Token t is a target iff targets[t]; loss_mask[t-1] says whether token t is predicted.
+        prompt_len = int(np.argmax(targets)) if targets.any() else 0
+        return self._finish(ids, targets[1:], prompt_len=prompt_len)
+
+    def _chat_targets(self, messages: list) -> tuple[list[int], np.ndarray]:
+        """Token ids of the whole conversation and, per token, whether it is a loss target.
+
+        Targets are, for each assistant message, its content tokens and the template's end-of-turn
+        token (so the student learns to stop); not the role header (``<|im_start|>assistant\\n``),
+        not the template tokens after the end-of-turn token (ChatML's newline after ``<|im_end|>``),
+        nothing of other roles. Two ways to find them, in this order:
+
+        1. A template with ``{% generation %}`` markers: its own assistant mask
+           (``return_assistant_tokens_mask``), as the template's author drew it; one render.
+        2. Otherwise, verified prefixes. For assistant message ``i`` the conversation up to it is
+           rendered with the generation prompt (its end is where the content starts) and the
+           conversation through it (its end is where the turn ends); both must be token prefixes of
+           the whole rendering, compared token by token. Within the turn, targets stop at the last
+           special token (the end-of-turn token; a turn without one keeps all its tokens). A template
+           that rewrites history (drops earlier ``<think>`` blocks), a system block that changes
+           between renders (a date stamp) or a BPE merge across the turn boundary breaks the
+           property: the row is a bad row ``chat_template_not_prefix_stable`` instead of a shifted
+           mask. At most two renders per assistant message plus one of the whole conversation.
+        """
+        if self.template_masks:
+            out = self._apply(messages, add_generation_prompt=False, return_assistant_tokens_mask=True, return_dict=True)
+            targets = np.asarray(out["assistant_masks"], dtype=bool)
+            if targets.any():
+                return list(out["input_ids"]), targets
+            # markers that mark nothing in this conversation: fall back to verified prefixes
+        full = np.asarray(self._render(messages, add_generation_prompt=False), dtype=np.int64)
+        targets = np.zeros(len(full), dtype=bool)
+        special = self._special_ids()
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(self._render(messages[:i], add_generation_prompt=True))
-            end = len(self._render(messages[: i + 1], add_generation_prompt=False))
-            if prompt_len is None:
-                prompt_len = start
-            # Targets are ids[start:end]; target index j is predicted at row j-1.
-            mask[max(start - 1, 0) : end - 1] = True
-        return self._finish(ids, mask, prompt_len=prompt_len or 0)
+            if i == 0:
+                raise _Bad("no_prompt", "the conversation starts with an assistant message: where its content starts cannot be verified")
+            start = self._verified_prefix(full, messages[:i], add_generation_prompt=True)
+            end = len(full) if i == len(messages) - 1 else self._verified_prefix(full, messages[: i + 1], add_generation_prompt=False)
+            if end <= start:
+                raise _Bad("chat_template_not_prefix_stable", f"assistant message {i} renders to no tokens after its header")
+            eot = np.flatnonzero(np.isin(full[start:end], special))
+            targets[start : start + int(eot[-1]) + 1 if eot.size else end] = True
+        return full.tolist(), targets
+
+    def _verified_prefix(self, full: np.ndarray, prefix: list, add_generation_prompt: bool) -> int:
+        head = np.asarray(self._render(prefix, add_generation_prompt=add_generation_prompt), dtype=np.int64)
+        n = len(head)
+        if n > len(full) or not np.array_equal(full[:n], head):
+            m = min(n, len(full))
+            at = int(np.argmax(full[:m] != head[:m])) if (full[:m] != head[:m]).any() else m
+            raise _Bad(
+                "chat_template_not_prefix_stable",
+                f"the chat template renders the first {len(prefix)} messages{' + generation prompt' if add_generation_prompt else ''} "
+                f"to tokens that are not a prefix of the whole conversation (they differ from token {at} on); "
+                "the assistant mask cannot be placed (a template that rewrites history or dates its system block?)",
+            )
+        return n
+
+    def _special_ids(self) -> np.ndarray:
+        if self._special is None:
+            ids = set(getattr(self.tok, "all_special_ids", []) or [])
+            ids |= {i for i, t in (getattr(self.tok, "added_tokens_decoder", {}) or {}).items() if getattr(t, "special", False)}
+            self._special = np.asarray(sorted(ids), dtype=np.int64)
+        return self._special
 
     def _render(self, messages: list, add_generation_prompt: bool) -> list[int]:
-        if not messages:
-            return []
-        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        out = self._apply(messages, add_generation_prompt=add_generation_prompt)
         if isinstance(out, dict) or hasattr(out, "input_ids"):
             out = out["input_ids"]
         return list(out)
+
+    def _apply(self, messages: list, **kw: Any) -> Any:
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=True, **kw)
+        except TemplateError as exc:  # raise_exception() in the template, undefined names
+            raise _Bad("chat_template_error", f"the chat template refused this conversation: {_first_line(exc)}") from None
 
     def _finish(self, ids: list[int], mask: np.ndarray, prompt_len: int) -> Tokenized | BadRow:
         truncated = False
