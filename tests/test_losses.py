@@ -170,23 +170,67 @@ def test_gradient_scale_does_not_vanish_with_temperature():
 # k < V: teacher buckets, tail bucket and renormalisation
 
 
+def dense_buckets(teacher_lp: torch.Tensor, topk_ids: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, densely in float64: temper the teacher's FULL distribution, softmax(logp / T) over the
+    vocabulary, then sum it into the buckets (each top-k token; everything else into the tail)."""
+    q = torch.softmax(teacher_lp.double() / T, dim=-1)
+    return q.gather(1, topk_ids), q.masked_fill(topk_mask(topk_ids, q.shape[1]), 0.0).sum(-1)
+
+
+def cached_from_dense(teacher_lp: torch.Tensor, k: int) -> Targets:
+    """What the cache stores for a dense teacher: top-k log-probs and the tail's log-mass (float32)."""
+    topk_lp, topk_ids = teacher_lp.topk(k, dim=-1)
+    tail = torch.logsumexp(teacher_lp.scatter(1, topk_ids, float("-inf")), dim=-1)
+    return Targets(torch.zeros(teacher_lp.shape[0], dtype=torch.long), topk_ids, topk_lp.float(), tail.float())
+
+
+def one_token_tail_teacher(seed: int, N: int = 6, V: int = 40, k: int = 8, sharp: float = 3.0) -> torch.Tensor:
+    """A dense teacher whose mass outside its top-k sits on ONE token: there, tempering the k+1 buckets (the
+    documented rule when no tempered tail is stored) is exactly tempering the full distribution, at any T."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * sharp
+    keep = logits.topk(k + 1, dim=-1).indices  # the top-k and the single tail token
+    logits = torch.full_like(logits, float("-inf")).scatter(1, keep, logits.gather(1, keep))
+    # rounded to float32 first, so the reference sees the very log-probs the cache holds
+    return torch.log_softmax(logits, dim=-1).float().double()
+
+
+# Tolerance 1e-6 on probabilities (all <= 1): teacher_buckets is a float32 softmax over k+1 = 9 buckets of
+# float32 inputs; exp (~1 ulp), a 9-term sum (<= 8 roundings) and a division give a relative error of at most
+# ~11 * eps32 / 2 = 7e-7 of each probability, independent of summation order or SIMD width. The float32
+# rounding of the cached inputs is shared with the references (they are built from the rounded values), except
+# the tail log-mass, rounded once: relative error 2^-24 * |log q_tail| / T, below 1e-7 here.
+
+
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_teacher_buckets(T):
-    _, t, _ = make_problem(seed=5)
+    # Bucket tempering against the dense definition, on a teacher where the two coincide at every T.
+    teacher_lp = one_token_tail_teacher(seed=5)
+    t = cached_from_dense(teacher_lp, 8)
+    assert (t.tail_logprob.exp() > 1e-4).all()  # the tail bucket carries mass: the check has teeth
     q, q_tail = teacher_buckets(t.topk_logprobs, t.tail_logprob, T, "bucket")
-    assert torch.allclose(q.sum(-1) + q_tail, torch.ones(q.shape[0]), atol=1e-6)
+    want, want_tail = dense_buckets(teacher_lp, t.topk_ids, T)
+    assert torch.allclose(q.double(), want, rtol=0, atol=1e-6) and torch.allclose(q_tail.double(), want_tail, rtol=0, atol=1e-6)
     assert (q >= 0).all() and (q_tail >= 0).all()
-    both = torch.cat([t.topk_logprobs, t.tail_logprob[:, None]], -1).double() / T
-    want = both.exp() / both.exp().sum(-1, keepdim=True)
-    assert torch.allclose(q.double(), want[:, :-1], atol=1e-6) and torch.allclose(q_tail.double(), want[:, -1], atol=1e-6)
-    if T == 1.0:  # the cached log-probs are already a distribution over the buckets
-        assert torch.allclose(q, t.topk_logprobs.exp(), atol=1e-6)
-        assert torch.allclose(q_tail, t.tail_logprob.exp(), atol=1e-6)
 
+    # A general teacher (tail spread over 32 tokens). At T = 1 the cached log-probs ARE the dense buckets; at any
+    # T the top-k keep the dense tempered teacher's ratios, and the buckets sum to one. (The tail bucket at T != 1
+    # is exact only with a stored tempered tail mass; without it the k+1 buckets are tempered, as above.)
+    teacher_lp = torch.log_softmax(torch.randn(6, 40, generator=torch.Generator().manual_seed(15), dtype=torch.float64) * 3.0, -1)
+    teacher_lp = teacher_lp.float().double()
+    t = cached_from_dense(teacher_lp, 8)
+    q, q_tail = teacher_buckets(t.topk_logprobs, t.tail_logprob, T, "bucket")
+    want, want_tail = dense_buckets(teacher_lp, t.topk_ids, T)
+    assert torch.allclose(q.sum(-1) + q_tail, torch.ones(q.shape[0]), atol=1e-6)
+    ratio = q.double() / q.double().sum(-1, keepdim=True)
+    assert torch.allclose(ratio, want / want.sum(-1, keepdim=True), rtol=0, atol=1e-6)
+    if T == 1.0:
+        assert torch.allclose(q.double(), want, rtol=0, atol=1e-6) and torch.allclose(q_tail.double(), want_tail, rtol=0, atol=1e-6)
+
+    # renormalize: the dense tempered teacher restricted to the top-k and renormalised, exact at every T.
     qr, qr_tail = teacher_buckets(t.topk_logprobs, t.tail_logprob, T, "renormalize")
-    assert torch.allclose(qr.sum(-1), torch.ones(q.shape[0]), atol=1e-6)
     assert (qr_tail == 0).all()
-    assert torch.allclose(qr.double(), torch.softmax(t.topk_logprobs.double() / T, -1), atol=1e-6)
+    assert torch.allclose(qr.double(), want / want.sum(-1, keepdim=True), rtol=0, atol=1e-6)
 
 
 def test_teacher_buckets_with_empty_tail():
