@@ -17,6 +17,9 @@ class DataConfig:
         "embedded:stdlib-docs",
     )
     split: str = doc("Split to read (hub datasets and local files alike).", "train")
+    revision: str | None = doc(
+        "Hub datasets: the git revision (commit sha, tag or branch) to read; recorded in the cache's dataset identity, "
+        "so a cache made from another revision is never resumed into. null: the hub's default branch (unpinned).", None)
     format: Literal["auto", "text", "messages", "prompt_response"] = doc(
         "How a row becomes tokens: text (one field, loss on every token), messages (chat list, loss on assistant "
         "turns), prompt_response (loss on the response). auto picks from the row's fields.",
@@ -106,6 +109,9 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
     batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096)
     trust_remote_code: bool = doc("Allow model code from the model folder/hub (off unless you trust it).", False)
+    allow_pickle_weights: bool = doc(
+        "Allow teacher weights stored as pickle (pytorch_model.bin, .pt), which can run code when loaded; off: "
+        "safetensors only (GGUF files are not pickle and always load).", False)
     seed: int = doc("Seed for sampled generation (each input row gets its own seed derived from it).", 0)
     shard_tokens: int = doc("Tokens per Parquet shard.", 4_000_000)
     row_group_tokens: int = doc("Tokens per Parquet row group (the reader's unit of work).", 16_384)

@@ -38,15 +38,19 @@ class BadRow:
 
 def dataset_identity(cfg: DataConfig) -> dict:
     src = cfg.source
-    ident: dict[str, Any] = {"source": src, "split": cfg.split}
+    ident: dict[str, Any] = {"source": src, "split": cfg.split, "revision": cfg.revision}
+    local = src.startswith(EMBEDDED_PREFIX) or Path(src).exists()
+    if cfg.revision is not None and local:
+        raise DataError(f"data.revision pins a hub dataset's version, but {src} is not one; drop data.revision")
     if src.startswith(EMBEDDED_PREFIX):
         import sys
 
         ident["fingerprint"] = json_hash([src, sys.version_info[:2]])
     elif Path(src).exists():
-        ident["fingerprint"] = tree_fingerprint(src)
+        ident["fingerprint"] = tree_fingerprint(src)  # every byte of every file: an edit anywhere is a new dataset
     else:
-        ident["fingerprint"] = json_hash(src)  # hub name; revision pinning is the hub's job
+        # A hub name alone does not pin the rows; with data.revision the identity names the exact version.
+        ident["fingerprint"] = json_hash(src) if cfg.revision is None else json_hash([src, cfg.revision])
     return ident
 
 
@@ -59,13 +63,13 @@ def iter_rows(cfg: DataConfig) -> Iterator[dict]:
             raise DataError(f"unknown embedded dataset {name!r}; available: {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_DATASETS)}")
         rows: Iterator[dict] = stdlib_docstrings()
     else:
-        rows = _load_datasets(src, cfg.split)
+        rows = _load_datasets(src, cfg.split, cfg.revision)
     if cfg.max_rows is not None:
         rows = itertools.islice(rows, cfg.max_rows)
     return rows
 
 
-def _load_datasets(src: str, split: str) -> Iterator[dict]:
+def _load_datasets(src: str, split: str, revision: str | None = None) -> Iterator[dict]:
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -80,7 +84,7 @@ def _load_datasets(src: str, split: str) -> Iterator[dict]:
                 raise DataError(f"cannot read {src}: use one of {', '.join(sorted(_LOADERS))} files")
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
         else:
-            ds = datasets.load_dataset(src, split=split, streaming=True)
+            ds = datasets.load_dataset(src, split=split, streaming=True, revision=revision)
     except DataError:
         raise
     except FileNotFoundError as exc:

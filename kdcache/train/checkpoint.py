@@ -1,13 +1,15 @@
 """Checkpoints with no pickle: the model as a save_pretrained folder, everything else safetensors + JSON.
 
-A checkpoint directory is written under a temporary name and renamed into place, then ``latest`` is
-updated atomically, so a kill at any moment leaves the previous checkpoint intact and loadable.
+A checkpoint directory is written under a temporary name, every file in it and then every folder is
+fsynced, it is renamed into place, and only then is ``latest`` updated atomically: a kill or a power loss
+at any moment leaves ``latest`` naming a complete checkpoint whose bytes are on disk.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,25 @@ from kdcache.cache.writer import is_space_error
 from kdcache.errors import KDCacheError, OutOfSpaceError
 
 LATEST = "latest"
+_STEP_NAME = re.compile(r"step-\d+")
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every folder (deepest first, ``root`` last).
+
+    Files written by ``save_pretrained`` or ``save_file`` are only in the page cache when those return; a
+    rename that points readers at them must not reach the disk before their bytes do."""
+    dirs: list[Path] = []
+    for folder, _, files in os.walk(root):
+        dirs.append(Path(folder))
+        for name in sorted(files):
+            fd = os.open(Path(folder) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in reversed(dirs):
+        fsync_dir(folder)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,9 +101,7 @@ def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, sc
     save_file(tensors, str(tmp / "trainer_state.safetensors"))
     state = {**trainer_state, "step": step, "optimizer": optim_meta, "scheduler": scheduler.state_dict()}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
-    for path in (tmp / "trainer_state.safetensors", tmp / "trainer_state.json"):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    fsync_tree(tmp)  # weights, tokenizer and trainer state on disk before anything points at them
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -100,7 +119,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = ckpt_root / LATEST
     if not pointer.is_file():
         return None
-    path = ckpt_root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    # The pointer names a folder next to it, never a path: an edited or foreign file must not send a resume elsewhere.
+    if not _STEP_NAME.fullmatch(name):
+        raise KDCacheError(
+            f"{pointer} holds {name[:80]!r}, not a checkpoint name in {ckpt_root} (step-N); "
+            f"write the name of a step-N folder there, or pass --overwrite to start the run over"
+        )
+    path = ckpt_root / name
     return path if (path / "trainer_state.json").is_file() else None
 
 

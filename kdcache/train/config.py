@@ -22,6 +22,8 @@ class StudentConfig:
     tie_embeddings: bool = doc("Spec: share input and output embeddings.", True)
     tokenizer: str = doc("Spec: tokenizer folder; empty uses the copy stored in the cache.", "")
     trust_remote_code: bool = doc("Allow model code from the student folder/hub.", False)
+    allow_pickle_weights: bool = doc(
+        "Allow student weights stored as pickle (pytorch_model.bin, .pt), which can run code when loaded; off: safetensors only.", False)
     attention_dropout: float = doc("Spec: dropout on attention probabilities (the dropout pseudo-teacher needs it > 0).", 0.0)
 
 

@@ -59,11 +59,13 @@ def evaluate_student(
     max_examples: int = 256,
     batch_size: int = 8,
     device: str = "auto",
+    allow_pickle_weights: bool = False,
 ) -> dict[str, float]:
-    """``kdcache eval``: a saved student on a cache's held-out split (``eval_fraction=0`` means every row)."""
+    """``kdcache eval``: a saved student on a cache's held-out split (``eval_fraction=0`` means every row).
+    The student loads from safetensors only (and without remote code) unless ``allow_pickle_weights``."""
     cache = open_cache(cache_path)
     dev = resolve_device(device)
-    model, tokenizer = build_student(StudentConfig(path=student), cache)
+    model, tokenizer = build_student(StudentConfig(path=student, allow_pickle_weights=allow_pickle_weights), cache)
     model.to(dev)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return evaluate(model, heldout_batches(cache, eval_fraction, max_examples, batch_size, pad), dev, autocast_for("auto", dev))

@@ -24,7 +24,7 @@ from kdcache.config import to_dict
 from kdcache.errors import CacheMismatchError, ConfigError, DataError
 from kdcache.fingerprint import json_hash
 from kdcache.modeling import autocast_for, resolve_device, selected_logits
-from kdcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdcache.train.checkpoint import fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch, batches, heldout_batches, train_columns
 from kdcache.train.evaluate import evaluate
@@ -201,8 +201,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     for folder, m in [(tmp, model), *((tmp / "peers" / name, m) for name, m in extras.items())]:
         m.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+    fsync_tree(tmp)  # every file and folder on disk before final/ can name them (a power loss never leaves it empty)
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
+    fsync_dir(out)
     if not final and eval_batches:
         final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
     if extras and eval_batches:

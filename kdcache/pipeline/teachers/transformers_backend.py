@@ -54,6 +54,33 @@ def locate_model(model: str) -> tuple[str, str | None, bool]:
     return model, None, False
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_only(folder: str | Path, what: str, flag: str) -> None:
+    """A local model folder whose weights exist only as pickle files (``pytorch_model.bin``) is refused:
+    unpickling can run code. safetensors (and GGUF) cannot; ``flag`` lets a user who trusts the file in."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    if pickled:
+        raise ConfigError(
+            f"{what} {folder} has only pickle weights ({', '.join(pickled[:2])}), which can run code when loaded; "
+            f"save it with safetensors (save_pretrained(..., safe_serialization=True)), or set {flag}=true if you trust the file"
+        )
+
+
+def load_error(what: str, model: str, exc: BaseException, allow_pickle: bool, flag: str) -> KDCacheError:
+    """One line for a failed from_pretrained; a hub model without safetensors names the flag."""
+    line = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    missing = "no file named" in str(exc) or "does not appear to have a file named" in str(exc)
+    if not allow_pickle and missing and "safetensors" in str(exc):
+        return KDCacheError(f"cannot load {what} weights from {model} as safetensors ({line}); "
+                            f"only pickle weights may exist: set {flag}=true if you trust them")
+    return KDCacheError(f"cannot load {what} weights from {model}: {line}")
+
+
 def load_tokenizer(model: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -73,6 +100,7 @@ class TransformersTeacher(Teacher):
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        allow_pickle_weights: bool = False,
         logits_chunk_tokens: int = 1024,
     ):
         from transformers import AutoConfig
@@ -82,6 +110,9 @@ class TransformersTeacher(Teacher):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.trust_remote_code = trust_remote_code
+        self.allow_pickle_weights = allow_pickle_weights
+        if self.is_local and not self.gguf_file and not allow_pickle_weights:  # GGUF is not pickle
+            refuse_pickle_only(self.folder, "teacher", "allow_pickle_weights")
         self.logits_chunk_tokens = logits_chunk_tokens
         try:
             self.config = AutoConfig.from_pretrained(self.folder, gguf_file=self.gguf_file, trust_remote_code=trust_remote_code)
@@ -102,7 +133,7 @@ class TransformersTeacher(Teacher):
             "backend": "transformers",
             "architecture": self._architecture(),
             "config_hash": json_hash(cfg),
-            "weights_fingerprint": tree_fingerprint(src, _WEIGHT_SUFFIXES) if self.is_local else None,
+            "weights_fingerprint": tree_fingerprint(src, _WEIGHT_SUFFIXES, sampled=True) if self.is_local else None,
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
@@ -134,10 +165,12 @@ class TransformersTeacher(Teacher):
         log.info("loading teacher %s on %s (%s)", self.model_name, self.device, self.dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                self.folder, gguf_file=self.gguf_file, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+                self.folder, gguf_file=self.gguf_file, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                # safetensors only (GGUF is not pickle): a .bin is unpickled, which can run code
+                use_safetensors=None if self.gguf_file or self.allow_pickle_weights else True,
             )
         except (OSError, ValueError) as exc:
-            raise KDCacheError(f"cannot load teacher weights from {self.model_name}: {str(exc).splitlines()[0][:200]}") from None
+            raise load_error("teacher", self.model_name, exc, self.allow_pickle_weights, "allow_pickle_weights") from None
         self.model = model.to(self.device).eval()
 
     def close(self) -> None:
@@ -292,4 +325,5 @@ def _stop_end(tokenizer, seq: np.ndarray, stops: list[str]) -> int:
 
 @register_backend("transformers")
 def _from_config(cfg: Any) -> TransformersTeacher:
-    return TransformersTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    return TransformersTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                               allow_pickle_weights=cfg.allow_pickle_weights)

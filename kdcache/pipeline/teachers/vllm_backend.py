@@ -101,7 +101,9 @@ class VLLMTeacher(Teacher):
         if not vllm_available():
             raise ConfigError(f"backend vllm needs vLLM, which is not installed; install it with {INSTALL_HINT}")
         # Tokenizer, config and identity come from the transformers side: the same tokens, the same cache keys.
-        self.hf = TransformersTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        # (it also refuses a folder with only pickle weights unless allow_pickle_weights)
+        self.hf = TransformersTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                      allow_pickle_weights=cfg.allow_pickle_weights)
         if self.hf.gguf_file:
             raise ConfigError(
                 f"backend vllm needs a model folder, not the GGUF file {cfg.teacher}; convert it once with "
@@ -194,6 +196,10 @@ class VLLMTeacher(Teacher):
             logprobs_mode="raw_logprobs",  # temperature-1 distributions, before any sampling processor
             trust_remote_code=self.hf.trust_remote_code,
         )
+        if not self.hf.allow_pickle_weights:
+            # vLLM's default ("auto" -> "hf") globs *.safetensors, then falls back to *.bin / *.pt and unpickles them;
+            # "safetensors" globs only *.safetensors (none found: "Cannot find any model weights").
+            kwargs["load_format"] = "safetensors"
         if e.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
         if e.max_num_seqs is not None:
