@@ -29,3 +29,7 @@ class DataError(KDCacheError):
 
 class OutOfSpaceError(KDCacheError):
     """The disk filled up (or a file size limit was hit) while writing."""
+
+
+class CacheLockedError(KDCacheError):
+    """Another process holds the cache's lock (``CACHE/.kdcache.lock``): one writer per cache."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, require_same_tokenizer
+from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, require_same_tokenizer, temp_suffix
 from kdcache.cache.reader import open_cache
 from kdcache.cache.schema import GENERATION_COLUMNS, make_signals
 from kdcache.cache.writer import CacheWriter
@@ -63,6 +63,9 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ConfigError(f"ensemble weights must be non-negative and sum to a positive number, got {list(weights)}")
     w = w / w.sum()
+    for s in sources:
+        if Path(s).resolve() == Path(out).resolve():
+            raise ConfigError(f"the output {out} is also one of the caches to combine; choose another --out")
     caches = [open_cache(s) for s in sources]
     first = caches[0].manifest
     for c in caches:
@@ -93,11 +96,14 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
     writer = CacheWriter(out, settings, signals, overwrite=overwrite, created_by="kdcache combine")
     if writer.complete:
         return writer.manifest
-    if not (out / TOKENIZER_DIR).exists() and (caches[0].path / TOKENIZER_DIR).is_dir():
-        shutil.copytree(caches[0].path / TOKENIZER_DIR, out / TOKENIZER_DIR)
-    start = writer.resume_input_row
-    streams = [iter(c.stream(columns=_READ + gen_cols)) for c in caches]
     try:
+        if not (out / TOKENIZER_DIR).exists() and (caches[0].path / TOKENIZER_DIR).is_dir():
+            # Copied under the writer's lock, to a temporary name first: a crash never leaves half a tokenizer.
+            tmp = out / f".{TOKENIZER_DIR}.tmp.{temp_suffix()}"
+            shutil.copytree(caches[0].path / TOKENIZER_DIR, tmp)
+            tmp.rename(out / TOKENIZER_DIR)
+        start = writer.resume_input_row
+        streams = [iter(c.stream(columns=_READ + gen_cols)) for c in caches]
         for index, exs in enumerate(zip(*streams)):
             if index < start:
                 continue

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,25 @@ from kdcache.errors import CacheFormatError, CacheMismatchError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+
+SHARD_RE = re.compile(r"part-(?:\d{5}|[1-9]\d{5,})\.parquet")
+"""kdcache's shard names, exactly as the writer makes them: ``part-{index:05d}.parquet``. pyarrow's
+``part-{i}.parquet`` (``part-0.parquet``) does not match; only names the manifest lists, or names of this
+exact form in a directory holding a kdcache manifest, are ever treated as kdcache's."""
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def shard_index(name: str) -> int | None:
+    """The index of a kdcache shard name, None for any other name."""
+    return int(name[5:-8]) if SHARD_RE.fullmatch(name) else None
+
+
+def temp_suffix() -> str:
+    """``<pid>-<random hex>``: temporary names no other process (or writer) can share."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -93,6 +114,8 @@ class Manifest:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CacheFormatError(f"{where} is not valid JSON ({exc.msg}); the cache is damaged, regenerate it") from None
+        if not isinstance(data, dict):
+            raise CacheFormatError(f"{where} is not a kdcache manifest (not a JSON object); the cache is damaged, regenerate it")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise CacheFormatError(
@@ -102,9 +125,19 @@ class Manifest:
         data.pop("settings_hash", None)
         try:
             shards = [ShardInfo(**s) for s in data.pop("shards", [])]
-            return cls(shards=shards, **data)
+            manifest = cls(shards=shards, **data)
         except TypeError as exc:
             raise CacheFormatError(f"{where} is missing or has unexpected fields ({exc}); regenerate the cache") from None
+        seen: set[str] = set()
+        for s in shards:
+            # Shards live in the cache directory itself: a name is a plain kdcache shard file name, never a path.
+            if not isinstance(s.name, str) or not SHARD_RE.fullmatch(s.name) or s.name in seen:
+                raise CacheFormatError(
+                    f"{where} lists shard {s.name!r}, which is not a kdcache shard file name in the cache directory "
+                    "(part-NNNNN.parquet, listed once); the manifest was not written by kdcache or was edited, regenerate the cache"
+                )
+            seen.add(s.name)
+        return manifest
 
 
 def settings_hash(settings: dict) -> str:
@@ -135,7 +168,7 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write, fsync, rename: readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{temp_suffix()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

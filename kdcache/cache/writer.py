@@ -4,6 +4,13 @@ Examples are buffered until a row group's worth of tokens, converted to Arrow in
 and appended to a hidden temporary shard. A shard is committed by fsync + rename + manifest update, in
 that order, so a crash at any moment leaves only committed shards visible; the next run with the same
 settings resumes after the last committed input row.
+
+One writer per cache: the writer holds ``CACHE/.kdcache.lock`` (kdcache.cache.lock) from before it reads
+the old manifest until ``close()``/``abort()``, so clearing or resuming a cache never races another
+writer. Only kdcache's own files are ever removed, and only in a directory that holds a kdcache manifest:
+the shards it lists, unlisted ``part-NNNNN.parquet`` shards past them (renamed but not yet listed when a
+run died), the tokenizer directory and kdcache's temporary files. Temporary names carry the pid and a
+random token, so two processes never share one.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
+from kdcache.cache.lock import LOCK_NAME, CacheLock
 from kdcache.cache.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -29,15 +38,33 @@ from kdcache.cache.manifest import (
     ShardInfo,
     fsync_dir,
     read_manifest,
+    shard_index,
+    shard_name,
+    temp_suffix,
     write_atomic,
 )
 from kdcache.cache.schema import build_schema, column_codecs
-from kdcache.errors import CacheFormatError, CacheMismatchError, KDCacheError, OutOfSpaceError
+from kdcache.errors import CacheFormatError, CacheLockedError, CacheMismatchError, KDCacheError, OutOfSpaceError
 
 log = logging.getLogger(__name__)
 
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)}
 _SPACE_TEXT = ("No space left", "File too large", "quota exceeded")
+
+
+_TEMP_RE = re.compile(
+    r"\.part-\d{5,}\.\d+-[0-9a-f]+\.parquet\.tmp"  # in-flight shard
+    r"|\.part-\d{5,}\.parquet\.tmp"  # in-flight shard, kdcache <= 0.x naming
+    r"|\.manifest\.json\.\d+-[0-9a-f]+\.tmp|\.manifest\.json\.tmp-\d+"  # manifest being replaced (new, old naming)
+    r"|\.write-probe-\d+-[0-9a-f]+|\.write-probe-\d+"  # writability probe
+    r"|\.tokenizer\.tmp(?:\.\d+-[0-9a-f]+)?"  # tokenizer being saved
+    r"|\.kdcache\.lock\.\d+-[0-9a-f]+\.tmp"  # lock being taken over
+)
+"""kdcache's temporary files: removed only in a directory that holds a kdcache manifest, under its lock."""
+
+
+def is_temp_name(name: str) -> bool:
+    return _TEMP_RE.fullmatch(name) is not None
 
 
 def is_space_error(exc: BaseException) -> bool:
@@ -71,7 +98,9 @@ class CacheWriter:
         row_group_tokens: int = 16_384,
         compression_level: int = 1,
         created_by: str = "",
+        command: str | None = None,
     ):
+        """``command``: what the lock file says is writing (default: this process's command line)."""
         self.path = Path(path)
         self.schema = build_schema(signals)
         self._codecs = {name: get_codec(c) for name, c in column_codecs(signals).items()}
@@ -79,7 +108,17 @@ class CacheWriter:
         self.shard_tokens = shard_tokens
         self.row_group_tokens = row_group_tokens
         self.compression_level = compression_level
-        self.manifest = self._open(settings, signals, overwrite, created_by)
+        self._created = not self.path.exists()
+        self._closed = False
+        self._check_writable()
+        self._lock = CacheLock(self.path, command).acquire()  # raises CacheLockedError at once if taken
+        try:
+            self.manifest = self._open(settings, signals, overwrite, created_by)
+        except BaseException:
+            self._lock.release()
+            raise
+        if self.manifest.status == "complete":
+            self._lock.release()  # nothing will be written
         self.stats: dict[str, Any] = dict(self.manifest.stats)
         self._pending: list[Mapping[str, Any]] = []
         self._pending_tokens = 0
@@ -94,8 +133,8 @@ class CacheWriter:
 
     # ------------------------------------------------------------------ setup
     def _open(self, settings: dict, signals: dict, overwrite: bool, created_by: str) -> Manifest:
+        """Called with the lock held."""
         fresh = Manifest(format_version=FORMAT_VERSION, settings=settings, signals=signals, created_by=created_by)
-        self._check_writable()
         if (self.path / MANIFEST_NAME).exists():
             try:
                 old = read_manifest(self.path)
@@ -104,7 +143,7 @@ class CacheWriter:
                     raise
                 old = None
             if old is not None and old.settings_hash == fresh.settings_hash and old.signals == signals and not overwrite:
-                self._remove_strays(keep={s.name for s in old.shards})
+                self._remove_strays(old)
                 if old.shards:
                     log.info("resuming cache %s: %d shards, %d rows committed", self.path, len(old.shards), old.num_rows)
                 return old
@@ -114,21 +153,25 @@ class CacheWriter:
                     f"{self.path} already holds a cache made with different settings "
                     f"({', '.join(changed[:4]) or 'settings'} differ); use another --out or pass --overwrite to replace it"
                 )
-            self._clear()
-        elif any(self.path.iterdir()):
-            if not all(self._is_ours(p.name) for p in self.path.iterdir()):
+            self._clear(old)
+        else:
+            # No manifest: not a kdcache cache (a crashed run always leaves one: it is written first), so
+            # nothing here is removed. Only kdcache temporary files (a run that died while writing its first
+            # manifest) may be present; they stay until a later run finds the manifest.
+            foreign = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME and not is_temp_name(p.name))
+            if foreign:
                 raise CacheMismatchError(
-                    f"{self.path} is not empty and is not a kdcache cache; choose an empty --out "
+                    f"{self.path} is not empty and is not a kdcache cache (no {MANIFEST_NAME}; holds {foreign[0]!r}"
+                    f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); choose an empty --out "
                     "(--overwrite only replaces kdcache caches, never other files)"
                 )
-            self._clear()
         self._write_manifest(fresh)
         return fresh
 
     def _check_writable(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-probe-{os.getpid()}"
+            probe = self.path / f".write-probe-{temp_suffix()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
@@ -139,27 +182,32 @@ class CacheWriter:
             ) from None
 
     @staticmethod
-    def _is_ours(name: str) -> bool:
-        return name.startswith(("part-", ".part-", ".manifest.json", ".write-probe", f".{TOKENIZER_DIR}.tmp")) or name in (
-            MANIFEST_NAME,
-            TOKENIZER_DIR,
-        )
+    def _remove(p: Path) -> None:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
-    def _clear(self) -> None:
-        """Remove a previous cache: only the files a cache consists of, whatever else lives beside them."""
+    def _clear(self, old: Manifest | None) -> None:
+        """``--overwrite``: remove the old cache's shards (those its manifest lists), its tokenizer and
+        kdcache's temporary files, nothing else; the manifest is replaced by the fresh one. A damaged
+        manifest lists nothing, so its shards stay until a later run removes them as strays."""
+        listed = {s.name for s in old.shards} if old is not None else set()
         for p in self.path.iterdir():
-            if not self._is_ours(p.name):
+            if p.name in listed or p.name == TOKENIZER_DIR or is_temp_name(p.name):
+                self._remove(p)
+
+    def _remove_strays(self, old: Manifest) -> None:
+        """Resume: drop work that was in flight. kdcache's temporary files, and shards with kdcache's exact
+        name ``part-NNNNN.parquet`` past the listed ones (renamed, but the manifest update never happened).
+        Anything else (e.g. pyarrow's ``part-0.parquet``) is not ours and stays."""
+        listed = {s.name for s in old.shards}
+        for p in self.path.iterdir():
+            if p.name in listed:
                 continue
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-
-    def _remove_strays(self, keep: set[str]) -> None:
-        """Temporary shards and shards renamed but never listed in the manifest: work that was in flight."""
-        for p in self.path.iterdir():
-            if p.name.startswith((".part-", "part-")) and p.name not in keep:
-                p.unlink()
+            index = shard_index(p.name)
+            if is_temp_name(p.name) or (index is not None and index >= len(old.shards)):
+                self._remove(p)
 
     # ------------------------------------------------------------------ api
     @property
@@ -181,6 +229,8 @@ class CacheWriter:
         """
         if self.complete:
             raise KDCacheError(f"{self.path} is already complete; pass --overwrite to regenerate it")
+        if self._closed:
+            raise KDCacheError(f"the writer of {self.path} was aborted; rerun the same command to resume the cache")
         self.rows_added += len(examples)
         for ex in examples:
             self._pending.append(ex)
@@ -192,17 +242,54 @@ class CacheWriter:
             self._commit_shard()
 
     def close(self) -> Manifest:
-        """Commit what is buffered and mark the cache complete."""
-        if not self.complete:
-            self._flush_row_group()
-            self._commit_shard(force=True)
-            self.manifest.status = "complete"
-            self.manifest.stats = dict(self.stats)
-            self._write_manifest(self.manifest)
+        """Commit what is buffered, mark the cache complete and release its lock."""
+        if self._closed and not self.complete:
+            raise KDCacheError(f"the writer of {self.path} was aborted; rerun the same command to resume the cache")
+        try:
+            if not self.complete:
+                self._flush_row_group()
+                self._commit_shard(force=True)
+                self.manifest.status = "complete"
+                self.manifest.stats = dict(self.stats)
+                self._write_manifest(self.manifest)
+        except BaseException:
+            self._drop_in_flight()
+            raise
+        finally:
+            self._closed = True
+            self._lock.release()
         return self.manifest
 
-    def abort(self) -> None:
-        """Drop the in-flight shard; committed shards stay and a rerun resumes after them."""
+    def abort(self, discard_new: bool = False) -> None:
+        """Drop the in-flight shard and release the lock; committed shards stay and a rerun resumes after them.
+
+        ``discard_new``: if this writer created the directory and nothing was committed, remove what it
+        wrote (manifest, tokenizer, temporary files) and the directory if that leaves it empty.
+        """
+        self._drop_in_flight()
+        self._closed = True
+        if not (discard_new and self._created and not self.manifest.shards):
+            self._lock.release()
+            return
+        lock = self._lock
+        if not lock.held:  # released by a failed write (_fail): take it back to clean up, unless someone else has it
+            lock = CacheLock(self.path, lock.command)
+            try:
+                lock.acquire()
+            except CacheLockedError:
+                return
+        try:
+            for p in self.path.iterdir():
+                if p.name in (MANIFEST_NAME, TOKENIZER_DIR) or is_temp_name(p.name):
+                    self._remove(p)
+        finally:
+            lock.release()
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # something else lives there now: leave it
+
+    def _drop_in_flight(self) -> None:
         self._pending.clear()
         self._pending_tokens = 0
         if self._shard is not None:
@@ -256,7 +343,7 @@ class CacheWriter:
         try:
             if self._shard is None:
                 index = len(self.manifest.shards)
-                self._shard_tmp = self.path / f".part-{index:05d}.parquet.tmp"
+                self._shard_tmp = self.path / f".{shard_name(index)[:-8]}.{temp_suffix()}.parquet.tmp"
                 self._shard = pq.ParquetWriter(
                     self._shard_tmp,
                     self.schema,
@@ -286,7 +373,7 @@ class CacheWriter:
             return
         assert self._shard_tmp is not None
         index = len(self.manifest.shards)
-        final = self.path / f"part-{index:05d}.parquet"
+        final = self.path / shard_name(index)
         try:
             self._shard.close()
             self._shard = None

@@ -123,7 +123,6 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
     tokenize.resolve_format(first)
 
     out = Path(cfg.out)
-    created = not out.exists()
     writer = CacheWriter(
         out, _settings(cfg, teacher, layers), signals, overwrite=cfg.overwrite, shard_tokens=cfg.shard_tokens,
         row_group_tokens=cfg.row_group_tokens, compression_level=cfg.compression_level, created_by="kdcache generate",
@@ -137,9 +136,8 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
     except BaseException:
         if owned:
             teacher.close()
-        writer.abort()
-        if created and not writer.manifest.shards:
-            shutil.rmtree(out, ignore_errors=True)  # nothing committed: leave no half-made cache behind
+        # Nothing committed in a directory this run created: leave no half-made cache behind (under the lock).
+        writer.abort(discard_new=True)
         raise
     if owned:
         teacher.close()

@@ -1,0 +1,216 @@
+"""One writer per cache: a lock file, ``CACHE/.kdcache.lock``, taken by everything that writes a cache.
+
+The lock is created atomically (``O_CREAT | O_EXCL``) and holds JSON ``{host, pid, started, command,
+token}``. A second writer fails at once with a message naming the holder. A lock whose process is gone
+*on this host* (``os.kill(pid, 0)`` says no such process) is taken over: the takeover is serialised by
+``flock`` on the stale lock file, the stale file is replaced atomically (``os.replace``) and re-read to
+confirm the new owner. A lock of another host is never taken over: its process cannot be checked from
+here, so the user decides. The lock is released by ``release()`` (also on garbage collection of the lock
+object); a ``kill -9`` leaves it behind, and the next writer on the same host takes it over.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shlex
+import socket
+import sys
+import time
+import weakref
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kdcache.errors import CacheLockedError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: takeovers are not serialised, the re-read still catches most races
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".kdcache.lock"
+_READ_RETRY_S = 1.0
+"""How long a lock file may stay empty (created, not yet written) before it counts as damaged."""
+
+
+def _hostname() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (zombies count as gone)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # EPERM: it exists, it is just not ours
+    except OSError as exc:
+        return exc.errno != errno.ESRCH
+    try:  # Linux: a zombie has exited and holds nothing
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def _read(path: Path) -> dict | None:
+    """The lock's JSON, or None if it vanished; waits out a lock being written right now."""
+    deadline = time.monotonic() + _READ_RETRY_S
+    while True:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            text = ""
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict):
+                return data
+        except json.JSONDecodeError:
+            pass
+        if time.monotonic() > deadline:
+            return {"damaged": True}
+        time.sleep(0.01)
+
+
+def _describe(root: Path, holder: dict) -> str:
+    if holder.get("damaged"):
+        return (
+            f"cache {root} has an unreadable lock file {root / LOCK_NAME}; if no kdcache process is writing this "
+            f"cache, delete {root / LOCK_NAME} and rerun"
+        )
+    return (
+        f"cache {root} is being written by another kdcache process (host {holder.get('host')}, pid {holder.get('pid')}, "
+        f"since {holder.get('started')}: {holder.get('command')}); wait for it to finish, or if that process is gone "
+        f"on another host, delete {root / LOCK_NAME}"
+    )
+
+
+def _release(path: str, token: str, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child never releases its parent's lock
+        return
+    p = Path(path)
+    try:
+        holder = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(holder, dict) and holder.get("token") == token:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class CacheLock:
+    """The lock of the cache at ``root``; ``acquire()`` or use as a context manager."""
+
+    def __init__(self, root: str | Path, command: str | None = None):
+        self.root = Path(root)
+        self.path = self.root / LOCK_NAME
+        self.command = command if command is not None else shlex.join(sys.argv)[:300]
+        self.token = secrets.token_hex(8)
+        self.held = False
+        self._finalizer: weakref.finalize | None = None
+
+    def _info(self) -> dict:
+        return {
+            "host": _hostname(),
+            "pid": os.getpid(),
+            "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+            "command": self.command,
+            "token": self.token,
+        }
+
+    def acquire(self) -> CacheLock:
+        """Take the lock or raise :class:`CacheLockedError` at once; takes over a dead local holder's lock."""
+        if self.held:
+            return self
+        data = json.dumps(self._info()).encode()
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read(self.path)
+                if holder is None:
+                    continue  # released meanwhile: try again
+                try:
+                    pid = int(holder["pid"])
+                except (KeyError, TypeError, ValueError):
+                    holder = {"damaged": True}
+                if holder.get("damaged") or holder.get("host") != _hostname() or pid_alive(pid):
+                    raise CacheLockedError(_describe(self.root, holder)) from None
+                if self._take_over(holder, data):
+                    return self._held()
+                continue
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self._held()
+        holder = _read(self.path) or {"damaged": True}
+        raise CacheLockedError(_describe(self.root, holder))
+
+    def _take_over(self, stale: dict, data: bytes) -> bool:
+        """Replace a dead holder's lock with ours; False if it changed meanwhile (then start over)."""
+        try:
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except PermissionError:
+                fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # one taker at a time on this host
+            except OSError:
+                pass  # no flock here: the re-read below still catches most races
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                return False
+            if not same_file or _read(self.path) != stale:
+                return False  # someone else took it over (or released it) first
+            tmp = self.root / f"{LOCK_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            os.close(fd)
+        mine = _read(self.path)
+        return mine is not None and mine.get("token") == self.token
+
+    def _held(self) -> CacheLock:
+        self.held = True
+        self._finalizer = weakref.finalize(self, _release, str(self.path), self.token, os.getpid())
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (only if it is still ours); safe to call twice."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self.held = False
+
+    def __enter__(self) -> CacheLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+
+def read_lock(root: str | Path) -> dict | None:
+    """The current holder of ``root``'s lock, or None when it is free."""
+    path = Path(root) / LOCK_NAME
+    return _read(path) if path.exists() else None
