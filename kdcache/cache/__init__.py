@@ -3,6 +3,7 @@
 from kdcache.cache.manifest import FORMAT_VERSION, Manifest, ShardInfo, read_manifest, require_same_tokenizer
 from kdcache.cache.reader import Cache, ExampleStream, holdout_fraction_filter, open_cache
 from kdcache.cache.schema import build_schema, hidden_column, make_signals
+from kdcache.cache.verify import VerifyReport, verify_cache
 from kdcache.cache.writer import CacheWriter
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "ExampleStream",
     "Manifest",
     "ShardInfo",
+    "VerifyReport",
     "build_schema",
     "hidden_column",
     "holdout_fraction_filter",
@@ -19,4 +21,5 @@ __all__ = [
     "open_cache",
     "read_manifest",
     "require_same_tokenizer",
+    "verify_cache",
 ]

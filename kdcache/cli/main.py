@@ -190,6 +190,25 @@ def inspect(cache, as_json, plot) -> None:
 
 
 @main.command()
+@click.argument("cache")
+@click.option("--deep", is_flag=True, help="Also decode every row group and check every row (reads the whole cache).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def verify(cache, deep, as_json) -> None:
+    """Check every shard's size, sha256 and footer against the manifest (--deep: every row too)."""
+    from kdcache.cache.verify import verify_cache
+
+    report = _run(verify_cache, cache, deep=deep)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        click.echo(report.summary())
+    for line in [] if as_json else report.lines():
+        click.echo(f"error: {line}", err=True)
+    if not report.ok:
+        sys.exit(2)
+
+
+@main.command()
 @click.option("--config", "config_path", type=click.Path(), help="Demo YAML (default: built-in, same as configs/demo.yaml).")
 @click.option("--out", help="Output directory (default runs/demo).")
 @click.option("--steps", type=int, help="Training steps per student.")
