@@ -13,7 +13,12 @@ benchmarks/domain_teacher.py), with a KD student of that second teacher alone be
 evaluated on the same held-out docstrings of the demo cache (train `eval_cache`), so perplexity and top-1
 agreement with SmolLM2 compare across rows.
 
-    python benchmarks/run_recipes.py [--work runs/recipes] [--steps 200] [--only a,b]
+    python benchmarks/run_recipes.py [--work runs/recipes] [--steps 200] [--only a,b] [--seeds 0,1,2]
+        [--set key=value ...] [--tag NAME]
+
+With several seeds each row is trained once per seed (student init and data order; the cache is the same),
+stored as ``row@seedN``, and summarised as mean and sample standard deviation. ``--set`` overrides a train
+field in every row of this invocation (e.g. to compare candidate defaults) and ``--tag`` names those rows.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
@@ -36,7 +42,7 @@ from kdcache.pipeline.generate import generate
 from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train
 
-METHOD_KEYS = ("loss", "alpha", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
+METHOD_KEYS = ("loss", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
                "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight")
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
@@ -81,12 +87,17 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="task-specific recipes: docstring tokens the teacher continues")
     ap.add_argument("--generate-batch-tokens", type=int, default=16384,
                     help="task-specific recipes: rows per teacher batch x 128 (decoding is memory-bound: bigger batches, same cost per step)")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds per row (mean and spread reported)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="train field override for every row, key=value (YAML value)")
+    ap.add_argument("--tag", default="", help="suffix for the row names of this invocation (use with --set)")
     ap.add_argument("--teacher-b-steps", type=int, default=16, help="ensemble: fine-tuning steps (x 8 docstrings) of the second teacher")
     args = ap.parse_args()
     work = Path(args.work)
     demo = DemoConfig()
     sampled = yaml.safe_load((RECIPES / "rs-kd.yaml").read_text())["generate"]
-    gen = dataclasses.replace(demo.generate, teacher=str(smollm2_gguf()), out=str(work / "cache"), sampled_tokens=sampled["sampled_tokens"])
+    tempered = yaml.safe_load((RECIPES / "kd-temperature.yaml").read_text())["generate"]["tail_temperatures"]
+    gen = dataclasses.replace(demo.generate, teacher=str(smollm2_gguf()), out=str(work / "cache"), sampled_tokens=sampled["sampled_tokens"],
+                              tail_temperatures=tempered)
     t0 = time.perf_counter()
     m = generate(gen, progress=False)
     print(f"cache: {m.num_rows} rows, {m.num_tokens} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -104,26 +115,46 @@ def main() -> None:
     unknown = [n for n in names if n not in docs]
     if unknown:
         raise SystemExit(f"unknown recipes {unknown}; valid: {', '.join(docs)}")
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    seeds = [int(x) for x in args.seeds.split(",")]
     results = {}
     for name in names:  # in the order given
         method = {k: v for k, v in docs[name]["train"].items() if k in METHOD_KEYS or k == "student"}
         student = dataclasses.replace(demo.train.student, **method.get("student", {}))  # e.g. dropout for the dropout teacher
-        keys = {k: v for k, v in method.items() if k != "student"}
+        keys = {**{k: v for k, v in method.items() if k != "student"}, **overrides}
         for row, cache, eval_cache in recipe_caches(name, docs[name], gen, work, args, demo.train.eval_fraction):
-            tcfg = dataclasses.replace(demo.train, cache=cache, eval_cache=eval_cache, out=str(work / row), student=student, **keys,
-                                       **({"steps": args.steps} if args.steps else {}))
-            t0 = time.perf_counter()
-            final = train(tcfg, progress=False)
-            results[row] = {"eval_ppl": final["eval_ppl"], "eval_top1_agreement": final.get("eval_top1_agreement"),
-                            "teacher_ppl": final.get("teacher_ppl"), "peers": final.get("peers"), "cache": cache,
-                            "seconds": round(time.perf_counter() - t0), "method": method}
-            print(json.dumps({row: results[row]}), flush=True)
+            row = row + (f"+{args.tag}" if args.tag else "")
+            for seed in seeds:
+                key = row if seeds == [0] else f"{row}@seed{seed}"
+                tcfg = dataclasses.replace(demo.train, cache=cache, eval_cache=eval_cache, out=str(work / key), student=student, **keys,
+                                           seed=seed, **({"steps": args.steps} if args.steps else {}))
+                t0 = time.perf_counter()
+                final = train(tcfg, progress=False)
+                results[key] = {"eval_ppl": final["eval_ppl"], "eval_top1_agreement": final.get("eval_top1_agreement"),
+                                "teacher_ppl": final.get("teacher_ppl"), "peers": final.get("peers"), "cache": cache,
+                                "seconds": round(time.perf_counter() - t0), "method": {**method, **overrides}, "seed": seed}
+                print(json.dumps({key: results[key]}), flush=True)
     saved = work / "results.json"  # runs with --only add their rows to the earlier ones
     earlier = json.loads(saved.read_text())["recipes"] if saved.is_file() else {}
     saved.write_text(json.dumps({"bytes": bytes_info, "recipes": {**earlier, **results}}, indent=2))
     print("| recipe | loss | held-out ppl | top-1 agreement |\n|---|---|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['method']['loss']} | {r['eval_ppl']:.2f} | {r['eval_top1_agreement']:.3f} |")
+    print(summarize_seeds({**earlier, **results}))
+
+
+def summarize_seeds(results: dict) -> str:
+    """Mean and sample standard deviation over ``row@seedN`` entries, one line per row."""
+    groups: dict[str, list[dict]] = {}
+    for key, r in results.items():
+        groups.setdefault(key.split("@seed")[0], []).append(r)
+    lines = ["| row | seeds | held-out ppl (mean ± sd) | top-1 agreement (mean ± sd) |", "|---|---:|---:|---:|"]
+    for row, rs in groups.items():
+        ppl = np.array([r["eval_ppl"] for r in rs])
+        top1 = np.array([r["eval_top1_agreement"] or float("nan") for r in rs])
+        sd = (lambda a: a.std(ddof=1) if len(a) > 1 else float("nan"))
+        lines.append(f"| {row} | {len(rs)} | {ppl.mean():.1f} ± {sd(ppl):.1f} | {top1.mean():.3f} ± {sd(top1):.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

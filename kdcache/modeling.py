@@ -56,3 +56,20 @@ def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     """Logits [N, V] at ``select`` only (the head runs on the selected positions, not on padding)."""
     feats, head, _ = selected_features(model, input_ids, attention_mask, select)
     return head(feats) if head is not None else feats
+
+
+def tempered_tail_logprob(logp: torch.Tensor, topk_ids: torch.Tensor, temperatures) -> torch.Tensor:
+    """log of the probability mass outside ``topk_ids`` under softmax(logp / T), for each T: [N, len(temperatures)].
+
+    This is what a top-k cache cannot recover later: at T != 1 the tail's share depends on how its mass
+    is spread over the V - k tokens (T = 2: ``sum_j p_j^(1/2)``), not only on its total. ``logp`` is the full
+    [N, V] log-distribution at temperature 1; -inf where the top-k is the whole vocabulary.
+    """
+    cols = []
+    for t in temperatures:
+        lt = torch.log_softmax(logp / t, dim=-1)
+        if topk_ids.shape[-1] < logp.shape[-1]:
+            cols.append(torch.logsumexp(lt.scatter(-1, topk_ids, float("-inf")), dim=-1))
+        else:
+            cols.append(torch.full_like(lt[:, 0], float("-inf")))
+    return torch.stack(cols, dim=-1) if cols else logp.new_zeros(logp.shape[0], 0)

@@ -77,29 +77,43 @@ def test_full_vocab_equals_dense_value_and_gradient(name, tau, tail):
     assert torch.allclose(dense_divergence(name, teacher, student, tau, settings), ref.detach(), rtol=1e-9)
 
 
-def _naive_buckets(z, tg, tau, tail):
-    """Bucket log-probs through a full log_softmax with plain autograd (no chunking, no custom backward)."""
-    s = torch.log_softmax(z / tau, -1)
-    s_k = s.gather(1, tg.topk_ids)
+def _dense_tempered_tail(teacher_logits, ids, tau):
+    """log of the teacher's mass outside ``ids`` under softmax(logits / tau), on the full float64 distribution."""
+    return torch.logsumexp(torch.log_softmax(teacher_logits / tau, -1).scatter(-1, ids, -math.inf), -1)
+
+
+def _naive_buckets(z, tg, tau, tail, tail_t=None):
+    """Bucket log-probs through a full log_softmax with plain autograd (no chunking, no custom backward).
+    With ``tail_t`` (the teacher's exact tail at tau): the tempered full softmax of each side, bucketed.
+    Without: each side's temperature-1 buckets, tempered as k+1 tokens."""
     if tail == "renormalize":
-        return torch.log_softmax(tg.topk_logprobs / tau, -1), torch.log_softmax(s_k, -1)
-    t = torch.log_softmax(torch.cat([tg.topk_logprobs, tg.tail_logprob[:, None]], -1) / tau, -1)
-    s_tail = torch.logsumexp(s.scatter(-1, tg.topk_ids, -math.inf), -1)
-    return t, torch.cat([s_k, s_tail[:, None]], -1)
+        return torch.log_softmax(tg.topk_logprobs / tau, -1), torch.log_softmax(z.gather(1, tg.topk_ids) / tau, -1)
+    if tail_t is not None:
+        s = torch.log_softmax(z / tau, -1)
+        q = torch.softmax(tg.topk_logprobs / tau, -1) * (1 - tail_t.exp())[:, None]
+        t = torch.cat([q.log(), tail_t[:, None]], -1)
+        return t, torch.cat([s.gather(1, tg.topk_ids), torch.logsumexp(s.scatter(-1, tg.topk_ids, -math.inf), -1)[:, None]], -1)
+    s = torch.log_softmax(z, -1)
+    b = torch.cat([s.gather(1, tg.topk_ids), torch.logsumexp(s.scatter(-1, tg.topk_ids, -math.inf), -1)[:, None]], -1)
+    t = torch.cat([tg.topk_logprobs, tg.tail_logprob[:, None]], -1)
+    return torch.log_softmax(t / tau, -1), torch.log_softmax(b / tau, -1)
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_sparse_gradient_matches_naive_autograd(name, tail):
-    _, student, tg = _case(k=6, seed=1)
+@pytest.mark.parametrize("exact", [False, True])
+def test_sparse_gradient_matches_naive_autograd(name, tail, exact):
+    teacher, student, tg = _case(k=6, seed=1)
     p = SimpleNamespace(beta=0.7, skew=0.3)
-    for tau in (1.0, 3.0):
+    for tau in (0.5, 1.0, 3.0):
+        tail_t = _dense_tempered_tail(teacher, tg.topk_ids, tau) if exact and tau != 1.0 else None
         z1 = student.clone().requires_grad_(True)
-        t1, s1 = bucket_log_probs(z1, tg.topk_ids, tg.topk_logprobs, tg.tail_logprob, tau, tail, chunk_rows=5)
+        t1, s1 = bucket_log_probs(z1, tg.topk_ids, tg.topk_logprobs, tg.tail_logprob, tau, tail, tail_t, chunk_rows=5)
         (DIVERGENCES[name][0](t1, s1, p).sum()).backward()
         z2 = student.clone().requires_grad_(True)
-        t2, s2 = _naive_buckets(z2, tg, tau, tail)
+        t2, s2 = _naive_buckets(z2, tg, tau, tail, tail_t)
         (DIVERGENCES[name][0](t2, s2, p).sum()).backward()
+        assert torch.allclose(t1, t2, rtol=1e-9, atol=1e-12), name
         assert torch.allclose(z1.grad, z2.grad, rtol=1e-6, atol=1e-9), name
 
 

@@ -61,14 +61,12 @@ def kl(q: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 def ref_bucket_kd(z: torch.Tensor, t: Targets, T: float) -> torch.Tensor:
-    """T^2 * KL over k+1 buckets: teacher top-k + tail bucket vs the student's softmax summed into them."""
-    lp = t.topk_logprobs.double()
-    tail = t.tail_logprob.double()
-    q = torch.softmax(torch.cat([lp, tail[:, None]], dim=-1) / T, dim=-1)
-    p = torch.softmax(z.double() / T, dim=-1)
-    p_top = p.gather(1, t.topk_ids)
+    """T^2 * KL over k+1 buckets (teacher top-k + tail bucket) with no stored tempered tail: both sides'
+    temperature-1 buckets (the student's full softmax summed into them) tempered as k+1 tokens."""
+    q = torch.softmax(torch.cat([t.topk_logprobs.double(), t.tail_logprob.double()[:, None]], dim=-1) / T, dim=-1)
+    p = torch.softmax(z.double(), dim=-1)
     p_rest = p.masked_fill(topk_mask(t.topk_ids, z.shape[1]), 0.0).sum(-1)  # student mass outside the top-k
-    p_buckets = torch.cat([p_top, p_rest[:, None]], dim=-1)
+    p_buckets = torch.softmax(torch.cat([p.gather(1, t.topk_ids), p_rest[:, None]], dim=-1).log() / T, dim=-1)
     return kl(q, p_buckets.log()).sum() * T**2
 
 

@@ -12,6 +12,9 @@ loss_mask          list<bool> [T-1]           which next-token targets count (e.
 topk_ids           list<int32> [(T-1)*k]      teacher top-k token ids, most likely first, row-major
 topk_logprobs      list<codec> [(T-1)*k]      their log-probabilities at temperature 1
 tail_logprob       list<float32> [T-1]        log of the probability mass outside the top-k
+tail_logprob_tempered list<float32> [(T-1)*n]  (optional) log of that mass under softmax(logits / T_i), for the
+                                              n temperatures in signals.topk.tail_temperatures (exact, from
+                                              the full logits; absent: training tempers the k+1 buckets)
 teacher_nll        float32                    mean teacher NLL over loss-mask targets
 teacher_entropy    float32                    mean teacher entropy (full vocab) over loss-mask targets
 num_loss_tokens    int32                      number of loss-mask targets
@@ -36,6 +39,7 @@ from kdcache.cache.manifest import FORMAT_VERSION
 
 BASE_COLUMNS = ("example_id", "input_ids", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
+TEMPERED_TAIL_COLUMN = "tail_logprob_tempered"
 SAMPLED_COLUMNS = ("sampled_ids", "sampled_weights", "sampled_sizes")
 STATS_COLUMNS = ("teacher_nll", "teacher_entropy", "num_loss_tokens")
 GENERATION_COLUMNS = ("prompt_length", "sample_index")
@@ -55,6 +59,7 @@ def make_signals(
     generation: bool = False,
     sampled_draws: int = 0,
     proposal_temperature: float = 1.0,
+    tail_temperatures: list[float] | tuple[float, ...] = (),
 ) -> dict:
     """The manifest's description of what a cache stores, with shapes, dtypes and codecs."""
     lp = get_codec(logprob_codec)
@@ -68,7 +73,13 @@ def make_signals(
                 "topk_logprobs": {"shape": ["T-1", top_k], "dtype": str(lp.arrow_type), "codec": lp.name},
                 "tail_logprob": {"shape": ["T-1"], "dtype": "float32", "codec": "plain"},
             },
+            # How a trainer gets the teacher's tail bucket at temperature T != 1: exactly from the stored column
+            # for these T, else by tempering the k+1 buckets (tail treated as one token on both sides).
+            "tail_temperatures": [float(t) for t in tail_temperatures],
+            "tail_at_other_temperatures": "bucket_tempered",
         }
+        if tail_temperatures:
+            signals["topk"]["columns"][TEMPERED_TAIL_COLUMN] = {"shape": ["T-1", len(tail_temperatures)], "dtype": "float32", "codec": "plain"}
     if sampled_draws:
         signals["sampled"] = {
             "draws": sampled_draws,
@@ -108,6 +119,8 @@ def build_schema(signals: dict) -> pa.Schema:
             pa.field("topk_logprobs", pa.list_(lp.arrow_type), nullable=False),
             pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
         ]
+        if TEMPERED_TAIL_COLUMN in signals["topk"]["columns"]:
+            fields.append(pa.field(TEMPERED_TAIL_COLUMN, pa.list_(pa.float32()), nullable=False))
     if "sampled" in signals:
         w = get_codec(signals["sampled"]["columns"]["sampled_weights"]["codec"])
         fields += [

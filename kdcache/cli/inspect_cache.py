@@ -37,6 +37,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "bytes_per_token": m.num_bytes / max(m.num_tokens, 1),
         "shards": len(m.shards),
         "top_k": m.top_k,
+        "tail_at_temperature": _tail_at_temperature(m.signals),
         "signals": {name: sorted(sig.get("columns", {})) for name, sig in m.signals.items()},
         "teacher": m.teacher,
         "tokenizer": {k: m.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "tokenizer_size")},
@@ -48,6 +49,16 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "stats": m.stats,
         "_arrays": {"teacher_nll": nll, "teacher_entropy": ent},
     }
+
+
+def _tail_at_temperature(signals: dict) -> str | None:
+    """How a trainer gets the teacher's tail bucket at T != 1 from this cache (see README, temperature)."""
+    topk = signals.get("topk")
+    if not topk:
+        return None
+    temps = topk.get("tail_temperatures") or []
+    exact = f"exact at T in {', '.join(f'{t:g}' for t in temps)}; " if temps else ""
+    return exact + "bucket-tempered approximation at other T != 1 (k+1 buckets tempered on both sides)"
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -63,6 +74,8 @@ def format_summary(s: dict[str, Any]) -> str:
         "signals      " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["signals"].items()),
         f"top-k        {s['top_k']}",
     ]
+    if s["tail_at_temperature"]:
+        lines.append(f"tail at T!=1 {s['tail_at_temperature']}")
     if s["teacher_ppl"] is not None:
         lines.append(f"teacher ppl  {s['teacher_ppl']:.2f} on the loss targets")
     for key, label in (("teacher_nll_per_example", "nll/example"), ("teacher_entropy_per_example", "entropy/ex.")):

@@ -63,6 +63,13 @@ def _flag_values(flags: dict) -> dict:
     return {_FLAG_KEYS.get(k, k): v for k, v in flags.items()}
 
 
+def _number_list(text: str, kind: type, flag: str, example: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KDCacheError(f"{flag} takes comma-separated numbers such as {example}, got {text!r}") from None
+
+
 def _run(fn, *args, **kwargs) -> Any:
     try:
         return fn(*args, **kwargs)
@@ -104,6 +111,7 @@ def main(verbose: bool) -> None:
 @click.option("--top-k", type=int, help="Top-k log-probabilities to keep (0: none).")
 @click.option("--sampled-tokens", type=int, help="RS-KD: tokens drawn per position from the teacher (0: off).")
 @click.option("--hidden-layers", help="Comma-separated layers to store, e.g. 6,12,-1.")
+@click.option("--tail-temperatures", help="KD temperatures to store the exact tail mass for, e.g. 2 or 2,4 (transformers backend).")
 @click.option("--out", help="Cache directory.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing cache with other settings.")
 @click.option("--strict", is_flag=True, default=None, help="Fail on the first bad row.")
@@ -115,14 +123,16 @@ def main(verbose: bool) -> None:
 @click.option("--num-samples", type=int, help="Continuations per prompt.")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(config_path, recipe, hidden_layers, overrides, quiet, **flags) -> None:
+def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, quiet, **flags) -> None:
     """Run the teacher once over a dataset and write a cache (re-running resumes)."""
     from kdcache.pipeline.config import GenerateConfig
     from kdcache.pipeline.generate import generate as run
 
     values = _flag_values(flags)
     if hidden_layers is not None:
-        values["hidden_layers"] = [int(x) for x in hidden_layers.split(",") if x.strip()]
+        values["hidden_layers"] = _run(_number_list, hidden_layers, int, "--hidden-layers", "6,12,-1")
+    if tail_temperatures is not None:
+        values["tail_temperatures"] = _run(_number_list, tail_temperatures, float, "--tail-temperatures", "2,4")
     config_path = _run(_config_path, config_path, recipe)
     cfg = _run(lambda: build_config(GenerateConfig, config_path, values, list(overrides), section=_section(config_path, "generate")))
     manifest = _run(run, cfg, progress=not quiet)
@@ -166,11 +176,13 @@ def train(config_path, recipe, overrides, quiet, **flags) -> None:
 @click.option("--max-examples", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device) -> None:
+@click.option("--allow-pickle-weights", is_flag=True, help="Also load pickle (.bin) weights; only for files you trust.")
+def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device, allow_pickle_weights) -> None:
     """Perplexity, KD loss and top-1 agreement of a student on a cache's held-out rows."""
     from kdcache.train.evaluate import evaluate_student
 
-    metrics = _run(evaluate_student, cache, student, eval_fraction=eval_fraction, max_examples=max_examples, batch_size=batch_size, device=device)
+    metrics = _run(evaluate_student, cache, student, eval_fraction=eval_fraction, max_examples=max_examples, batch_size=batch_size, device=device,
+                   allow_pickle_weights=allow_pickle_weights)
     click.echo(json.dumps(metrics, indent=2))
 
 
@@ -249,11 +261,12 @@ def combine(caches, weights, out, top_k, overwrite) -> None:
 @click.argument("out")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Weights dtype to save.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in OUT.")
-def convert(src, out, dtype, overwrite) -> None:
+@click.option("--allow-pickle-weights", is_flag=True, help="Also load pickle (.bin) weights; only for files you trust.")
+def convert(src, out, dtype, overwrite, allow_pickle_weights) -> None:
     """Save a .gguf teacher (or any transformers model) as a model folder that vLLM can load."""
     from kdcache.pipeline.convert import convert_model
 
-    click.echo(f"wrote {_run(convert_model, src, out, dtype=dtype, overwrite=overwrite)}")
+    click.echo(f"wrote {_run(convert_model, src, out, dtype=dtype, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights)}")
 
 
 @main.command()

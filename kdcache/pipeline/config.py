@@ -102,6 +102,10 @@ class GenerateConfig:
         "RS-KD: tokens drawn per position from the teacher (with replacement), stored as distinct ids with importance "
         "weights, an unbiased sparse target (28 draws gave ~11 distinct for SmolLM2 on docstrings). 0: off.", 0)
     proposal_temperature: float = doc("Temperature of the distribution the sampled tokens are drawn from (weights correct for it).", 1.0)
+    tail_temperatures: list[float] = doc(
+        "KD temperatures T != 1 to store the teacher's exact tail mass for (one float32 per position per T, e.g. [2.0]): "
+        "with it, tail-bucket KD at T equals dense tempered KD bucketed; without it training tempers the k+1 buckets, "
+        "an approximation. Needs the full logits (transformers backend).", default_factory=list)
     logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
     hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
     hidden_codec: Literal["fp16", "fp32"] = doc("How hidden states are stored.", "fp16")
@@ -129,6 +133,10 @@ class GenerateConfig:
             raise ConfigError("sampled_tokens must be at most 65535 and proposal_temperature positive")
         if self.batch_tokens < 2:
             raise ConfigError("batch_tokens must be at least 2")
+        if any(not t > 0 for t in self.tail_temperatures) or len(set(self.tail_temperatures)) != len(self.tail_temperatures):
+            raise ConfigError(f"tail_temperatures must be distinct positive numbers, got {self.tail_temperatures}")
+        if self.tail_temperatures and not self.top_k:
+            raise ConfigError("tail_temperatures describe the mass outside the top-k; pass --top-k K with them")
 
     def validate(self) -> None:
         if not self.teacher:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from kdcache.cache import CacheWriter, Manifest, make_signals
 from kdcache.cache.manifest import TOKENIZER_DIR
-from kdcache.cache.schema import SAMPLED_COLUMNS, TOPK_COLUMNS
+from kdcache.cache.schema import SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
 from kdcache.config import to_dict
 from kdcache.errors import ConfigError, DataError
 from kdcache.fingerprint import tokenizer_fingerprint
@@ -53,6 +53,7 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
         "scoring": {
             "top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec,
             "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
+            **({"tail_temperatures": [float(t) for t in cfg.tail_temperatures]} if cfg.tail_temperatures else {}),
             **({"sampled_tokens": cfg.sampled_tokens, "proposal_temperature": cfg.proposal_temperature} if cfg.sampled_tokens else {}),
         },
         "generation": gen if cfg.generation.enabled else {"enabled": False},
@@ -112,7 +113,7 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
     layers = resolve_layers(cfg.hidden_layers, teacher.num_layers)
     signals = make_signals(
         cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled,
-        sampled_draws=cfg.sampled_tokens, proposal_temperature=cfg.proposal_temperature,
+        sampled_draws=cfg.sampled_tokens, proposal_temperature=cfg.proposal_temperature, tail_temperatures=cfg.tail_temperatures,
     )
     # Open the dataset and check its fields before creating anything on disk.
     rows = iter_rows(cfg.data)
@@ -246,7 +247,7 @@ def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: d
         "example_id": example_id,
         "input_ids": input_ids,
         "loss_mask": loss_mask,
-        **{name: s[name] for name in (*TOPK_COLUMNS, *SAMPLED_COLUMNS) if name in s},
+        **{name: s[name] for name in (*TOPK_COLUMNS, TEMPERED_TAIL_COLUMN, *SAMPLED_COLUMNS) if name in s},
         "teacher_nll": float(-s["target_logprob"][m].mean()) if n else float("nan"),
         "teacher_entropy": float(s["entropy"][m].mean()) if n else float("nan"),
         "num_loss_tokens": n,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, fields, replace
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -11,15 +11,23 @@ import torch
 from kdcache.cache import Cache, ExampleStream, holdout_fraction_filter
 from kdcache.train.losses import Targets
 
-# What training and evaluation read from a cache (those it has); hidden states and generation columns stay on disk.
-TRAIN_COLUMNS = [
-    "example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens", "topk_ids", "topk_logprobs", "tail_logprob",
-    "sampled_ids", "sampled_weights", "sampled_sizes",
-]
+# What every run reads: tokens, masks and the per-example statistics; teacher signals only as a loss needs them.
+BASE_COLUMNS = ("example_id", "input_ids", "loss_mask", "teacher_nll", "num_loss_tokens")
+# What evaluation reads besides: the top-k, for KD loss and top-1 agreement against the cached teacher.
+EVAL_SIGNALS = ("topk_ids", "topk_logprobs", "tail_logprob")
+TEMPERED_TAIL = "tail_logprob_tempered"
 
 
-def train_columns(cache: Cache) -> list[str]:
-    return [c for c in TRAIN_COLUMNS if c in cache.columns]
+def train_columns(cache: Cache, signals: Iterable[str] = EVAL_SIGNALS) -> list[str]:
+    """The base columns plus ``signals`` that the cache has: a CE run never decodes the top-k (most of the bytes)."""
+    return [c for c in (*BASE_COLUMNS, *signals) if c in cache.columns]
+
+
+def tempered_tail_index(cache: Cache, temperature: float) -> int | None:
+    """Which stored tempered-tail column holds ``temperature`` (None: the cache has none for it)."""
+    temps = (cache.manifest.signals.get("topk") or {}).get("tail_temperatures") or []
+    hits = [i for i, t in enumerate(temps) if abs(t - temperature) <= 1e-9 * max(1.0, abs(t))]
+    return hits[0] if hits and TEMPERED_TAIL in cache.columns else None
 
 
 @dataclass
@@ -33,13 +41,13 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         t = self.targets
-        moved = Targets(*(x.to(device, non_blocking=True) if x is not None else None
-                          for x in (t.labels, t.topk_ids, t.topk_logprobs, t.tail_logprob, t.sampled_ids, t.sampled_weights)))
+        moved = replace(t, **{f.name: getattr(t, f.name).to(device, non_blocking=True) for f in fields(t) if getattr(t, f.name) is not None})
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device), moved, self.num_tokens, self.teacher_nll_sum)
 
 
-def collate(examples: list[dict], pad_id: int = 0) -> Batch:
-    """Right-pad to the longest example. Teacher rows are gathered with one boolean index per example."""
+def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None) -> Batch:
+    """Right-pad to the longest example. Teacher rows are gathered with one boolean index per example;
+    ``tail_index`` picks the stored tempered tail of the run's temperature."""
     lens = np.array([len(ex["input_ids"]) for ex in examples])
     B, T = len(examples), int(lens.max())
     ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -49,7 +57,7 @@ def collate(examples: list[dict], pad_id: int = 0) -> Batch:
         select[i, : lens[i] - 1] = ex["loss_mask"]
     attention = (np.arange(T)[None, :] < lens[:, None]).astype(np.int64)
     labels = ids[:, 1:][select]
-    topk_ids = topk_lp = tail = None
+    topk_ids = topk_lp = tail = tail_t = None
     if "topk_ids" in examples[0]:
         masks = [ex["loss_mask"] for ex in examples]
         full = all(m.all() for m in masks)  # plain text: every target counts, so no per-example copies
@@ -60,6 +68,8 @@ def collate(examples: list[dict], pad_id: int = 0) -> Batch:
         topk_ids = torch.from_numpy(gather("topk_ids")).long()
         topk_lp = torch.from_numpy(gather("topk_logprobs")).float()
         tail = torch.from_numpy(gather("tail_logprob")).float()
+        if tail_index is not None:
+            tail_t = torch.from_numpy(np.ascontiguousarray(gather(TEMPERED_TAIL)[:, tail_index])).float()
     s_ids = s_w = None
     if "sampled_ids" in examples[0]:
         s_ids, s_w = _sampled_targets(examples, [ex["loss_mask"] for ex in examples])
@@ -68,7 +78,7 @@ def collate(examples: list[dict], pad_id: int = 0) -> Batch:
         torch.from_numpy(ids),
         torch.from_numpy(attention),
         torch.from_numpy(select),
-        Targets(torch.from_numpy(labels), topk_ids, topk_lp, tail, s_ids, s_w),
+        Targets(torch.from_numpy(labels), topk_ids, topk_lp, tail, s_ids, s_w, tail_t),
         int(select.sum()),
         nll,
     )
@@ -94,16 +104,16 @@ def _sampled_targets(examples: list[dict], masks: list[np.ndarray]) -> tuple[tor
     return torch.from_numpy(out_ids), torch.from_numpy(out_w)
 
 
-def batches(stream: ExampleStream, batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
+def batches(stream: ExampleStream, batch_size: int, pad_id: int = 0, tail_index: int | None = None) -> Iterator[Batch]:
     """Consecutive micro-batches; the stream's state after a batch marks exactly where the next begins."""
     buf: list[dict] = []
     for ex in stream:
         buf.append(ex)
         if len(buf) == batch_size:
-            yield collate(buf, pad_id)
+            yield collate(buf, pad_id, tail_index)
             buf = []
     if buf:
-        yield collate(buf, pad_id)
+        yield collate(buf, pad_id, tail_index)
 
 
 def heldout_batches(cache: Cache, fraction: float, max_examples: int, batch_size: int, pad_id: int = 0) -> list[Batch]:
@@ -113,7 +123,7 @@ def heldout_batches(cache: Cache, fraction: float, max_examples: int, batch_size
     """
     keep = holdout_fraction_filter(fraction) if fraction > 0 else None
     examples: list[dict] = []
-    for ex in cache.stream(columns=train_columns(cache), keep=keep):
+    for ex in cache.stream(columns=train_columns(cache, EVAL_SIGNALS), keep=keep):
         examples.append(ex)
         if len(examples) >= max_examples:
             break

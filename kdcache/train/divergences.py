@@ -67,33 +67,64 @@ def gather_log_probs(z: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, chunk
     return _GatherLogProbs.apply(z, ids, tau, chunk_rows)
 
 
+def student_temperature(tau: float, tail: str, tail_logprob_t: torch.Tensor | None) -> float:
+    """Temperature of the student softmax whose log-probabilities at the top-k feed the buckets.
+
+    Exact (renormalised top-k, or a stored tempered teacher tail): the student's softmax at ``tau``, bucketed.
+    Otherwise the k+1 buckets themselves are tempered on both sides, so the student's come from its softmax at 1.
+    """
+    return tau if tail == "renormalize" or tail_logprob_t is not None or tau == 1.0 else 1.0
+
+
 def bucket_log_probs(
     z: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor,
-    tau: float, tail: str, chunk_rows: int = CHUNK_ROWS,
+    tau: float, tail: str, tail_logprob_t: torch.Tensor | None = None, chunk_rows: int = CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher, student) log-probabilities over the same buckets [N, B] at temperature ``tau``.
 
-    ``tail="bucket"``: B = k+1, the last bucket holds everything outside the top-k (the teacher's
-    stored tail mass re-tempered with the top-k); where the teacher has no tail (k = vocab) both tails
-    are empty. ``tail="renormalize"``: B = k, both renormalised over the top-k.
+    ``tail="bucket"``: B = k+1, the last bucket holds everything outside the top-k. With ``tail_logprob_t``
+    (the teacher's exact tail mass at ``tau``, stored by generate) both sides are the tempered full softmax,
+    bucketed: exact. Without it, the teacher's tail at ``tau`` is unknown (it depends on how the tail mass is
+    spread), so both sides' k+1 buckets at temperature 1 are tempered as k+1 tokens: a consistent
+    approximation (the student equal to the teacher is still the optimum). Where the teacher has no tail
+    (k = vocab) both tails are empty. ``tail="renormalize"``: B = k, both renormalised over the top-k (exact).
     """
-    return buckets(gather_log_probs(z, topk_ids, tau, chunk_rows), topk_logprobs, tail_logprob, tau, tail)
+    tau_s = student_temperature(tau, tail, tail_logprob_t)
+    return buckets(gather_log_probs(z, topk_ids, tau_s, chunk_rows), topk_logprobs, tail_logprob, tau, tail, tail_logprob_t,
+                   has_tail=topk_ids.shape[1] < z.shape[1])
 
 
-def buckets(s_k: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, tau: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`bucket_log_probs` from the student's log-probabilities ``s_k`` at the top-k ids, already gathered."""
+def teacher_bucket_log_probs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, tau: float, tail: str,
+                             tail_logprob_t: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's log-probabilities over the buckets at ``tau`` (see :func:`bucket_log_probs`)."""
     if tail == "renormalize":
-        return torch.log_softmax(topk_logprobs / tau, dim=-1), torch.log_softmax(s_k, dim=-1)
-    t = torch.log_softmax(torch.cat([topk_logprobs, tail_logprob[:, None]], dim=-1) / tau, dim=-1)
+        return torch.log_softmax(topk_logprobs / tau, dim=-1)
+    if tail_logprob_t is not None:  # exact: the top-k share 1 - tail_t in proportion to p^(1/tau)
+        head = torch.log((-torch.expm1(tail_logprob_t)).clamp_min(1e-38))
+        return torch.cat([torch.log_softmax(topk_logprobs / tau, dim=-1) + head[:, None], tail_logprob_t[:, None]], dim=-1)
+    return torch.log_softmax(torch.cat([topk_logprobs, tail_logprob[:, None]], dim=-1) / tau, dim=-1)
+
+
+def buckets(s_k: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, tau: float, tail: str,
+            tail_logprob_t: torch.Tensor | None = None, has_tail: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bucket_log_probs` from the student's log-probabilities ``s_k`` at the top-k ids, already gathered
+    at :func:`student_temperature`; ``has_tail`` is False when the top-k is the whole vocabulary."""
+    t = teacher_bucket_log_probs(topk_logprobs, tail_logprob, tau, tail, tail_logprob_t)
+    if tail == "renormalize":
+        return t, torch.log_softmax(s_k, dim=-1)
+    tempered = student_temperature(tau, tail, tail_logprob_t) != tau  # bucket-tempered approximation
+    if not has_tail:  # k = vocab: no tail bucket on either side (a constant, so no 0 * inf reaches a gradient)
+        head = torch.log_softmax(s_k / tau, dim=-1) if tempered else s_k
+        return t, torch.cat([head, torch.full_like(s_k[:, :1], -math.inf)], dim=-1)
     s_tail = torch.log((-torch.expm1(torch.logsumexp(s_k, dim=-1))).clamp_min(MIN_TAIL))
-    s_tail = torch.where(torch.isneginf(tail_logprob), torch.full_like(s_tail, -math.inf), s_tail)
-    return t, torch.cat([s_k, s_tail[:, None]], dim=-1)
+    s = torch.cat([s_k, s_tail[:, None]], dim=-1)
+    return t, torch.log_softmax(s / tau, dim=-1) if tempered else s
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row, with 0 log 0 = 0 (empty buckets contribute nothing)."""
+    """KL(a || b) per row, with 0 log 0 = 0 (empty buckets contribute nothing, and no NaN reaches a gradient)."""
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    return (a * torch.where(a > 0, log_a - log_b, torch.zeros_like(a))).sum(-1)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:

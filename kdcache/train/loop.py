@@ -26,7 +26,7 @@ from kdcache.fingerprint import json_hash
 from kdcache.modeling import autocast_for, resolve_device, selected_logits
 from kdcache.train.checkpoint import fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.config import TrainConfig
-from kdcache.train.data import Batch, batches, heldout_batches, train_columns
+from kdcache.train.data import TEMPERED_TAIL, Batch, batches, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss
@@ -112,6 +112,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         flag = "--sampled-tokens N" if missing[0].startswith("sampled_") else "--top-k K"
         raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate {flag}`")
     eval_source = _open_eval_cache(cfg, cache)
+    tail_index = _tail_mode(cfg, cache)
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
     out, ckpt = _prepare_run_dir(cfg)
@@ -126,7 +127,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     eval_batches = _eval_batches(cfg, cache, eval_source, pad_id)
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
-    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=train_columns(cache), keep=lambda i: not is_heldout(i))
+    reads = (*needs, *(TOPK_SIGNALS if cfg.pseudo_teacher == "peers" and cfg.peer_teacher_weight > 0 else ()),
+             *((TEMPERED_TAIL,) if tail_index is not None else ()))
+    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=train_columns(cache, reads),
+                          keep=lambda i: not is_heldout(i))
 
     step = 0
     if ckpt is not None:
@@ -137,7 +141,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         step = state["step"]
         _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
-    data = batches(stream, cfg.batch_size, pad_id)
+    data = batches(stream, cfg.batch_size, pad_id, tail_index)
 
     def checkpoint(at: int) -> None:
         save_checkpoint(out, at, model, tokenizer, optimizer, scheduler,
@@ -211,6 +215,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         final["peers"] = {name: evaluate(m, eval_batches, device, autocast) for name, m in extras.items()}
     (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def _tail_mode(cfg: TrainConfig, cache: Cache) -> int | None:
+    """Index of the stored exact tempered tail the run reads, or None (T = 1, renormalised top-k, pseudo-teacher
+    targets, which carry their own exact tail, or the bucket-tempered approximation). Logged either way."""
+    if cfg.temperature == 1.0 or cfg.tail == "renormalize" or cfg.pseudo_teacher != "none" or get_loss(cfg.loss).needs != TOPK_SIGNALS:
+        return None
+    index = tempered_tail_index(cache, cfg.temperature) if cfg.tempered_tail != "bucket" else None
+    stored = (cache.manifest.signals.get("topk") or {}).get("tail_temperatures") or []
+    if index is None and cfg.tempered_tail == "exact":
+        raise ConfigError(f"tempered_tail exact: {cfg.cache} stores the exact tail mass for T in {stored or 'none'}, not T={cfg.temperature}; "
+                          f"regenerate with `kdcache generate --tail-temperatures {cfg.temperature:g}` (transformers backend) "
+                          "or use --set tempered_tail=bucket")
+    log.info("temperature %g, tail bucket: %s", cfg.temperature,
+             "exact (the cache's stored tail mass at this T)" if index is not None else
+             f"bucket-tempered approximation (the cache stores exact tails for T in {stored or 'none'})")
+    return index
 
 
 def _open_eval_cache(cfg: TrainConfig, cache: Cache) -> Cache | None:

@@ -4,12 +4,21 @@ Each loss is a function of (student logits [N, V], :class:`Targets`, :class:`Los
 a SUM over tokens and a dict of detached metric sums; the trainer divides once by the global token count.
 
 Soft-label KD at temperature T works on k+1 buckets: the teacher's top-k tokens and one bucket for the
-rest of the vocabulary ("tail"). The teacher's bucket probabilities are re-tempered as
-``q ∝ exp(logprob / T)`` (the tail bucket uses its stored log-mass), the student's full softmax at T is
-summed into the same buckets, and the loss is ``T^2 * KL(q || p)``. With ``tail: renormalize`` the tail is
-dropped and both distributions are renormalised over the top-k. When k equals the vocabulary both
-reduce to dense KD. The gradient is written by hand (``dL/dz = (P * w - q) / T`` with a per-token weight
-on non-top-k entries), which makes a KD step cost about what a cross-entropy step costs instead of ~3x.
+rest of the vocabulary ("tail"), and the loss is ``T^2 * KL(q || p)`` between the teacher's and the
+student's bucket distributions at T. The tail at T != 1 is the subtle part: the teacher's tempered tail mass
+depends on how its tail is spread over V - k tokens, which a top-k cache does not keep. Two ways, both
+with the student equal to the teacher as the exact optimum (property-tested at T in {0.5, 1, 2, 4}):
+
+- exact: the cache stores the teacher's tail mass under softmax(logits / T) (``generate
+  --tail-temperatures``); then q is the tempered full softmax bucketed and p the student's tempered full
+  softmax bucketed, which equals dense tempered KD summed into the same buckets;
+- bucket-tempered (no stored tail for this T): both sides' k+1 buckets at temperature 1 are tempered as
+  if they were k+1 tokens, ``q ∝ bucket_prob^(1/T)``, the same for the student.
+
+With ``tail: renormalize`` the tail is dropped and both distributions are renormalised over the top-k
+(exact at every T). When k equals the vocabulary all of them reduce to dense KD. The fused ``kd`` loss has
+a hand-written gradient (derived in :class:`_SparseKD`), which makes a KD step cost about what a
+cross-entropy step costs instead of ~3x.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import ConfigError
-from kdcache.train.divergences import DIVERGENCES, buckets, gather_log_probs
+from kdcache.train.divergences import DIVERGENCES, buckets, gather_log_probs, student_temperature, teacher_bucket_log_probs
 
 _MIN_TAIL = 1e-7  # floor on the student's tail mass; below float32 resolution of 1 - sum(top-k)
 
@@ -35,6 +44,7 @@ class Targets:
     tail_logprob: torch.Tensor | None = None  # [N] float32
     sampled_ids: torch.Tensor | None = None  # [N, m] long, distinct draws per position (padding: weight 0)
     sampled_weights: torch.Tensor | None = None  # [N, m] float32 importance weights
+    tail_logprob_t: torch.Tensor | None = None  # [N] float32: the teacher's exact tail mass at the run's T != 1 (else None)
 
 
 @dataclass
@@ -47,13 +57,12 @@ class LossSettings:
     correct_prob: float = 0.9  # virtual teacher (tfkd): probability on the label
 
 
-def teacher_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, temperature: float, tail: str,
+                    tail_logprob_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher probabilities over the top-k (``q`` [N, k]) and the tail bucket (``q_tail`` [N]) at T."""
+    probs = teacher_bucket_log_probs(topk_logprobs, tail_logprob, temperature, tail, tail_logprob_t).exp()
     if tail == "renormalize":
-        q = torch.softmax(topk_logprobs / temperature, dim=-1)
-        return q, torch.zeros_like(q[:, 0])
-    both = torch.cat([topk_logprobs, tail_logprob[:, None]], dim=-1) / temperature
-    probs = torch.softmax(both, dim=-1)
+        return probs, torch.zeros_like(probs[:, 0])
     return probs[:, :-1], probs[:, -1]
 
 
@@ -70,39 +79,53 @@ def _row_chunks(n: int):
 
 
 class _SparseKD(torch.autograd.Function):
-    """Fused T^2-scaled sparse KD (+ optional hard-label CE) with a hand-written backward."""
+    """Fused T^2-scaled sparse KD (+ optional hard-label CE) with a hand-written backward.
+
+    The student's log-probabilities at the top-k come from its softmax at ``tau_s`` (s_k = z_k / tau_s - lse),
+    its tail bucket is r = 1 - sum exp(s_k) (none when k = V), and the buckets b = [s_k, log r] are tempered
+    by ``tau_b`` into logp = log_softmax(b / tau_b) (tau_b = 1: logp = b): exact mode is (tau_s, tau_b) = (T, 1),
+    bucket-tempered mode (1, T). With g = dL/db, G = sum of g over the top-k and P = softmax(z / tau_s), the
+    chain rule through s_k and log r gives
+
+        dL/dz_j = (1/tau_s) * (P_j * c + [j in top-k] * (g_j - P_j * g_tail / r)),   c = -G + g_tail (1 - r) / r
+
+    so the [N, V] work is one softmax times a per-row coefficient plus a scatter at the top-k.
+    """
 
     @staticmethod
-    def forward(ctx, logits, topk_ids, q, q_tail, labels, temperature: float, alpha: float, renormalize: bool):
+    def forward(ctx, logits, topk_ids, q_all, labels, temperature: float, tau_s: float, alpha: float, renormalize: bool):
         z = logits.float()
-        inv_t = 1.0 / temperature
-        need_lse_1 = alpha < 1.0 and temperature != 1.0
-        lse_t = torch.empty(z.shape[0], device=z.device)
-        lse_1 = torch.empty_like(lse_t) if need_lse_1 else None
+        inv_s = 1.0 / tau_s
+        tau_b = temperature / tau_s
+        has_tail = topk_ids.shape[1] < z.shape[1]
+        need_lse_1 = alpha < 1.0 and tau_s != 1.0
+        lse_s = torch.empty(z.shape[0], device=z.device)
+        lse_1 = torch.empty_like(lse_s) if need_lse_1 else None
         for rows in _row_chunks(z.shape[0]):  # row chunks keep the [rows, V] temporaries in cache
             zc = z[rows]
-            lse_t[rows] = torch.logsumexp(zc if temperature == 1.0 else zc * inv_t, dim=-1)
+            lse_s[rows] = torch.logsumexp(zc if tau_s == 1.0 else zc * inv_s, dim=-1)
             if need_lse_1:
                 lse_1[rows] = torch.logsumexp(zc, dim=-1)
-        s_k = z.gather(1, topk_ids) * inv_t - lse_t[:, None]  # student log-probs at the top-k, temperature T
+        s_k = z.gather(1, topk_ids) * inv_s - lse_s[:, None]  # student log-probs at the top-k, temperature tau_s
+        r = None
         if renormalize:
-            s_k_norm = s_k - torch.logsumexp(s_k, dim=-1, keepdim=True)
-            kd = _xlogx_over(q, s_k_norm).sum(-1)
-            ratio = None
-            saved_k = s_k_norm.exp()
+            logp = s_k - torch.logsumexp(s_k, dim=-1, keepdim=True)
         else:
             log_r = torch.log((-torch.expm1(torch.logsumexp(s_k, dim=-1))).clamp_min(_MIN_TAIL))
-            kd = _xlogx_over(q, s_k).sum(-1) + _xlogx_over(q_tail, log_r)
-            ratio = q_tail / log_r.exp()  # q_tail / r
-            saved_k = s_k.exp()
-        kd_sum = kd.sum() * temperature**2
+            if not has_tail:
+                log_r = torch.full_like(log_r, -math.inf)
+            logp = torch.cat([s_k, log_r[:, None]], dim=-1)
+            if tau_b != 1.0:
+                logp = torch.log_softmax(logp / tau_b, dim=-1)
+            r = log_r.exp()
+        kd_sum = _xlogx_over(q_all, logp).sum() * temperature**2
         if alpha < 1.0:
-            lse_1 = lse_t if temperature == 1.0 else lse_1
+            lse_1 = lse_s if tau_s == 1.0 else lse_1
             ce_sum = (lse_1 - z.gather(1, labels[:, None]).squeeze(1)).sum()
         else:
             lse_1, ce_sum = None, torch.zeros((), device=z.device)
-        ctx.save_for_backward(logits, topk_ids, q, saved_k, lse_t, labels, ratio, lse_1)
-        ctx.cfg = (temperature, alpha, renormalize)
+        ctx.save_for_backward(logits, topk_ids, q_all, logp.exp(), s_k.exp(), r, lse_s, labels, lse_1)
+        ctx.cfg = (temperature, tau_s, alpha, renormalize, has_tail)
         total = alpha * kd_sum + (1.0 - alpha) * ce_sum
         kd_out, ce_out = kd_sum.detach(), ce_sum.detach()
         ctx.mark_non_differentiable(kd_out, ce_out)  # metrics only
@@ -110,32 +133,35 @@ class _SparseKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _g_kd, _g_ce):
-        logits, topk_ids, q, p_k, lse_t, labels, ratio, lse_1 = ctx.saved_tensors
-        temperature, alpha, renormalize = ctx.cfg
+        logits, topk_ids, q_all, p, p_k, r, lse_s, labels, lse_1 = ctx.saved_tensors
+        temperature, tau_s, alpha, renormalize, has_tail = ctx.cfg
         z = logits.float()
-        a = alpha * temperature  # T^2 scaling times the 1/T of d(z/T)/dz
         b = 1.0 - alpha
-        # dL/dz = a * (P * w - scatter(q)) with P the softmax at T, w = 1 on the top-k and (1 - q_tail / r)
-        # elsewhere (renormalize: w = 0 off the top-k); plus b * (softmax(z) - onehot(label)) for the CE part.
-        fused_ce = alpha < 1.0 and temperature == 1.0 and not renormalize  # one softmax serves both terms
-        coef = None if renormalize else a * (1.0 - ratio) + (b if fused_ce else 0.0)
+        tau_b = temperature / tau_s
+        # g = dL/db, scaled by alpha / tau_s: T^2 (p - q) / tau_b through a softmax, -T^2 q when logp = b itself
+        scale = alpha * temperature**2 / tau_s
+        g = (p - q_all) * (scale / tau_b) if renormalize or tau_b != 1.0 else q_all * -scale
+        fused_ce = alpha < 1.0 and tau_s == 1.0  # one softmax serves both terms
+        if renormalize:
+            coef, scatter = -g.sum(-1), g
+        else:
+            g_k, g_t = g[:, :-1], g[:, -1]
+            ratio = g_t / r.clamp_min(_MIN_TAIL) if has_tail else torch.zeros_like(g_t)
+            coef = -g_k.sum(-1) + ratio * (1.0 - r)
+            scatter = g_k - p_k * ratio[:, None]
+        if fused_ce:
+            coef = coef + b
         grad = torch.empty_like(z)
         for rows in _row_chunks(z.shape[0]):
-            zc, g = z[rows], grad[rows]
-            if renormalize:
-                g.zero_()
+            zc, gr = z[rows], grad[rows]
+            if tau_s == 1.0:
+                torch.sub(zc, lse_s[rows, None], out=gr)
             else:
-                if temperature == 1.0:
-                    torch.sub(zc, lse_t[rows, None], out=g)
-                else:
-                    torch.mul(zc, 1.0 / temperature, out=g).sub_(lse_t[rows, None])
-                g.exp_().mul_(coef[rows, None])
+                torch.mul(zc, 1.0 / tau_s, out=gr).sub_(lse_s[rows, None])
+            gr.exp_().mul_(coef[rows, None])
             if alpha < 1.0 and not fused_ce:
-                g.add_(torch.sub(zc, lse_1[rows, None]).exp_(), alpha=b)
-        if renormalize:
-            grad.scatter_add_(1, topk_ids, a * (p_k - q))
-        else:
-            grad.scatter_add_(1, topk_ids, a * (p_k * ratio[:, None] - q))
+                gr.add_(torch.sub(zc, lse_1[rows, None]).exp_(), alpha=b)
+        grad.scatter_add_(1, topk_ids, scatter)
         if alpha < 1.0:
             grad.scatter_add_(1, labels[:, None], torch.full_like(labels[:, None], -b, dtype=grad.dtype))
         grad.mul_(grad_total)
@@ -146,10 +172,10 @@ def sparse_kd_loss(logits: torch.Tensor, targets: Targets, settings: LossSetting
     """alpha * T^2 * KL(teacher || student) over buckets + (1 - alpha) * CE, summed over tokens."""
     if targets.topk_ids is None:
         raise ConfigError("loss 'kd' needs the cache's topk signal; regenerate the cache with `kdcache generate --top-k K`")
-    q, q_tail = teacher_buckets(targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail)
-    total, kd_sum, ce_sum = _SparseKD.apply(
-        logits, targets.topk_ids, q, q_tail, targets.labels, settings.temperature, settings.alpha, settings.tail == "renormalize"
-    )
+    T, renormalize = settings.temperature, settings.tail == "renormalize"
+    q_all = teacher_bucket_log_probs(targets.topk_logprobs, targets.tail_logprob, T, settings.tail, targets.tail_logprob_t).exp().float()
+    tau_s = student_temperature(T, settings.tail, targets.tail_logprob_t)
+    total, kd_sum, ce_sum = _SparseKD.apply(logits, targets.topk_ids, q_all, targets.labels, T, tau_s, settings.alpha, renormalize)
     metrics = {"kd": kd_sum}
     if settings.alpha < 1.0:
         metrics["ce"] = ce_sum
@@ -223,8 +249,10 @@ def _divergence_loss(name: str) -> LossFn:
     def loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if targets.topk_ids is None:
             raise ConfigError(f"loss {name!r} needs the cache's topk signal; regenerate the cache with `kdcache generate --top-k K`")
-        s_k, label_lp = _gather_with_labels(logits, targets.topk_ids, targets, settings, settings.temperature)
-        t, s = buckets(s_k, targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail)
+        tau_s = student_temperature(settings.temperature, settings.tail, targets.tail_logprob_t)
+        s_k, label_lp = _gather_with_labels(logits, targets.topk_ids, targets, settings, tau_s)
+        t, s = buckets(s_k, targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail, targets.tail_logprob_t,
+                       has_tail=targets.topk_ids.shape[1] < logits.shape[1])
         kd_sum = divergence(t, s, settings).sum() * settings.temperature**2
         return _mix_hard_labels(name, kd_sum, label_lp, settings)
 

@@ -28,21 +28,23 @@ from typing import Any, Callable
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.modeling import selected_logits
+from kdcache.modeling import selected_logits, tempered_tail_logprob
 from kdcache.train.data import Batch
 from kdcache.train.losses import LossSettings, Targets, get_loss
 from kdcache.train.optim import build_optimizer, lr_lambda  # the run's own recipe for each peer
 
 
-def topk_targets(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Targets:
-    """Cache-shaped targets from full teacher logits [N, V]: top-k log-probabilities and the tail mass."""
+def topk_targets(logits: torch.Tensor, labels: torch.Tensor, k: int, temperature: float = 1.0) -> Targets:
+    """Cache-shaped targets from full teacher logits [N, V]: top-k log-probabilities and the tail mass, plus
+    the exact tail mass at ``temperature`` when it is not 1 (the full logits are at hand, so no approximation)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
     if ids.shape[-1] < logp.shape[-1]:
         tail = torch.log((-torch.expm1(torch.logsumexp(values, dim=-1))).clamp_min(1e-10))
     else:
         tail = torch.full_like(values[:, 0], float("-inf"))
-    return Targets(labels, ids, values, tail)
+    tail_t = tempered_tail_logprob(logp, ids, [temperature])[:, 0] if temperature != 1.0 else None
+    return Targets(labels, ids, values, tail, tail_logprob_t=tail_t)
 
 
 @torch.no_grad()
@@ -85,7 +87,7 @@ class EMATeacher(PseudoTeacher):
             p.requires_grad_(False)
 
     def targets(self, model: Any, batch: Batch, autocast) -> Targets:
-        return topk_targets(_logits(self.ema, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k)
+        return topk_targets(_logits(self.ema, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.cfg.temperature)
 
     @torch.no_grad()
     def after_step(self, model: Any) -> None:
@@ -120,7 +122,7 @@ class AugmentTeacher(PseudoTeacher):
         was_training = model.training
         model.eval()
         try:
-            return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k)
+            return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.cfg.temperature)
         finally:
             model.train(was_training)
 
@@ -135,7 +137,7 @@ class DropoutTeacher(PseudoTeacher):
             raise ConfigError("pseudo_teacher dropout needs a student with dropout; set --set student.attention_dropout=0.1")
 
     def targets(self, model: Any, batch: Batch, autocast) -> Targets:
-        return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k)  # train mode: dropout on
+        return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.cfg.temperature)  # train mode: dropout on
 
 
 class PeerTeacher(PseudoTeacher):
@@ -166,7 +168,7 @@ class PeerTeacher(PseudoTeacher):
         if cached is not None:
             w = self.cfg.peer_teacher_weight
             pooled = torch.logaddexp(pooled + math.log1p(-w), cached + math.log(w)) if w < 1.0 else cached
-        return topk_targets(pooled, labels, self.cfg.pseudo_top_k)
+        return topk_targets(pooled, labels, self.cfg.pseudo_top_k, self.cfg.temperature)
 
     def _cached_teacher(self, batch: Batch, vocab: int) -> torch.Tensor | None:
         """The cache's top-k as a full log-distribution, its tail spread evenly over the other tokens."""

@@ -16,7 +16,7 @@ import torch
 
 from kdcache.errors import ConfigError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
-from kdcache.modeling import resolve_device, selected_features
+from kdcache.modeling import resolve_device, selected_features, tempered_tail_logprob
 from kdcache.pipeline.teachers.base import Teacher, register_backend
 from kdcache.pipeline.teachers.sampling import (
     SparseSampling, draw_next_tokens, row_uniforms, sample_seed, sample_sparse, sequence_uniforms, split_by_sequence,
@@ -102,10 +102,12 @@ class TransformersTeacher(Teacher):
         trust_remote_code: bool = False,
         allow_pickle_weights: bool = False,
         logits_chunk_tokens: int = 1024,
+        tail_temperatures: tuple[float, ...] = (),
     ):
         from transformers import AutoConfig
 
         self.model_name = model
+        self.tail_temperatures = tuple(tail_temperatures)  # exact tempered tail mass stored for these T
         self.folder, self.gguf_file, self.is_local = locate_model(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -221,6 +223,8 @@ class TransformersTeacher(Teacher):
                 else:
                     tail = torch.full_like(values[:, 0], float("-inf"))
                 chunk.update(topk_ids=index.int(), topk_logprobs=values, tail_logprob=tail)
+                if self.tail_temperatures:
+                    chunk["tail_logprob_tempered"] = tempered_tail_logprob(logp, index, self.tail_temperatures)
             if u is not None:
                 s_ids, s_w, s_n = sample_sparse(logp, u[start : start + f.shape[0]], sampling.temperature)
                 chunk.update(sampled_ids=s_ids.int(), sampled_weights=s_w, sampled_sizes=s_n)
@@ -326,4 +330,4 @@ def _stop_end(tokenizer, seq: np.ndarray, stops: list[str]) -> int:
 @register_backend("transformers")
 def _from_config(cfg: Any) -> TransformersTeacher:
     return TransformersTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                               allow_pickle_weights=cfg.allow_pickle_weights)
+                               allow_pickle_weights=cfg.allow_pickle_weights, tail_temperatures=tuple(cfg.tail_temperatures))

@@ -114,6 +114,11 @@ class VLLMTeacher(Teacher):
                 "backend vllm returns only the top-k, so it cannot draw sampled targets (--sampled-tokens) nor run "
                 "with --top-k 0; use --backend transformers for RS-KD caches"
             )
+        if cfg.tail_temperatures:
+            raise ConfigError(
+                "backend vllm returns only the top-k, so it cannot store the exact tempered tail (tail_temperatures); "
+                "use --backend transformers, or drop tail_temperatures (training at T != 1 then tempers the k+1 buckets)"
+            )
         self.tokenizer = self.hf.tokenizer
         self.engine_cfg = cfg.vllm
         self.top_k = cfg.top_k
