@@ -330,3 +330,15 @@ def test_verify_not_a_cache(tmp_path):
     r = invoke("verify", tmp_path / "nope")
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "does not exist" in r.stderr
+
+
+def test_inspect_of_a_damaged_cache_is_one_line(copy):
+    """inspect reads through the reader too: a damaged shard is named, never a raw Arrow traceback."""
+    m = read_manifest(copy)
+    victim = copy / m.shards[0].name
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+    r = invoke("inspect", copy)
+    assert r.exit_code == 2
+    one_line(r.stderr, m.shards[0].name)

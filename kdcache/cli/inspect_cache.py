@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from kdcache.cache import open_cache
 
@@ -15,10 +14,9 @@ def summarize(path: str | Path) -> dict[str, Any]:
     cache = open_cache(path)
     m = cache.manifest
     stats_cols = ["teacher_nll", "teacher_entropy", "num_loss_tokens"]
-    tables = [pq.read_table(cache.path / s.name, columns=stats_cols) for s in m.shards]
-    nll = np.concatenate([t.column("teacher_nll").to_numpy() for t in tables]) if tables else np.zeros(0)
-    ent = np.concatenate([t.column("teacher_entropy").to_numpy() for t in tables]) if tables else np.zeros(0)
-    n = np.concatenate([t.column("num_loss_tokens").to_numpy() for t in tables]) if tables else np.zeros(0)
+    # through the reader, so a damaged shard is one line naming it (checksums, sizes, footers), never a traceback
+    blocks = [cache.read_block(g, stats_cols).scalars for g in range(len(cache.row_groups))]
+    nll, ent, n = (np.concatenate([b[c] for b in blocks]) if blocks else np.zeros(0) for c in stats_cols)
     total = max(int(n.sum()), 1)
 
     def dist(x: np.ndarray) -> dict[str, float]:
