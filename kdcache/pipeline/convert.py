@@ -21,7 +21,8 @@ import torch
 
 from kdcache.cache.manifest import fsync_dir, write_atomic
 from kdcache.errors import ConfigError
-from kdcache.pipeline.teachers.transformers_backend import _DTYPES, load_error, load_tokenizer, locate_model, refuse_pickle_only
+from kdcache.pipeline.teachers.transformers_backend import _DTYPES, load_tokenizer, locate_model
+from kdcache.weights import load_error, refuse_pickle_only
 
 log = logging.getLogger(__name__)
 

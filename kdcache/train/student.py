@@ -11,6 +11,7 @@ from kdcache.cache import Cache
 from kdcache.errors import CacheMismatchError, ConfigError, KDCacheError
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.train.config import StudentConfig
+from kdcache.weights import load_error, refuse_pickle_only
 
 
 def _llama(cfg: StudentConfig, vocab_size: int, tokenizer: Any):
@@ -37,32 +38,6 @@ def _llama(cfg: StudentConfig, vocab_size: int, tokenizer: Any):
 STUDENT_ARCHS: dict[str, Callable[[StudentConfig, int, Any], Any]] = {"llama": _llama}
 
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def _refuse_pickle_only(folder: Path) -> None:
-    """A student folder whose weights exist only as pickle files is refused: unpickling can run code.
-    (The teacher side has the same check; train may not import the pipeline.)"""
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
-    if pickled:
-        raise ConfigError(
-            f"student {folder} has only pickle weights ({', '.join(pickled[:2])}), which can run code when loaded; "
-            "save it with safetensors (save_pretrained(..., safe_serialization=True)), or set "
-            "student.allow_pickle_weights=true if you trust the file"
-        )
-
-
-def _load_error(path: str, exc: BaseException, allow_pickle: bool) -> KDCacheError:
-    msg = str(exc)
-    line = msg.splitlines()[0][:200] if msg.strip() else type(exc).__name__
-    if not allow_pickle and "safetensors" in msg and ("no file named" in msg or "does not appear to have a file named" in msg):
-        return KDCacheError(f"cannot load student from {path} as safetensors ({line}); only pickle weights may exist: "
-                            "set student.allow_pickle_weights=true if you trust them")
-    return KDCacheError(f"cannot load student from {path}: {line}")
-
-
 def _load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -80,7 +55,7 @@ def build_student(cfg: StudentConfig, cache: Cache, seed: int = 0) -> tuple[Any,
         if cfg.path.startswith((".", "/", "~")) and not Path(cfg.path).expanduser().exists():
             raise ConfigError(f"student path {cfg.path} does not exist; pass a save_pretrained folder or a hub id")
         if not cfg.allow_pickle_weights:
-            _refuse_pickle_only(Path(cfg.path).expanduser())
+            refuse_pickle_only(Path(cfg.path).expanduser(), "student", "student.allow_pickle_weights")
         tokenizer = _load_tokenizer(cfg.path, cfg.trust_remote_code)
         _check_tokenizer(tokenizer, cache, cfg.path)
         try:
@@ -89,7 +64,7 @@ def build_student(cfg: StudentConfig, cache: Cache, seed: int = 0) -> tuple[Any,
                 use_safetensors=None if cfg.allow_pickle_weights else True,  # a .bin is unpickled, which can run code
             )
         except (OSError, ValueError) as exc:
-            raise _load_error(cfg.path, exc, cfg.allow_pickle_weights) from None
+            raise load_error("student", cfg.path, exc, cfg.allow_pickle_weights, "student.allow_pickle_weights") from None
     else:
         if cfg.arch not in STUDENT_ARCHS:
             raise ConfigError(f"unknown student arch {cfg.arch!r}; valid: {', '.join(sorted(STUDENT_ARCHS))}")

@@ -17,6 +17,7 @@ import torch
 from kdcache.errors import ConfigError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
 from kdcache.modeling import resolve_device, selected_features, tempered_tail_logprob
+from kdcache.weights import load_error, refuse_pickle_only
 from kdcache.pipeline.teachers.base import Teacher, register_backend
 from kdcache.pipeline.teachers.sampling import (
     SparseSampling, draw_next_tokens, row_uniforms, sample_seed, sample_sparse, sequence_uniforms, split_by_sequence,
@@ -52,33 +53,6 @@ def locate_model(model: str) -> tuple[str, str | None, bool]:
     if looks_like_path or not model:
         raise ConfigError(f"model path {model} does not exist; pass a model folder, a .gguf file or a hub id")
     return model, None, False
-
-
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def refuse_pickle_only(folder: str | Path, what: str, flag: str) -> None:
-    """A local model folder whose weights exist only as pickle files (``pytorch_model.bin``) is refused:
-    unpickling can run code. safetensors (and GGUF) cannot; ``flag`` lets a user who trusts the file in."""
-    folder = Path(folder)
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
-    if pickled:
-        raise ConfigError(
-            f"{what} {folder} has only pickle weights ({', '.join(pickled[:2])}), which can run code when loaded; "
-            f"save it with safetensors (save_pretrained(..., safe_serialization=True)), or set {flag}=true if you trust the file"
-        )
-
-
-def load_error(what: str, model: str, exc: BaseException, allow_pickle: bool, flag: str) -> KDCacheError:
-    """One line for a failed from_pretrained; a hub model without safetensors names the flag."""
-    line = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    missing = "no file named" in str(exc) or "does not appear to have a file named" in str(exc)
-    if not allow_pickle and missing and "safetensors" in str(exc):
-        return KDCacheError(f"cannot load {what} weights from {model} as safetensors ({line}); "
-                            f"only pickle weights may exist: set {flag}=true if you trust them")
-    return KDCacheError(f"cannot load {what} weights from {model}: {line}")
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):
