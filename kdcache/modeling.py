@@ -65,11 +65,9 @@ def tempered_tail_logprob(logp: torch.Tensor, topk_ids: torch.Tensor, temperatur
     is spread over the V - k tokens (T = 2: ``sum_j p_j^(1/2)``), not only on its total. ``logp`` is the full
     [N, V] log-distribution at temperature 1; -inf where the top-k is the whole vocabulary.
     """
-    cols = []
-    for t in temperatures:
-        lt = torch.log_softmax(logp / t, dim=-1)
-        if topk_ids.shape[-1] < logp.shape[-1]:
-            cols.append(torch.logsumexp(lt.scatter(-1, topk_ids, float("-inf")), dim=-1))
-        else:
-            cols.append(torch.full_like(lt[:, 0], float("-inf")))
-    return torch.stack(cols, dim=-1) if cols else logp.new_zeros(logp.shape[0], 0)
+    if not temperatures:
+        return logp.new_zeros(logp.shape[0], 0)
+    if topk_ids.shape[-1] >= logp.shape[-1]:
+        return logp.new_full((logp.shape[0], len(temperatures)), float("-inf"))
+    outside = logp.scatter(-1, topk_ids, float("-inf"))  # one masked copy serves every T
+    return torch.stack([torch.logsumexp(outside / t, dim=-1) - torch.logsumexp(logp / t, dim=-1) for t in temperatures], dim=-1)

@@ -13,7 +13,7 @@ from test_train import assert_same_weights, final_weights, make_cfg, train_rows,
 from kdcache.cache import open_cache
 from kdcache.errors import ConfigError
 from kdcache.train import train
-from kdcache.train.data import batches, train_columns
+from kdcache.train.data import EVAL_SIGNALS, batches, train_columns
 from kdcache.train.pseudo_teachers import AugmentTeacher, EMATeacher, topk_targets
 from kdcache.train.student import build_student
 
@@ -40,7 +40,7 @@ def test_ema_update_and_augmentation(tiny_cache):
     ema.after_step(model)
     for e, b, p in zip(ema.ema.parameters(), before, model.parameters()):
         assert torch.allclose(e, 0.9 * b + 0.1 * p)
-    batch = next(batches(open_cache(tiny_cache).stream(columns=train_columns(open_cache(tiny_cache))), 8))
+    batch = next(batches(open_cache(tiny_cache).stream(columns=train_columns(open_cache(tiny_cache), EVAL_SIGNALS)), 8))
     aug = AugmentTeacher(cfg, model)
     a, b = aug.student_batch(batch, step=3), aug.student_batch(batch, step=3)
     assert torch.equal(a.input_ids, b.input_ids)  # drawn from (seed, step): a resumed run draws the same
@@ -133,7 +133,7 @@ def test_peers_can_mix_in_the_cached_teacher(tiny_cache, tmp_path):
     cache = open_cache(tiny_cache)
     model, _ = build_student(cfg.student, cache, seed=0)
     peers = PeerTeacher(cfg, model)
-    batch = next(batches(cache.stream(columns=train_columns(cache)), 4))
+    batch = next(batches(cache.stream(columns=train_columns(cache, EVAL_SIGNALS)), 4))
     t = peers.targets(model, batch, lambda: torch.autocast("cpu", enabled=False))
     k = batch.targets.topk_ids.shape[1]
     # weight 1: the target is the cached teacher (its top-k first, then the evenly spread tail)

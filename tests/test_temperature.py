@@ -287,3 +287,26 @@ def test_cli_tail_temperatures_flag_and_inspect(tiny_teacher, text_jsonl, tmp_pa
     assert ok.exit_code == 0, ok.output
     shown = runner.invoke(main, ["inspect", str(out)])
     assert "tail at T!=1 exact at T in 2, 4; bucket-tempered approximation at other T" in shown.output
+
+
+@pytest.mark.parametrize("T", TEMPERATURES)
+def test_teacher_without_tail_mass_below_full_vocab_is_finite_and_consistent(T):
+    """A teacher whose top-k holds all its mass (tail -inf, k < V: -inf logits, or a combined cache) has no tail
+    bucket on either side: every loss stays finite (reverse KL would be infinite with the student's tail), and
+    the fused kd agrees with the generic fkl."""
+    teacher, student, labels = problem(9)
+    teacher = teacher.scatter(1, torch.arange(8, 48).repeat(teacher.shape[0], 1), -math.inf)  # 8 finite logits per row
+    logp = torch.log_softmax(teacher, -1)
+    vals, ids = logp.topk(12, -1)
+    tg = Targets(labels, ids, vals.clamp_min(-1e4), torch.full((teacher.shape[0],), -math.inf, dtype=torch.float64),
+                 tail_logprob_t=torch.full((teacher.shape[0],), -math.inf, dtype=torch.float64) if T != 1.0 else None)
+    got = {}
+    for name in TOPK_LOSSES:
+        for exact in (False, True):
+            t = tg if exact else Targets(labels, ids, tg.topk_logprobs, tg.tail_logprob)
+            loss, grad = run(name, student, t, T, "bucket")
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), (name, T, exact)
+            got[name, exact] = (loss, grad)
+    for exact in (False, True):
+        torch.testing.assert_close(got["kd", exact][0], got["fkl", exact][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["kd", exact][1], got["fkl", exact][1], rtol=1e-4, atol=1e-6)

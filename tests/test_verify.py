@@ -333,11 +333,15 @@ def test_verify_not_a_cache(tmp_path):
 
 
 def test_inspect_of_a_damaged_cache_is_one_line(copy):
-    """inspect reads through the reader too: a damaged shard is named, never a raw Arrow traceback."""
+    """inspect reads through the reader too: damage in a column it reads names the shard, never a raw Arrow
+    traceback (inspect skips the whole-file sha256, so the flip goes into a statistics column's pages)."""
     m = read_manifest(copy)
     victim = copy / m.shards[0].name
+    md = pq.ParquetFile(victim).metadata.row_group(0)
+    col = next(md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema == "teacher_nll")
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x10
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data[start + col.total_compressed_size - 3] ^= 0x10  # inside the chunk's last page, past its header
     victim.write_bytes(bytes(data))
     r = invoke("inspect", copy)
     assert r.exit_code == 2

@@ -88,6 +88,11 @@ class Manifest:
         return int(self.signals["topk"]["k"]) if "topk" in self.signals else 0
 
     @property
+    def tail_temperatures(self) -> list[float]:
+        """Temperatures the cache stores the teacher's exact tempered tail mass for (empty: none)."""
+        return list((self.signals.get("topk") or {}).get("tail_temperatures") or [])
+
+    @property
     def vocab_size(self) -> int:
         return int(self.tokenizer["vocab_size"])
 

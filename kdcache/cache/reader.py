@@ -40,7 +40,7 @@ READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 _SECOND_DIM: dict[str, Callable[[Manifest], int]] = {
     "topk_ids": lambda m: m.top_k,
     "topk_logprobs": lambda m: m.top_k,
-    "tail_logprob_tempered": lambda m: len(m.signals["topk"]["tail_temperatures"]),
+    "tail_logprob_tempered": lambda m: len(m.tail_temperatures),
 }
 
 

@@ -11,7 +11,7 @@ from kdcache.cache import open_cache
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
-    cache = open_cache(path)
+    cache = open_cache(path, verify_sha256=False)  # page checksums and footers still checked; no full-file hash
     m = cache.manifest
     stats_cols = ["teacher_nll", "teacher_entropy", "num_loss_tokens"]
     # through the reader, so a damaged shard is one line naming it (checksums, sizes, footers), never a traceback
@@ -35,7 +35,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "bytes_per_token": m.num_bytes / max(m.num_tokens, 1),
         "shards": len(m.shards),
         "top_k": m.top_k,
-        "tail_at_temperature": _tail_at_temperature(m.signals),
+        "tail_at_temperature": _tail_at_temperature(m),
         "signals": {name: sorted(sig.get("columns", {})) for name, sig in m.signals.items()},
         "teacher": m.teacher,
         "tokenizer": {k: m.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "tokenizer_size")},
@@ -49,12 +49,11 @@ def summarize(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _tail_at_temperature(signals: dict) -> str | None:
+def _tail_at_temperature(m) -> str | None:
     """How a trainer gets the teacher's tail bucket at T != 1 from this cache (see README, temperature)."""
-    topk = signals.get("topk")
-    if not topk:
+    if "topk" not in m.signals:
         return None
-    temps = topk.get("tail_temperatures") or []
+    temps = m.tail_temperatures
     exact = f"exact at T in {', '.join(f'{t:g}' for t in temps)}; " if temps else ""
     return exact + "bucket-tempered approximation at other T != 1 (k+1 buckets tempered on both sides)"
 

@@ -42,7 +42,8 @@ class TrainConfig:
         "The teacher's tail bucket at temperature != 1 (tail: bucket): exact uses the tail mass the cache stores for "
         "this temperature (generate --tail-temperatures), so KD equals dense tempered KD bucketed; bucket tempers the "
         "k+1 buckets of both sides as if they were k+1 tokens (a consistent approximation); auto: exact when the "
-        "cache has it, else bucket. Both keep the teacher as the optimum.", "auto")
+        "cache has it, else bucket. Both keep the teacher as the optimum. Pseudo-teachers compute the exact tail themselves "
+        "unless this is bucket.", "auto")
     beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5)
     pseudo_teacher: Literal["none", "ema", "augment", "dropout", "peers"] = doc(
         "Teacher-free targets from the student itself: ema (a moving average of its weights), augment (its own "

@@ -18,14 +18,14 @@ EVAL_SIGNALS = ("topk_ids", "topk_logprobs", "tail_logprob")
 TEMPERED_TAIL = "tail_logprob_tempered"
 
 
-def train_columns(cache: Cache, signals: Iterable[str] = EVAL_SIGNALS) -> list[str]:
+def train_columns(cache: Cache, signals: Iterable[str]) -> list[str]:
     """The base columns plus ``signals`` that the cache has: a CE run never decodes the top-k (most of the bytes)."""
     return [c for c in (*BASE_COLUMNS, *signals) if c in cache.columns]
 
 
 def tempered_tail_index(cache: Cache, temperature: float) -> int | None:
     """Which stored tempered-tail column holds ``temperature`` (None: the cache has none for it)."""
-    temps = (cache.manifest.signals.get("topk") or {}).get("tail_temperatures") or []
+    temps = cache.manifest.tail_temperatures
     hits = [i for i, t in enumerate(temps) if abs(t - temperature) <= 1e-9 * max(1.0, abs(t))]
     return hits[0] if hits and TEMPERED_TAIL in cache.columns else None
 

@@ -113,12 +113,17 @@ def buckets(s_k: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.
     if tail == "renormalize":
         return t, torch.log_softmax(s_k, dim=-1)
     tempered = student_temperature(tau, tail, tail_logprob_t) != tau  # bucket-tempered approximation
-    if not has_tail:  # k = vocab: no tail bucket on either side (a constant, so no 0 * inf reaches a gradient)
-        head = torch.log_softmax(s_k / tau, dim=-1) if tempered else s_k
-        return t, torch.cat([head, torch.full_like(s_k[:, :1], -math.inf)], dim=-1)
-    s_tail = torch.log((-torch.expm1(torch.logsumexp(s_k, dim=-1))).clamp_min(MIN_TAIL))
-    s = torch.cat([s_k, s_tail[:, None]], dim=-1)
-    return t, torch.log_softmax(s / tau, dim=-1) if tempered else s
+    # No tail bucket at k = vocab (a constant -inf, outside the tempering too). Where only the teacher has none
+    # (all its mass in the top-k) the student's bucket takes part in tempering and is then dropped: forward KL
+    # is unchanged by that (its term is 0 log 0), and reverse KL stays finite instead of infinite.
+    no_tail = torch.full_like(s_k[:, :1], -math.inf)
+    if not has_tail:
+        return t, torch.cat([torch.log_softmax(s_k / tau, dim=-1) if tempered else s_k, no_tail], dim=-1)
+    s_tail = torch.log((-torch.expm1(torch.logsumexp(s_k, dim=-1, keepdim=True))).clamp_min(MIN_TAIL))
+    s = torch.cat([s_k, s_tail], dim=-1)
+    if tempered:
+        s = torch.log_softmax(s / tau, dim=-1)
+    return t, torch.cat([s[:, :-1], torch.where(torch.isfinite(tail_logprob)[:, None], s[:, -1:], no_tail)], dim=-1)
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

@@ -223,7 +223,7 @@ def _tail_mode(cfg: TrainConfig, cache: Cache) -> int | None:
     if cfg.temperature == 1.0 or cfg.tail == "renormalize" or cfg.pseudo_teacher != "none" or get_loss(cfg.loss).needs != TOPK_SIGNALS:
         return None
     index = tempered_tail_index(cache, cfg.temperature) if cfg.tempered_tail != "bucket" else None
-    stored = (cache.manifest.signals.get("topk") or {}).get("tail_temperatures") or []
+    stored = cache.manifest.tail_temperatures
     if index is None and cfg.tempered_tail == "exact":
         raise ConfigError(f"tempered_tail exact: {cfg.cache} stores the exact tail mass for T in {stored or 'none'}, not T={cfg.temperature}; "
                           f"regenerate with `kdcache generate --tail-temperatures {cfg.temperature:g}` (transformers backend) "

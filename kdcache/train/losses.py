@@ -97,6 +97,8 @@ class _SparseKD(torch.autograd.Function):
         z = logits.float()
         inv_s = 1.0 / tau_s
         tau_b = temperature / tau_s
+        # No tail bucket at k = vocab. Rows where only the teacher has none (all its mass in the top-k) keep the
+        # student's: its term q_tail log(q_tail / p_tail) is 0, and its gradient is the true one.
         has_tail = topk_ids.shape[1] < z.shape[1]
         need_lse_1 = alpha < 1.0 and tau_s != 1.0
         lse_s = torch.empty(z.shape[0], device=z.device)
@@ -142,8 +144,8 @@ class _SparseKD(torch.autograd.Function):
         scale = alpha * temperature**2 / tau_s
         g = (p - q_all) * (scale / tau_b) if renormalize or tau_b != 1.0 else q_all * -scale
         fused_ce = alpha < 1.0 and tau_s == 1.0  # one softmax serves both terms
-        if renormalize:
-            coef, scatter = -g.sum(-1), g
+        if renormalize:  # p and q both sum to 1 over the top-k: nothing off the top-k, the coefficient is 0
+            coef, scatter = torch.zeros_like(g[:, 0]), g
         else:
             g_k, g_t = g[:, :-1], g[:, -1]
             ratio = g_t / r.clamp_min(_MIN_TAIL) if has_tail else torch.zeros_like(g_t)
@@ -154,11 +156,12 @@ class _SparseKD(torch.autograd.Function):
         grad = torch.empty_like(z)
         for rows in _row_chunks(z.shape[0]):
             zc, gr = z[rows], grad[rows]
-            if tau_s == 1.0:
-                torch.sub(zc, lse_s[rows, None], out=gr)
+            if renormalize and not fused_ce:
+                gr.zero_()
+            elif tau_s == 1.0:
+                torch.sub(zc, lse_s[rows, None], out=gr).exp_().mul_(coef[rows, None])
             else:
-                torch.mul(zc, 1.0 / tau_s, out=gr).sub_(lse_s[rows, None])
-            gr.exp_().mul_(coef[rows, None])
+                torch.mul(zc, 1.0 / tau_s, out=gr).sub_(lse_s[rows, None]).exp_().mul_(coef[rows, None])
             if alpha < 1.0 and not fused_ce:
                 gr.add_(torch.sub(zc, lse_1[rows, None]).exp_(), alpha=b)
         grad.scatter_add_(1, topk_ids, scatter)

@@ -56,6 +56,8 @@ def _logits(model: Any, batch: Batch, autocast) -> torch.Tensor:
 class PseudoTeacher:
     def __init__(self, cfg: Any, model: Any):
         self.cfg = cfg
+        # the exact tempered tail goes with the targets only where the loss uses it (tail bucket, T != 1)
+        self.tail_temperature = cfg.temperature if cfg.tail == "bucket" and cfg.tempered_tail != "bucket" else 1.0
 
     def student_batch(self, batch: Batch, step: int) -> Batch:
         """What the student reads this step (the batch itself unless the teacher corrupts it)."""
@@ -87,7 +89,7 @@ class EMATeacher(PseudoTeacher):
             p.requires_grad_(False)
 
     def targets(self, model: Any, batch: Batch, autocast) -> Targets:
-        return topk_targets(_logits(self.ema, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.cfg.temperature)
+        return topk_targets(_logits(self.ema, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.tail_temperature)
 
     @torch.no_grad()
     def after_step(self, model: Any) -> None:
@@ -122,7 +124,7 @@ class AugmentTeacher(PseudoTeacher):
         was_training = model.training
         model.eval()
         try:
-            return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.cfg.temperature)
+            return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.tail_temperature)
         finally:
             model.train(was_training)
 
@@ -137,7 +139,7 @@ class DropoutTeacher(PseudoTeacher):
             raise ConfigError("pseudo_teacher dropout needs a student with dropout; set --set student.attention_dropout=0.1")
 
     def targets(self, model: Any, batch: Batch, autocast) -> Targets:
-        return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.cfg.temperature)  # train mode: dropout on
+        return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.tail_temperature)  # train mode: dropout on
 
 
 class PeerTeacher(PseudoTeacher):
@@ -168,7 +170,7 @@ class PeerTeacher(PseudoTeacher):
         if cached is not None:
             w = self.cfg.peer_teacher_weight
             pooled = torch.logaddexp(pooled + math.log1p(-w), cached + math.log(w)) if w < 1.0 else cached
-        return topk_targets(pooled, labels, self.cfg.pseudo_top_k, self.cfg.temperature)
+        return topk_targets(pooled, labels, self.cfg.pseudo_top_k, self.tail_temperature)
 
     def _cached_teacher(self, batch: Batch, vocab: int) -> torch.Tensor | None:
         """The cache's top-k as a full log-distribution, its tail spread evenly over the other tokens."""
