@@ -6,6 +6,7 @@ Everything is real: writers racing in separate processes, a writer killed with S
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from kdcache.cache.lock import LOCK_NAME, CacheLock, pid_alive, read_lock
 from kdcache.cache.manifest import MANIFEST_NAME, SHARD_RE
 from kdcache.cache.writer import is_temp_name
 from kdcache.cli import main
-from kdcache.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError, KDCacheError
+from kdcache.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError, KDCacheError, OutOfSpaceError
 from kdcache.pipeline.config import DataConfig, GenerateConfig
 from kdcache.pipeline.generate import generate
 
@@ -331,7 +332,7 @@ DISK_FULL_SRC = ROWS_SRC + textwrap.dedent(
             w.add_row(rows(i), i + 1)
         w.close()
     except OutOfSpaceError:
-        # What generate does with a directory it created: the failed write released the lock already.
+        # What generate does with a directory it created: the failed write kept the lock, abort cleans up under it.
         w.abort(discard_new=True)
         print("DISCARDED", os.path.exists(sys.argv[1]))
     """
@@ -525,3 +526,208 @@ def test_cache_lock_context_manager(tmp_path):
         with pytest.raises(CacheLockedError):
             CacheLock(tmp_path).acquire()
     assert read_lock(tmp_path) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Faults while taking the lock, writing the first manifest and clearing for --overwrite
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def full_disk_on_manifest_writes(monkeypatch, after: int = 0) -> list[int]:
+    """ENOSPC from fsync of every manifest temporary file after the first ``after`` (the OS call fails, as on a
+    full disk; the data written before it was only in the page cache). Returns the count of manifest fsyncs."""
+    real_fsync = os.fsync
+    seen = [0]
+
+    def fsync(fd):
+        if ".manifest.json." in os.path.basename(_fd_path(fd)):
+            seen[0] += 1
+            if seen[0] > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def test_full_disk_on_the_first_manifest_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """Was: AttributeError '_pending' (the failed write aborted a writer __init__ had not finished)."""
+    out = tmp_path / "new"
+    full_disk_on_manifest_writes(monkeypatch)
+    with pytest.raises(OutOfSpaceError) as info:
+        CacheWriter(out, SETTINGS, SIGNALS, **SMALL)
+    msg = one_line(info.value)
+    assert "no space left" in msg and str(out) in msg
+    assert not out.exists(), os.listdir(out)  # a folder this writer created: removed with everything in it
+    # A folder that was there already (empty) stays, empty.
+    out.mkdir()
+    with pytest.raises(OutOfSpaceError):
+        CacheWriter(out, SETTINGS, SIGNALS, **SMALL)
+    assert os.listdir(out) == []
+    monkeypatch.undo()
+    write(out)
+    assert_intact(out)
+
+
+def test_failed_write_keeps_the_lock_until_abort(tmp_path, monkeypatch):
+    """A failed shard commit does not give the lock away: the writer keeps it until abort() (or close()), so
+    cleaning up after the failure never has to take it back (and never loses it to another process)."""
+    cache = tmp_path / "c"
+    w = CacheWriter(cache, SETTINGS, SIGNALS, **SMALL)
+    full_disk_on_manifest_writes(monkeypatch, after=0)
+    with pytest.raises(OutOfSpaceError) as info:
+        for i in range(N_ROWS):
+            w.add_row(rows(i), i + 1)  # noqa: F821
+    assert "no space left" in one_line(info.value)
+    assert read_lock(cache)["token"] == w._lock.token  # still ours
+    with pytest.raises(CacheLockedError):
+        CacheWriter(cache, SETTINGS, SIGNALS)
+    w.abort(discard_new=True)
+    assert not cache.exists()  # created by this writer, nothing committed: removed under the lock it still held
+    monkeypatch.undo()
+    write(cache)
+    assert_intact(cache)
+
+
+def test_crash_while_overwrite_removes_old_shards_never_leaves_a_manifest_listing_a_missing_one(tmp_path, monkeypatch):
+    cache = tmp_path / "c"
+    write(cache)
+    old = read_manifest(cache)
+    assert len(old.shards) >= 3
+    real_unlink = os.unlink
+    removed: list[str] = []
+
+    def unlink(path, *a, **kw):
+        name = os.path.basename(os.fspath(path))
+        if SHARD_RE.fullmatch(name):
+            if removed:  # the process dies (here: an I/O error) after removing the first old shard
+                raise OSError(errno.EIO, "Input/output error")
+            removed.append(name)
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises((KDCacheError, OSError)) as info:
+        CacheWriter(cache, {**SETTINGS, "teacher": {"name": "other"}}, SIGNALS, overwrite=True, **SMALL)
+    monkeypatch.undo()
+    assert removed
+    m = read_manifest(cache)
+    missing = [s.name for s in m.shards if not (cache / s.name).is_file()]
+    assert not missing, f"the manifest on disk lists deleted shards {missing}"
+    assert isinstance(info.value, KDCacheError) and "Input/output error" in one_line(info.value)  # not a traceback
+    assert m.settings["teacher"] == {"name": "other"} and m.status == "in_progress" and not m.shards
+    assert not (cache / LOCK_NAME).exists()
+    # The rerun resumes the fresh cache: the old shards left behind are strays (unlisted part-NNNNN) and go.
+    write(cache, settings={**SETTINGS, "teacher": {"name": "other"}})
+    assert_intact(cache)
+
+
+def test_write_probe_removed_by_another_writers_cleanup_is_not_an_error(tmp_path, monkeypatch):
+    """The probe is made before the lock and has a temporary name, so another writer's cleanup may remove it first."""
+    import pathlib
+
+    real_write_bytes = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        n = real_write_bytes(self, data)
+        if self.name.startswith(".write-probe-"):
+            os.remove(self)  # what another writer's _remove_strays does to our probe
+        return n
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    write(tmp_path / "c")
+    assert_intact(tmp_path / "c")
+
+
+def test_failed_lock_write_leaves_no_lock_file(tmp_path, monkeypatch):
+    cache = tmp_path / "c"
+    real_write = os.write
+
+    def write_fails(fd, data):
+        if os.path.basename(_fd_path(fd)) == LOCK_NAME:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write_fails)
+    with pytest.raises(OutOfSpaceError) as info:
+        CacheWriter(cache, SETTINGS, SIGNALS)
+    msg = one_line(info.value)
+    assert "no space left" in msg and LOCK_NAME in msg
+    assert not (cache / LOCK_NAME).exists()
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(OutOfSpaceError):
+        CacheLock(tmp_path / "bare").acquire()
+    assert not (tmp_path / "bare" / LOCK_NAME).exists()
+    monkeypatch.undo()
+    write(cache)  # no empty lock file ("unreadable lock file") stands in the way of the next run
+    assert_intact(cache)
+
+
+def _own_start_time() -> int:
+    stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, starttime
+
+
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc: staleness is the pid check alone")
+
+
+@needs_proc
+@pytest.mark.parametrize("field", ["pid_start", "boot_id"])
+def test_lock_of_an_earlier_process_with_our_pid_is_taken_over(tmp_path, field):
+    """kill -9 in a container with a stable hostname: the rerun often gets the same pid (often 1). The lock
+    records the process start time and the boot id, so the dead run's lock is stale even with our pid."""
+    cache = tmp_path / "c"
+    write(cache, stop=20, close=False).abort()
+    fields = {"pid": os.getpid(), "pid_start": _own_start_time(), "boot_id": _boot_id()}
+    fields[field] = _own_start_time() - 1 if field == "pid_start" else "00000000-0000-0000-0000-000000000000"
+    plant_lock(cache, **fields)
+    w = CacheWriter(cache, SETTINGS, SIGNALS, **SMALL)
+    mine = read_lock(cache)
+    assert mine["token"] == w._lock.token and mine["pid_start"] == _own_start_time() and mine["boot_id"] == _boot_id()
+    for i in range(w.resume_input_row, N_ROWS):
+        w.add_row(rows(i), i + 1)  # noqa: F821
+    w.close()
+    assert_intact(cache)
+
+
+@needs_proc
+def test_lock_of_this_very_process_with_another_token_is_refused(tmp_path):
+    """Same pid, same start time, same boot: another writer in this process holds it."""
+    cache = tmp_path / "c"
+    planted = plant_lock(cache, pid=os.getpid(), pid_start=_own_start_time(), boot_id=_boot_id())
+    with pytest.raises(CacheLockedError, match=f"pid {os.getpid()}") as info:
+        CacheWriter(cache, SETTINGS, SIGNALS)
+    assert "wait for it to finish" in one_line(info.value)
+    assert (cache / LOCK_NAME).read_bytes() == planted
+
+
+def test_combine_that_fails_midway_into_a_new_directory_leaves_nothing(tmp_path):
+    """Sources with the same row count whose rows differ past the start: found while mixing, after the
+    output's manifest and tokenizer exist. Like generate, combine removes the directory it created."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    write(a, stop=20)
+    wb = CacheWriter(b, {**SETTINGS, "teacher": {"name": "second"}}, SIGNALS, **SMALL)
+    for i in range(20):
+        exs = rows(i)  # noqa: F821
+        if i >= 10:
+            exs = [{**ex, "example_id": f"other-{i}"} for ex in exs]
+        wb.add_row(exs, i + 1)
+    wb.close()
+    (a / "tokenizer").mkdir()
+    (a / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(CacheMismatchError, match="differ at row"):
+        combine_caches([a, b], [1, 1], out)
+    assert not out.exists(), os.listdir(out)
+    out.mkdir()  # a folder that was there already: kept, as an (empty) in-progress cache, like generate's
+    with pytest.raises(CacheMismatchError, match="differ at row"):
+        combine_caches([a, b], [1, 1], out)
+    assert set(os.listdir(out)) == {MANIFEST_NAME, "tokenizer"} and read_manifest(out).shards == []

@@ -161,7 +161,7 @@ def test_convert_overwrite_keeps_the_users_files(tiny_teacher, tmp_path):
     assert (out / "NOTES.md").read_text() == "mine" and (out / "runs" / "log.txt").read_text() == "also mine"
     assert not (out / "stale.safetensors").exists()
     assert json.loads((out / MARKER).read_text())["files"] == listed
-    assert not (tmp_path / ".converted.tmp").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".converted")]
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)  # still a loadable model folder
@@ -319,7 +319,7 @@ def test_dataset_revision_is_recorded_in_the_cache_settings(tiny_teacher, tmp_pa
 
     assert dataset_identity(DataConfig(source="someorg/somedata", revision="0a1b2c3"))["revision"] == "0a1b2c3"
     pinned, other, unpinned = settings("0a1b2c3"), settings("v2.0"), settings(None)
-    assert pinned["revision"] == "0a1b2c3" and unpinned["revision"] is None
+    assert pinned["revision"] == "0a1b2c3" and "revision" not in unpinned  # unset: the identity of older caches
     assert len({pinned["fingerprint"], other["fingerprint"], unpinned["fingerprint"]}) == 3  # never the same cache
     with pytest.raises(DataError, match="data.revision"):
         dataset_identity(DataConfig(source=str(tmp_path), revision="v1"))  # a local folder has no revisions
@@ -334,3 +334,44 @@ def test_vllm_teacher_with_only_pickle_weights_is_refused_before_the_engine(pick
         pytest.skip("vLLM is not installed")
     with pytest.raises(ConfigError, match="allow_pickle_weights"):
         VLLMTeacher(GenerateConfig(teacher=str(pickle_only_model), out="unused", backend="vllm"))
+
+
+def test_cache_without_a_revision_keeps_the_old_settings(tiny_cache):
+    """data.revision unset: no "revision" key anywhere in the dataset settings, so the settings hash of every
+    cache made before the field existed is unchanged (and those caches still resume)."""
+    from kdcache.cache import read_manifest
+
+    dataset = read_manifest(tiny_cache).settings["dataset"]
+    assert "revision" not in dataset and "fingerprint" in dataset
+    assert "revision" not in dataset_identity(DataConfig(source="someorg/somedata"))
+
+
+# -- pruning old checkpoints touches only step-N folders
+
+
+def test_pruning_keeps_folders_that_only_look_like_checkpoints(tiny_teacher, tmp_path):
+    model, tok = _tiny_student(tiny_teacher)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpts = tmp_path / "checkpoints"
+    users = ["step-best", "step-0000001-good", "step-000-keep"]
+    for name in ["step-0000001", *users]:
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "note.txt").write_text(name)
+    final = save_checkpoint(tmp_path, 2, model, tok, opt, sched, {"data": {"epoch": 0}}, keep=1)
+    assert final.name == "step-0000002"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == sorted(["step-0000002", *users])
+    for name in users:
+        assert (ckpts / name / "note.txt").read_text() == name
+
+
+def test_convert_uses_its_own_temporary_folder(tiny_teacher, tmp_path):
+    """Another convert into the same OUT (or anything else) may own `.OUT.tmp`: it is never removed."""
+    out = tmp_path / "converted"
+    other = tmp_path / ".converted.tmp"
+    other.mkdir()
+    (other / "in-progress.safetensors").write_bytes(b"another process")
+    convert_model(str(tiny_teacher), out)
+    assert (other / "in-progress.safetensors").read_bytes() == b"another process"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".converted.tmp", "converted"]
+    assert (out / "model.safetensors").is_file()

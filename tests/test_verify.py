@@ -6,7 +6,9 @@ a few row groups each) so 200 flips and 20 truncations run in seconds.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -346,3 +348,58 @@ def test_inspect_of_a_damaged_cache_is_one_line(copy):
     r = invoke("inspect", copy)
     assert r.exit_code == 2
     one_line(r.stderr, m.shards[0].name)
+
+
+# --------------------------------------------------------------------------------------------------
+# A damaged disk: the shard cannot be stat'ed or read. One problem line for that shard, never a traceback.
+
+
+def test_shard_replaced_by_a_directory(copy):
+    m = read_manifest(copy)
+    victim = copy / m.shards[1].name
+    victim.unlink()
+    victim.mkdir()
+    report = verify_cache(copy)
+    assert [s.name for s in report.bad_shards] == [m.shards[1].name]
+    one_line(report.lines()[0], m.shards[1].name, "not a regular file", "regenerate")
+    r = invoke("verify", copy)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a regular file" in r.stderr
+
+
+def _fail_on(monkeypatch, module, name, victim: Path, err: int) -> None:
+    real = getattr(module, name)
+
+    def call(path, *a, **kw):
+        if Path(os.fspath(path)) == victim:
+            raise OSError(err, os.strerror(err), os.fspath(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(module, name, call)
+
+
+@pytest.mark.parametrize("call", ["stat", "open"])
+def test_io_error_reading_a_shard_is_a_problem_line(copy, monkeypatch, call):
+    """EIO from the OS (a failing disk) on stat or on reading the bytes for sha256."""
+    import builtins
+
+    m = read_manifest(copy)
+    victim = copy / m.shards[2].name
+    _fail_on(monkeypatch, os if call == "stat" else builtins, call, victim, errno.EIO)
+    for deep in (False, True):
+        report = verify_cache(copy, deep=deep)
+        assert [s.name for s in report.bad_shards] == [m.shards[2].name], report.lines()
+        one_line(report.lines()[0], m.shards[2].name, "cannot be read", "Input/output error", "regenerate")
+    r = invoke("verify", copy)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Input/output error" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+def test_unreadable_shard_is_a_problem_line(copy):
+    m = read_manifest(copy)
+    victim = copy / m.shards[0].name
+    victim.chmod(0)
+    try:
+        report = verify_cache(copy)
+        one_line(report.lines()[0], m.shards[0].name, "cannot be read", "Permission denied")
+    finally:
+        victim.chmod(0o644)

@@ -125,6 +125,7 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
             }
             writer.add_row([row], index + 1)
     except BaseException:
-        writer.abort()
+        # Nothing committed in a directory this run created: leave no half-made cache behind (as generate does).
+        writer.abort(discard_new=True)
         raise
     return writer.close()

@@ -1,12 +1,18 @@
 """One writer per cache: a lock file, ``CACHE/.kdcache.lock``, taken by everything that writes a cache.
 
-The lock is created atomically (``O_CREAT | O_EXCL``) and holds JSON ``{host, pid, started, command,
-token}``. A second writer fails at once with a message naming the holder. A lock whose process is gone
-*on this host* (``os.kill(pid, 0)`` says no such process) is taken over: the takeover is serialised by
-``flock`` on the stale lock file, the stale file is replaced atomically (``os.replace``) and re-read to
-confirm the new owner. A lock of another host is never taken over: its process cannot be checked from
-here, so the user decides. The lock is released by ``release()`` (also on garbage collection of the lock
-object); a ``kill -9`` leaves it behind, and the next writer on the same host takes it over.
+The lock is created atomically (``O_CREAT | O_EXCL``) and holds JSON ``{host, pid, pid_start, boot_id,
+started, command, token}``. A second writer fails at once with a message naming the holder. A lock whose
+process is gone *on this host* is taken over: its pid does not exist (``os.kill(pid, 0)``), or (Linux) a
+process with that pid exists but started at another time (``/proc/<pid>/stat`` field 22) or in another
+boot (``/proc/sys/kernel/random/boot_id``) than the recorded ones. That is what makes a ``kill -9``'d run in
+a container (stable hostname, and the rerun often gets the same pid, often 1) find its lock stale rather
+than "held by a live process" forever. Without ``/proc`` (or for a lock written without these fields) only
+the pid is checked. A lock of this very process (same pid and start time) with another token is refused:
+two writers in one process. The takeover is serialised by ``flock`` on the stale lock file, the stale file
+is replaced atomically (``os.replace``) and re-read to confirm the new owner. A lock of another host is never
+taken over: its process cannot be checked from here, so the user decides. The lock is released by
+``release()`` (also on garbage collection of the lock object); a ``kill -9`` leaves it behind, and the next
+writer on the same host takes it over.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kdcache.errors import CacheLockedError
+from kdcache.errors import CacheLockedError, KDCacheError, OutOfSpaceError
 
 try:
     import fcntl
@@ -35,8 +41,46 @@ _READ_RETRY_S = 1.0
 """How long a lock file may stay empty (created, not yet written) before it counts as damaged."""
 
 
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)}
+
+
 def _hostname() -> str:
     return socket.gethostname()
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or None where
+    there is no /proc or no such process. Parsed after the last ``)``: the command name may hold spaces."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux), or None."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def holder_alive(holder: dict) -> bool:
+    """Whether the process that wrote this lock (of this host) still runs: its pid exists and, where both the
+    lock and this host say, in the same boot and with the same start time (else the pid was reused)."""
+    pid = int(holder["pid"])
+    recorded_boot, recorded_start = holder.get("boot_id"), holder.get("pid_start")
+    if recorded_boot is not None and (current := boot_id()) is not None and recorded_boot != current:
+        return False  # every process of an earlier boot is gone
+    if not pid_alive(pid):
+        return False
+    if recorded_start is not None and (current_start := process_start(pid)) is not None:
+        try:
+            return int(recorded_start) == current_start
+        except (TypeError, ValueError):
+            return True  # a damaged field: the pid check alone, as for an old lock
+    return True
 
 
 def pid_alive(pid: int) -> bool:
@@ -82,16 +126,29 @@ def _read(path: Path) -> dict | None:
 
 
 def _describe(root: Path, holder: dict) -> str:
+    lock = root / LOCK_NAME
     if holder.get("damaged"):
         return (
-            f"cache {root} has an unreadable lock file {root / LOCK_NAME}; if no kdcache process is writing this "
-            f"cache, delete {root / LOCK_NAME} and rerun"
+            f"cache {root} has an unreadable lock file {lock}; if no kdcache process is writing this "
+            f"cache, delete {lock} and rerun"
         )
-    return (
-        f"cache {root} is being written by another kdcache process (host {holder.get('host')}, pid {holder.get('pid')}, "
-        f"since {holder.get('started')}: {holder.get('command')}); wait for it to finish, or if that process is gone "
-        f"on another host, delete {root / LOCK_NAME}"
-    )
+    host, pid = holder.get("host"), holder.get("pid")
+    who = f"host {host}, pid {pid}, since {holder.get('started')}: {holder.get('command')}"
+    if host != _hostname():
+        advice = (f"wait for it to finish; its process cannot be checked from this host, so if it is no longer running "
+                  f"on {host}, delete {lock} and rerun")
+    elif pid == os.getpid():
+        advice = f"wait for it to finish: another writer in this same process holds it (close or abort that writer first), or delete {lock}"
+    else:
+        advice = (f"wait for it to finish, or stop pid {pid} (a lock left by a process that has exited is taken over "
+                  f"automatically); delete {lock} only if no kdcache process is writing this cache")
+    return f"cache {root} is being written by another kdcache process ({who}); {advice}"
+
+
+def _write_failed(path: Path, exc: OSError) -> KDCacheError:
+    if getattr(exc, "errno", None) in _SPACE_ERRNOS:
+        return OutOfSpaceError(f"no space left to write the lock file {path}; free disk space and rerun the same command")
+    return KDCacheError(f"cannot write the lock file {path} ({exc.strerror or exc}); check the folder's permissions and disk, then rerun")
 
 
 def _release(path: str, token: str, pid: int) -> None:
@@ -124,6 +181,8 @@ class CacheLock:
         return {
             "host": _hostname(),
             "pid": os.getpid(),
+            "pid_start": process_start(os.getpid()),
+            "boot_id": boot_id(),
             "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
             "command": self.command,
             "token": self.token,
@@ -142,19 +201,27 @@ class CacheLock:
                 if holder is None:
                     continue  # released meanwhile: try again
                 try:
-                    pid = int(holder["pid"])
+                    alive = holder.get("damaged") or holder.get("host") != _hostname() or holder_alive(holder)
                 except (KeyError, TypeError, ValueError):
-                    holder = {"damaged": True}
-                if holder.get("damaged") or holder.get("host") != _hostname() or pid_alive(pid):
+                    holder, alive = {"damaged": True}, True
+                if alive:
                     raise CacheLockedError(_describe(self.root, holder)) from None
                 if self._take_over(holder, data):
                     return self._held()
                 continue
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
-            finally:
+            except OSError as exc:
                 os.close(fd)
+                try:  # created by us just now (O_EXCL): an empty or partial lock must not block every later run
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+                raise _write_failed(self.path, exc) from None
+            os.close(fd)
             return self._held()
         holder = _read(self.path) or {"damaged": True}
         raise CacheLockedError(_describe(self.root, holder))
@@ -181,11 +248,18 @@ class CacheLock:
             if not same_file or _read(self.path) != stale:
                 return False  # someone else took it over (or released it) first
             tmp = self.root / f"{LOCK_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                raise _write_failed(self.path, exc) from None
         finally:
             os.close(fd)
         mine = _read(self.path)

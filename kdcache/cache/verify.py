@@ -12,6 +12,7 @@ shard), so the fix named for every problem is to regenerate the cache.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,18 +106,37 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
+def _os_error(exc: OSError) -> str:
+    return exc.strerror or _one_line(exc)
+
+
 def _verify_shard(root: Path, manifest: Manifest, shard: ShardInfo, schema: pa.Schema, deep: bool) -> ShardReport:
     report = ShardReport(shard.name)
     problems = report.problems
     file = root / shard.name
-    if not file.is_file():
+    # A damaged disk (EIO), a permission problem or a directory in the shard's place is a problem of this
+    # shard, reported like the others, never a traceback.
+    try:
+        st = file.stat()
+    except (FileNotFoundError, NotADirectoryError):
         problems.append("listed in the manifest but missing")
         return report
-    size = file.stat().st_size
+    except OSError as exc:
+        problems.append(f"cannot be read: {_os_error(exc)}")
+        return report
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a special file"
+        problems.append(f"not a regular file ({kind} has its name)")
+        return report
+    size = st.st_size
     if size != shard.bytes:
         problems.append(f"{size:,} bytes on disk, the manifest records {shard.bytes:,}: truncated or overwritten")
         return report
-    digest = file_sha256(file)
+    try:
+        digest = file_sha256(file)
+    except OSError as exc:
+        problems.append(f"cannot be read: {_os_error(exc)}")
+        return report
     if digest != shard.sha256:
         sha = f"sha256 {digest[:12]}... differs from the manifest's {shard.sha256[:12]}..."
         if deep:

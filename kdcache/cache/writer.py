@@ -110,26 +110,35 @@ class CacheWriter:
         self.compression_level = compression_level
         self._created = not self.path.exists()
         self._closed = False
-        self._check_writable()
-        self._lock = CacheLock(self.path, command).acquire()  # raises CacheLockedError at once if taken
-        try:
-            self.manifest = self._open(settings, signals, overwrite, created_by)
-        except BaseException:
-            self._lock.release()
-            raise
-        if self.manifest.status == "complete":
-            self._lock.release()  # nothing will be written
-        self.stats: dict[str, Any] = dict(self.manifest.stats)
+        # Buffer state first: a failed write during _open (e.g. a full disk on the first manifest) drops it.
         self._pending: list[Mapping[str, Any]] = []
         self._pending_tokens = 0
         self.rows_added = 0
         """Examples added by this writer (this run), committed or not."""
-        self._input_rows_end = self.resume_input_row
         self._shard: pq.ParquetWriter | None = None
         self._shard_tmp: Path | None = None
         self._shard_rows = 0
         self._shard_tokens = 0
         self._shard_row_groups: list[int] = []
+        self._check_writable()
+        self._lock = CacheLock(self.path, command)
+        try:
+            self._lock.acquire()  # raises CacheLockedError at once if taken
+            self.manifest = self._open(settings, signals, overwrite, created_by)
+        except BaseException as exc:
+            if self._created and self._lock.held:
+                self._discard_own_files()  # a folder this writer created: nothing of it stays
+            self._lock.release()
+            if self._created and not isinstance(exc, CacheLockedError):
+                try:
+                    self.path.rmdir()
+                except OSError:
+                    pass  # not empty: something else lives there now
+            raise
+        if self.manifest.status == "complete":
+            self._lock.release()  # nothing will be written
+        self.stats: dict[str, Any] = dict(self.manifest.stats)
+        self._input_rows_end = self.resume_input_row
 
     # ------------------------------------------------------------------ setup
     def _open(self, settings: dict, signals: dict, overwrite: bool, created_by: str) -> Manifest:
@@ -153,7 +162,11 @@ class CacheWriter:
                     f"{self.path} already holds a cache made with different settings "
                     f"({', '.join(changed[:4]) or 'settings'} differ); use another --out or pass --overwrite to replace it"
                 )
+            # The fresh (empty, in-progress) manifest replaces the old one before any old shard is removed: a
+            # crash in between leaves old shards unlisted (strays the next run removes), never a listed one missing.
+            self._write_manifest(fresh)
             self._clear(old)
+            return fresh
         else:
             # No manifest: not a kdcache cache (a crashed run always leaves one: it is written first), so
             # nothing here is removed. Only kdcache temporary files (a run that died while writing its first
@@ -173,7 +186,7 @@ class CacheWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-probe-{temp_suffix()}"
             probe.write_bytes(b"")
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # it has a temporary name: another writer's cleanup may have removed it
         except OSError as exc:
             if is_space_error(exc):
                 raise OutOfSpaceError(f"no space left to create {self.path}; free disk space or choose another --out") from None
@@ -189,13 +202,16 @@ class CacheWriter:
             p.unlink(missing_ok=True)
 
     def _clear(self, old: Manifest | None) -> None:
-        """``--overwrite``: remove the old cache's shards (those its manifest lists), its tokenizer and
-        kdcache's temporary files, nothing else; the manifest is replaced by the fresh one. A damaged
-        manifest lists nothing, so its shards stay until a later run removes them as strays."""
+        """``--overwrite``, after the fresh manifest is written: remove the old cache's shards (those its old
+        manifest listed), its tokenizer and kdcache's temporary files, nothing else. A damaged manifest lists
+        nothing, so its shards stay until a later run removes them as strays."""
         listed = {s.name for s in old.shards} if old is not None else set()
-        for p in self.path.iterdir():
-            if p.name in listed or p.name == TOKENIZER_DIR or is_temp_name(p.name):
-                self._remove(p)
+        try:
+            for p in self.path.iterdir():
+                if p.name in listed or p.name == TOKENIZER_DIR or is_temp_name(p.name):
+                    self._remove(p)
+        except OSError as exc:
+            self._fail(exc)
 
     def _remove_strays(self, old: Manifest) -> None:
         """Resume: drop work that was in flight. kdcache's temporary files, and shards with kdcache's exact
@@ -244,6 +260,8 @@ class CacheWriter:
     def close(self) -> Manifest:
         """Commit what is buffered, mark the cache complete and release its lock."""
         if self._closed and not self.complete:
+            if not self._discardable():
+                self._lock.release()
             raise KDCacheError(f"the writer of {self.path} was aborted; rerun the same command to resume the cache")
         try:
             if not self.complete:
@@ -251,13 +269,22 @@ class CacheWriter:
                 self._commit_shard(force=True)
                 self.manifest.status = "complete"
                 self.manifest.stats = dict(self.stats)
-                self._write_manifest(self.manifest)
+                try:
+                    self._write_manifest(self.manifest)
+                except BaseException:
+                    self.manifest.status = "in_progress"  # not on disk: the cache is not complete
+                    raise
         except BaseException:
             self._drop_in_flight()
-            raise
-        finally:
             self._closed = True
-            self._lock.release()
+            if not self._discardable():
+                self._lock.release()
+            # else kept for the caller's abort(discard_new=True), which removes the new folder under this same
+            # lock (a lock given back here could be lost to another process first); __exit__ calls abort, and
+            # the lock object releases it when garbage collected.
+            raise
+        self._closed = True
+        self._lock.release()
         return self.manifest
 
     def abort(self, discard_new: bool = False) -> None:
@@ -268,26 +295,31 @@ class CacheWriter:
         """
         self._drop_in_flight()
         self._closed = True
-        if not (discard_new and self._created and not self.manifest.shards):
-            self._lock.release()
+        if not (discard_new and self._discardable() and self._lock.held):
+            self._lock.release()  # (not held: already released by close() or an earlier abort(); nothing to clean)
             return
-        lock = self._lock
-        if not lock.held:  # released by a failed write (_fail): take it back to clean up, unless someone else has it
-            lock = CacheLock(self.path, lock.command)
-            try:
-                lock.acquire()
-            except CacheLockedError:
-                return
         try:
-            for p in self.path.iterdir():
-                if p.name in (MANIFEST_NAME, TOKENIZER_DIR) or is_temp_name(p.name):
-                    self._remove(p)
+            self._discard_own_files()
         finally:
-            lock.release()
+            self._lock.release()
         try:
             self.path.rmdir()
         except OSError:
             pass  # something else lives there now: leave it
+
+    def _discardable(self) -> bool:
+        """This writer created the directory and nothing is committed (nor is the cache complete)."""
+        manifest = getattr(self, "manifest", None)
+        return self._created and manifest is not None and not manifest.shards and manifest.status != "complete"
+
+    def _discard_own_files(self) -> None:
+        """With the lock held, in a directory this writer created: remove what kdcache wrote there."""
+        try:
+            for p in self.path.iterdir():
+                if p.name in (MANIFEST_NAME, TOKENIZER_DIR) or is_temp_name(p.name):
+                    self._remove(p)
+        except OSError:
+            pass  # best effort: the error that brought us here is the one to report
 
     def _drop_in_flight(self) -> None:
         self._pending.clear()
@@ -298,8 +330,11 @@ class CacheWriter:
             except Exception:  # noqa: BLE001 - the shard is discarded anyway
                 pass
             self._shard = None
-        if self._shard_tmp is not None and self._shard_tmp.exists():
-            self._shard_tmp.unlink()
+        if self._shard_tmp is not None:
+            try:
+                self._shard_tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # a temporary name: the next run removes it
         self._shard_tmp = None
         self._shard_rows = self._shard_tokens = 0
         self._shard_row_groups = []
@@ -309,7 +344,11 @@ class CacheWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()  # gives back a lock close() kept (a new, empty directory)
+                raise
         else:
             self.abort()
 
@@ -416,13 +455,16 @@ class CacheWriter:
             self._fail(exc)
 
     def _fail(self, exc: OSError) -> None:
-        self.abort()
+        """Drop the in-flight work and raise one line. The lock stays held: close(), abort() or the except
+        in __init__ give it back (and may first clean up under it)."""
+        self._drop_in_flight()
+        self._closed = True
+        manifest = getattr(self, "manifest", None)  # unset while __init__ writes the first manifest
+        committed = len(manifest.shards) if manifest is not None else 0
         if is_space_error(exc):
-            raise OutOfSpaceError(
-                f"no space left while writing {self.path}; free disk space and rerun the same command "
-                f"(it resumes after the {len(self.manifest.shards)} committed shards)"
-            ) from None
-        raise KDCacheError(f"cannot write {self.path}: {exc}") from None
+            resume = f" (it resumes after the {committed} committed shards)" if committed else ""
+            raise OutOfSpaceError(f"no space left while writing {self.path}; free disk space and rerun the same command{resume}") from None
+        raise KDCacheError(f"cannot write {self.path}: {' '.join(str(exc).split())}") from None
 
 
 def _sha256(path: Path) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -63,12 +64,17 @@ def convert_model(src: str, out: str | Path, dtype: str = "float32", overwrite: 
         fresh = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
     fresh.load_state_dict(model.state_dict(), assign=True, strict=False)
     fresh.tie_weights()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    load_tokenizer(src).save_pretrained(tmp)
-    written = sorted(str(p.relative_to(tmp).as_posix()) for p in tmp.rglob("*") if p.is_file())
-    _install(tmp, out, written, previous)
+    # This run's own temporary folder (pid + random token): another convert into the same OUT has its own,
+    # and only this one is ever removed.
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fresh.save_pretrained(tmp)
+        load_tokenizer(src).save_pretrained(tmp)
+        written = sorted(str(p.relative_to(tmp).as_posix()) for p in tmp.rglob("*") if p.is_file())
+        _install(tmp, out, written, previous)
+    finally:
+        if tmp.exists():  # moved into place as OUT, or emptied into it, on success
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -38,7 +38,9 @@ class BadRow:
 
 def dataset_identity(cfg: DataConfig) -> dict:
     src = cfg.source
-    ident: dict[str, Any] = {"source": src, "split": cfg.split, "revision": cfg.revision}
+    ident: dict[str, Any] = {"source": src, "split": cfg.split}
+    if cfg.revision is not None:  # only when set: caches made without one keep their settings hash
+        ident["revision"] = cfg.revision
     local = src.startswith(EMBEDDED_PREFIX) or Path(src).exists()
     if cfg.revision is not None and local:
         raise DataError(f"data.revision pins a hub dataset's version, but {src} is not one; drop data.revision")

@@ -107,7 +107,8 @@ def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, sc
     os.replace(tmp, final)
     fsync_dir(ckpt_root)
     write_atomic(ckpt_root / LATEST, final.name.encode())
-    existing = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    # Only kdcache's own step-N folders, oldest step first (a user's step-best/ or step-0000005-good/ stays).
+    existing = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name)), key=lambda p: int(p.name[5:]))
     for old in existing[: max(len(existing) - keep, 0)]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
