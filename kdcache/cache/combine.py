@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, require_same_tokenizer, temp_suffix
+from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, require_same_tokenizer
 from kdcache.cache.reader import open_cache
 from kdcache.cache.schema import GENERATION_COLUMNS, make_signals
-from kdcache.cache.writer import CacheWriter
+from kdcache.cache.writer import CacheWriter, install_tokenizer
 from kdcache.errors import CacheMismatchError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,8 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
     if writer.complete:
         return writer.manifest
     try:
-        if not (out / TOKENIZER_DIR).exists() and (caches[0].path / TOKENIZER_DIR).is_dir():
-            # Copied under the writer's lock, to a temporary name first: a crash never leaves half a tokenizer.
-            tmp = out / f".{TOKENIZER_DIR}.tmp.{temp_suffix()}"
-            shutil.copytree(caches[0].path / TOKENIZER_DIR, tmp)
-            tmp.rename(out / TOKENIZER_DIR)
+        if (caches[0].path / TOKENIZER_DIR).is_dir():
+            install_tokenizer(out, lambda tmp: shutil.copytree(caches[0].path / TOKENIZER_DIR, tmp))
         start = writer.resume_input_row
         streams = [iter(c.stream(columns=_READ + gen_cols)) for c in caches]
         for index, exs in enumerate(zip(*streams)):

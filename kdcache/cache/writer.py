@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +65,18 @@ _TEMP_RE = re.compile(
 
 def is_temp_name(name: str) -> bool:
     return _TEMP_RE.fullmatch(name) is not None
+
+
+def install_tokenizer(out: Path, write: Callable[[Path], None]) -> None:
+    """``out/tokenizer`` written by ``write(folder)`` into a uniquely named temporary folder, then renamed:
+    a crash never leaves half a tokenizer, and two processes never share a temporary name. Call it under
+    the cache's writer lock (it does nothing when the tokenizer is already there)."""
+    target = out / TOKENIZER_DIR
+    if target.is_dir():
+        return
+    tmp = out / f".{TOKENIZER_DIR}.tmp.{temp_suffix()}"
+    write(tmp)
+    tmp.rename(target)
 
 
 def is_space_error(exc: BaseException) -> bool:

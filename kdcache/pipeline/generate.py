@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import shutil
 from collections import deque
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kdcache.cache import CacheWriter, Manifest, make_signals
-from kdcache.cache.manifest import TOKENIZER_DIR
+from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.schema import SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
 from kdcache.config import to_dict
 from kdcache.errors import ConfigError, DataError
@@ -63,13 +62,7 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
 
 def _save_tokenizer(tokenizer, out: Path) -> None:
     """A copy of the tokenizer travels with the cache, so students can be built from a config spec."""
-    target = out / TOKENIZER_DIR
-    if target.is_dir():
-        return
-    tmp = out / f".{TOKENIZER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    install_tokenizer(out, tokenizer.save_pretrained)
 
 
 def _batches(
