@@ -107,12 +107,25 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
             + ", ".join(sorted(names))
         )
     kwargs = {}
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}  # type: ignore[misc]
     for key, value in data.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and key in factories:
+            # a section given in part keeps the enclosing config's own defaults for the rest (the demo's
+            # train section is not TrainConfig's), not the section class's
+            value = _merged(to_dict(factories[key]()), value)
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, recursively for nested mappings."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(obj: Any) -> Any:

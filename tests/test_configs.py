@@ -59,3 +59,16 @@ def test_every_field_is_documented():
     for cls in (GenerateConfig, TrainConfig, DemoConfig):
         for name, _, help_text in field_docs(cls):
             assert help_text, f"{cls.__name__}.{name} has no help text"
+
+
+def test_a_partial_section_keeps_the_enclosing_configs_defaults():
+    """`kdcache demo --steps 6` overrides one train field: the rest stay the demo's (its loss, eval split,
+    student), not TrainConfig's class defaults."""
+    from kdcache.config import build_config
+
+    full = DemoConfig()
+    cfg = build_config(DemoConfig, None, {"train.steps": 6, "generate.data.max_rows": 24}, ["train.student.num_layers=2"])
+    assert cfg.train.steps == 6 and cfg.generate.data.max_rows == 24 and cfg.train.student.num_layers == 2
+    assert (cfg.train.loss, cfg.train.eval_fraction, cfg.train.log_every) == (full.train.loss, full.train.eval_fraction, full.train.log_every)
+    assert cfg.generate.sampled_tokens == full.generate.sampled_tokens and cfg.generate.data.source == full.generate.data.source
+    assert cfg.train.student.hidden_size == full.train.student.hidden_size
