@@ -57,6 +57,17 @@ def build_tiny_llama(path: Path, tokenizer, seed: int = 0, hidden: int = 64, lay
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module: runs compared bit for bit must sum in the same order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_teacher")

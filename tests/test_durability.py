@@ -27,12 +27,7 @@ from kdcache.train.checkpoint import latest_checkpoint, save_checkpoint
 from kdcache.train.student import build_student
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: exact comparisons need one thread
 
 
 class Recorder:

@@ -41,12 +41,7 @@ STUDENT = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, interm
 TIMING_KEYS = {"tokens_per_s"}  # the only metrics that may differ between identical runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: exact comparisons need one thread
 
 
 def make_cfg(cache, out, **kw) -> TrainConfig:
