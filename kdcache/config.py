@@ -202,20 +202,24 @@ def build_config(
     return from_dict(cls, data)
 
 
-def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, help) for every field, for ``--help`` and the README reference."""
+def field_docs(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every field, for ``--help`` and the README reference. A section's
+    defaults are the enclosing config's (the demo's train section), not its class's."""
     rows = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(field_docs(hints[f.name], prefix=f"{name}."))
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+        if instance is not None:
+            value = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
         else:
-            default = "(required)"
-        rows.append((name, default, f.metadata.get("help", "")))
+            rows.append((name, "(required)", f.metadata.get("help", "")))
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(field_docs(hints[f.name], prefix=f"{name}.", instance=value))
+            continue
+        rows.append((name, repr(value), f.metadata.get("help", "")))
     return rows

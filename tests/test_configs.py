@@ -72,3 +72,10 @@ def test_a_partial_section_keeps_the_enclosing_configs_defaults():
     assert (cfg.train.loss, cfg.train.eval_fraction, cfg.train.log_every) == (full.train.loss, full.train.eval_fraction, full.train.log_every)
     assert cfg.generate.sampled_tokens == full.generate.sampled_tokens and cfg.generate.data.source == full.generate.data.source
     assert cfg.train.student.hidden_size == full.train.student.hidden_size
+
+
+def test_fields_lists_the_demos_own_defaults():
+    from kdcache.config import field_docs
+
+    docs = {name: default for name, default, _ in field_docs(DemoConfig)}
+    assert docs["train.loss"] == repr(DemoConfig().train.loss) and docs["generate.sampled_tokens"] == repr(DemoConfig().generate.sampled_tokens)
