@@ -186,6 +186,24 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB chunks (memory stays flat however large the shard)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file that another call wrote (save_pretrained, save_file) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
-from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, read_manifest
+from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, file_sha256, read_manifest
 from kdcache.cache.schema import build_schema, column_codecs
 from kdcache.errors import CacheFormatError
 
@@ -119,11 +119,6 @@ def damaged_error(cache_path: str | Path, shard: str, what: str, *, row_group: i
     if len(what) > 240:
         what = what[:237] + "..."
     return CacheFormatError(f"{where} is damaged ({what}); {regenerate_hint(cache_path, manifest)}")
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def open_parquet(path: Path) -> pq.ParquetFile:

@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.manifest import Manifest, ShardInfo, read_manifest
+from kdcache.cache.manifest import Manifest, ShardInfo, file_sha256, read_manifest
 from kdcache.cache.reader import (
     READ_ERRORS,
     DamagedShard,
     check_footer,
-    file_sha256,
     footer_value_counts,
     locate_damage,
     open_parquet,

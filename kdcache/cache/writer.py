@@ -16,7 +16,6 @@ random token, so two processes never share one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from kdcache.cache.manifest import (
     TOKENIZER_DIR,
     Manifest,
     ShardInfo,
+    file_sha256,
     fsync_dir,
     read_manifest,
     shard_index,
@@ -431,7 +431,7 @@ class CacheWriter:
             self._shard = None
             with open(self._shard_tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            digest = _sha256(self._shard_tmp)
+            digest = file_sha256(self._shard_tmp)
             size = self._shard_tmp.stat().st_size
             os.replace(self._shard_tmp, final)
             fsync_dir(self.path)
@@ -479,9 +479,3 @@ class CacheWriter:
         raise KDCacheError(f"cannot write {self.path}: {' '.join(str(exc).split())}") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from kdcache.cache.manifest import fsync_dir, write_atomic
+from kdcache.cache.manifest import fsync_dir, fsync_file, write_atomic
 from kdcache.errors import ConfigError
 from kdcache.pipeline.teachers.transformers_backend import _DTYPES, load_tokenizer, locate_model
 from kdcache.weights import load_error, refuse_pickle_only
@@ -131,9 +131,5 @@ def _install(tmp: Path, out: Path, written: list[str], previous: list[str]) -> N
 
 def _fsync_files(root: Path, names: list[str]) -> None:
     for name in names:
-        fd = os.open(root / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(root / name)
     fsync_dir(root)

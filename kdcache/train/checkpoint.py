@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdcache.cache.manifest import fsync_dir, write_atomic
+from kdcache.cache.manifest import fsync_dir, fsync_file, write_atomic
 from kdcache.cache.writer import is_space_error
 from kdcache.errors import KDCacheError, OutOfSpaceError
 
@@ -34,11 +34,7 @@ def fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         dirs.append(Path(folder))
         for name in sorted(files):
-            fd = os.open(Path(folder) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(Path(folder) / name)
     for folder in reversed(dirs):
         fsync_dir(folder)
 
