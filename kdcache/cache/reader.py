@@ -58,7 +58,7 @@ class RowGroupBlock:
             if pa.types.is_list(col.type):
                 offsets = col.offsets.to_numpy().astype(np.int64)
                 if footer_values is not None:
-                    check_value_count(name, offsets, footer_values)
+                    check_value_count(name, col, footer_values, offsets)
                 values = col.values.to_numpy(zero_copy_only=False)
                 if name in codecs:
                     values = codecs[name].decode(values)
@@ -71,8 +71,8 @@ class RowGroupBlock:
                 self.scalars[name] = col.to_pylist()
             else:
                 self.scalars[name] = col.to_numpy(zero_copy_only=False)
-                if footer_values is not None and len(col) != footer_values[name]:
-                    raise DamagedShard(f"column {name} decoded {len(col)} values, the footer records {footer_values[name]}")
+                if footer_values is not None:
+                    check_value_count(name, col, footer_values)
 
     def example(self, i: int) -> Example:
         ex: Example = {}
@@ -90,11 +90,15 @@ class DamagedShard(Exception):
     """Internal: a shard's bytes disagree with the manifest or with themselves (turned into CacheFormatError)."""
 
 
-def check_value_count(name: str, offsets: np.ndarray, footer_values: dict[str, int]) -> None:
-    """A list column stores one Parquet level per value plus one per empty list: the footer records their
-    count. Page CRCs do not cover page headers, and a damaged ``num_values`` there decodes silently
-    shorter lists; this catches it."""
-    n = int(offsets[-1] - offsets[0]) + int(np.count_nonzero(offsets[1:] == offsets[:-1]))
+def check_value_count(name: str, col: pa.Array, footer_values: dict[str, int], offsets: np.ndarray | None = None) -> None:
+    """A decoded column holds as many Parquet values as the footer records: one per scalar; for a list column
+    one level per value plus one per empty list (``offsets``: its offsets, when the caller has them). Page CRCs
+    do not cover page headers, and a damaged ``num_values`` there decodes silently shorter lists; this catches it."""
+    if pa.types.is_list(col.type):
+        offsets = col.offsets.to_numpy().astype(np.int64) if offsets is None else offsets
+        n = int(offsets[-1] - offsets[0]) + int(np.count_nonzero(offsets[1:] == offsets[:-1]))
+    else:
+        n = len(col)
     if n != footer_values[name]:
         raise DamagedShard(f"column {name} decoded {n} values, the footer records {footer_values[name]}")
 
@@ -164,11 +168,7 @@ def locate_damage(path: Path, shard, schema: pa.Schema) -> tuple[int | None, str
             table = f.read_row_group(g)
             counts = footer_value_counts(f, g, table.column_names)
             for name in table.column_names:
-                col = table.column(name).combine_chunks()
-                if pa.types.is_list(col.type):
-                    check_value_count(name, col.offsets.to_numpy().astype(np.int64), counts)
-                elif len(col) != counts[name]:
-                    raise DamagedShard(f"column {name} decoded {len(col)} values, the footer records {counts[name]}")
+                check_value_count(name, table.column(name).combine_chunks(), counts)
         except DamagedShard as exc:
             return g, str(exc)
         except READ_ERRORS as exc:

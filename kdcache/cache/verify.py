@@ -195,15 +195,14 @@ def _check_rows(table: pa.Table, manifest: Manifest, footer_values: dict[str, in
             raise DamagedShard(f"column {name} has {col.null_count} nulls")
         if pa.types.is_list(col.type):
             offsets = col.offsets.to_numpy().astype(np.int64)
-            check_value_count(name, offsets, footer_values)
+            check_value_count(name, col, footer_values, offsets)
             if col.values.null_count:
                 raise DamagedShard(f"column {name} has null values")
             offsets_of[name] = offsets
             lengths[name] = np.diff(offsets)
             values[name] = col.values.to_numpy(zero_copy_only=False)
         else:
-            if len(col) != footer_values[name]:
-                raise DamagedShard(f"column {name} decoded {len(col)} values, the footer records {footer_values[name]}")
+            check_value_count(name, col, footer_values)
             values[name] = col.to_numpy(zero_copy_only=False)
 
     T = lengths["input_ids"]
