@@ -29,6 +29,7 @@ import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kdcache.cache.manifest import write_atomic
 from kdcache.errors import CacheLockedError, KDCacheError, OutOfSpaceError
 
 try:
@@ -247,18 +248,9 @@ class CacheLock:
                 return False
             if not same_file or _read(self.path) != stale:
                 return False  # someone else took it over (or released it) first
-            tmp = self.root / f"{LOCK_NAME}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                write_atomic(self.path, data)  # its temporary file is removed on failure
             except OSError as exc:
-                try:
-                    tmp.unlink(missing_ok=True)
-                except OSError:
-                    pass
                 raise _write_failed(self.path, exc) from None
         finally:
             os.close(fd)

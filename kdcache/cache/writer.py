@@ -58,7 +58,7 @@ _TEMP_RE = re.compile(
     r"|\.manifest\.json\.\d+-[0-9a-f]+\.tmp|\.manifest\.json\.tmp-\d+"  # manifest being replaced (new, old naming)
     r"|\.write-probe-\d+-[0-9a-f]+|\.write-probe-\d+"  # writability probe
     r"|\.tokenizer\.tmp(?:\.\d+-[0-9a-f]+)?"  # tokenizer being saved
-    r"|\.kdcache\.lock\.\d+-[0-9a-f]+\.tmp"  # lock being taken over
+    r"|\.\.kdcache\.lock\.\d+-[0-9a-f]+\.tmp"  # lock being taken over (write_atomic's name)
 )
 """kdcache's temporary files: removed only in a directory that holds a kdcache manifest, under its lock."""
 
