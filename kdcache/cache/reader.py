@@ -116,13 +116,16 @@ def regenerate_hint(cache_path: str | Path, manifest: Manifest | None = None) ->
     return f"run `kdcache verify {cache_path}` to list every damaged shard, then {regenerate_fix(manifest)}"
 
 
+def one_line(what: object) -> str:
+    """A message as one short line, whatever pyarrow's (or the OS's) looked like."""
+    text = " ".join(str(what).split()) or (type(what).__name__ if isinstance(what, BaseException) else "")
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
 def damaged_error(cache_path: str | Path, shard: str, what: str, *, row_group: int | None = None,
                   manifest: Manifest | None = None) -> CacheFormatError:
     where = f"cache {cache_path}: shard {shard}" + (f" row group {row_group}" if row_group is not None else "")
-    what = " ".join(str(what).split())  # one line, whatever pyarrow's message looked like
-    if len(what) > 240:
-        what = what[:237] + "..."
-    return CacheFormatError(f"{where} is damaged ({what}); {regenerate_hint(cache_path, manifest)}")
+    return CacheFormatError(f"{where} is damaged ({one_line(what)}); {regenerate_hint(cache_path, manifest)}")
 
 
 def open_parquet(path: Path) -> pq.ParquetFile:
@@ -204,14 +207,17 @@ class Cache:
     def _damaged(self, shard: str, what: str, row_group: int | None = None) -> CacheFormatError:
         return damaged_error(self.path, shard, what, row_group=row_group, manifest=self.manifest)
 
+    def _missing(self, shard) -> CacheFormatError:
+        return CacheFormatError(
+            f"cache {self.path}: shard {shard.name} listed in the manifest is missing; {regenerate_hint(self.path, self.manifest)}"
+        )
+
     def _check_size(self, shard) -> None:
         path = self.path / shard.name
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            raise CacheFormatError(
-                f"cache {self.path}: shard {shard.name} listed in the manifest is missing; {regenerate_hint(self.path, self.manifest)}"
-            ) from None
+            raise self._missing(shard) from None
         if size != shard.bytes:
             raise self._damaged(
                 shard.name, f"not readable Parquet of this cache: {size:,} bytes on disk, the manifest records {shard.bytes:,}; "
@@ -256,9 +262,7 @@ class Cache:
             f = open_parquet(path)
             check_footer(f, shard, self._schema)
         except FileNotFoundError:
-            raise CacheFormatError(
-                f"cache {self.path}: shard {shard.name} listed in the manifest is missing; {regenerate_hint(self.path, self.manifest)}"
-            ) from None
+            raise self._missing(shard) from None
         except DamagedShard as exc:
             raise self._damaged(shard.name, str(exc)) from None
         except READ_ERRORS as exc:

@@ -26,6 +26,7 @@ from kdcache.cache.reader import (
     check_footer,
     footer_value_counts,
     locate_damage,
+    one_line,
     open_parquet,
     regenerate_fix,
     check_value_count,
@@ -100,13 +101,8 @@ def verify_cache(path: str | Path, deep: bool = False) -> VerifyReport:
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 240 else text[:237] + "..."
-
-
 def _os_error(exc: OSError) -> str:
-    return exc.strerror or _one_line(exc)
+    return exc.strerror or one_line(exc)
 
 
 def _verify_shard(root: Path, manifest: Manifest, shard: ShardInfo, schema: pa.Schema, deep: bool) -> ShardReport:
@@ -142,7 +138,7 @@ def _verify_shard(root: Path, manifest: Manifest, shard: ShardInfo, schema: pa.S
             problems.append(sha)  # the deep pass below names the row groups that fail
         else:
             group, detail = locate_damage(file, shard, schema)
-            problems.append(f"{sha}; {'' if group is None else f'row group {group}: '}{_one_line(detail)}")
+            problems.append(f"{sha}; {'' if group is None else f'row group {group}: '}{one_line(detail)}")
             return report
     try:
         f = open_parquet(file)
@@ -152,7 +148,7 @@ def _verify_shard(root: Path, manifest: Manifest, shard: ShardInfo, schema: pa.S
         problems.append(str(exc))
         return report
     except READ_ERRORS as exc:
-        problems.append(f"not readable Parquet: {_one_line(exc)}")
+        problems.append(f"not readable Parquet: {one_line(exc)}")
         return report
     if tokens != shard.tokens:  # input_ids lists are never empty, so their Parquet values are the tokens
         problems.append(f"footer records {tokens:,} tokens, the manifest {shard.tokens:,}")
@@ -167,7 +163,7 @@ def _verify_shard(root: Path, manifest: Manifest, shard: ShardInfo, schema: pa.S
             problems.append(f"row group {g}: {exc}")
             continue
         except READ_ERRORS as exc:
-            problems.append(f"row group {g}: Parquet read failed: {_one_line(exc)}")
+            problems.append(f"row group {g}: Parquet read failed: {one_line(exc)}")
             continue
         report.row_groups_decoded += 1
     if report.row_groups_decoded == f.metadata.num_row_groups and decoded_tokens != shard.tokens:
