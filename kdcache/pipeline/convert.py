@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 from pathlib import Path, PurePosixPath
 
 import torch
 
-from kdcache.cache.manifest import fsync_dir, fsync_file, write_atomic
+from kdcache.cache.manifest import fsync_dir, fsync_file, temp_suffix, write_atomic
 from kdcache.errors import ConfigError
 from kdcache.pipeline.teachers.transformers_backend import _DTYPES, load_tokenizer, locate_model
 from kdcache.weights import load_error, refuse_pickle_only
@@ -66,7 +65,7 @@ def convert_model(src: str, out: str | Path, dtype: str = "float32", overwrite: 
     fresh.tie_weights()
     # This run's own temporary folder (pid + random token): another convert into the same OUT has its own,
     # and only this one is ever removed.
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = out.with_name(f".{out.name}.tmp.{temp_suffix()}")
     try:
         fresh.save_pretrained(tmp)
         load_tokenizer(src).save_pretrained(tmp)
@@ -114,8 +113,7 @@ def _install(tmp: Path, out: Path, written: list[str], previous: list[str]) -> N
         return
     ours = set(previous)
     clash = sorted(f for f in written if (out / f).exists() and f not in ours)
-    if clash:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if clash:  # the caller removes tmp
         raise ConfigError(f"{out / clash[0]} was not written by kdcache convert and would be replaced; move it away or pass another OUT")
     # The list names old and new files while they change places, so a crash leaves nothing unaccounted for.
     write_atomic(out / MARKER, json.dumps({"files": sorted(ours | set(written))}, indent=1).encode())
@@ -126,7 +124,6 @@ def _install(tmp: Path, out: Path, written: list[str], previous: list[str]) -> N
         os.replace(tmp / name, out / name)
     fsync_dir(out)
     write_atomic(out / MARKER, json.dumps({"files": written}, indent=1).encode())
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync_files(root: Path, names: list[str]) -> None:
