@@ -48,7 +48,7 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
     return {
         "teacher": teacher.identity(),
         "tokenizer": tokenizer_record(teacher.tokenizer, teacher.vocab_size),
-        "dataset": {**dataset_identity(cfg.data), **{k: v for k, v in to_dict(cfg.data).items() if k not in ("source", "split", "strict") and not (k == "revision" and v is None)}},
+        "dataset": {**dataset_identity(cfg.data), **{k: v for k, v in to_dict(cfg.data).items() if k not in ("source", "split", "strict", "revision")}},  # identity has revision when set
         "scoring": {
             "top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec,
             "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
