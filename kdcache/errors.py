@@ -33,3 +33,9 @@ class OutOfSpaceError(KDCacheError):
 
 class CacheLockedError(KDCacheError):
     """Another process holds the cache's lock (``CACHE/.kdcache.lock``): one writer per cache."""
+
+
+class Interrupted(KDCacheError):
+    """Ctrl-C or SIGTERM stopped a command; the message says what was kept (or that nothing was)."""
+
+    exit_code = 130

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from kdcache.config import build_config, field_docs, load_yaml
-from kdcache.errors import KDCacheError
+from kdcache.errors import Interrupted, KDCacheError
 
 log = logging.getLogger("kdcache")
 
@@ -73,11 +73,14 @@ def _number_list(text: str, kind: type, flag: str, example: str) -> list:
 def _run(fn, *args, **kwargs) -> Any:
     try:
         return fn(*args, **kwargs)
+    except Interrupted as exc:
+        click.echo(f"interrupted: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except KDCacheError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted: committed work is kept; rerun the same command to resume", err=True)
+        click.echo("interrupted; rerun the same command to resume from what was committed", err=True)
         sys.exit(130)
     except MemoryError:
         click.echo("error: out of memory; lower --batch-tokens (generate) or --batch-size (train)", err=True)
