@@ -1,4 +1,4 @@
-"""Every recipe in configs/recipes on the demo task, next to the CE-only baseline.
+"""Every shipped recipe (configs/recipes, `kdcache recipes`) on the demo task, next to the CE-only baseline.
 
 One teacher pass (the demo's: SmolLM2-135M-Instruct over 300 stdlib docstrings, 128 tokens) writes a
 cache with both signals the recipes read (top-64 + tail, and RS-KD draws); each student then trains with
@@ -39,12 +39,12 @@ from kdcache.cache.combine import combine_caches
 from kdcache.pipeline.config import GenerateConfig, GenerationConfig
 from kdcache.cli.demo import DemoConfig
 from kdcache.pipeline.generate import generate
+from kdcache.pipeline.recipes import list_recipes, recipe_path
 from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train
 
 METHOD_KEYS = ("loss", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
                "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight")
-RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
 
 def column_bytes(cache_dir: Path) -> dict[str, int]:
@@ -94,8 +94,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     demo = DemoConfig()
-    sampled = yaml.safe_load((RECIPES / "rs-kd.yaml").read_text())["generate"]
-    tempered = yaml.safe_load((RECIPES / "kd-temperature.yaml").read_text())["generate"]["tail_temperatures"]
+    sampled = yaml.safe_load(recipe_path("rs-kd").read_text())["generate"]
+    tempered = yaml.safe_load(recipe_path("kd-temperature").read_text())["generate"]["tail_temperatures"]
     gen = dataclasses.replace(demo.generate, teacher=str(smollm2_gguf()), out=str(work / "cache"), sampled_tokens=sampled["sampled_tokens"],
                               tail_temperatures=tempered)
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def main() -> None:
         "rskd_distinct_per_position": float(sum(sizes) / len(sizes)),
     }
     print(json.dumps(bytes_info), flush=True)
-    docs = {"ce-only": {"train": {"loss": "ce"}}, **{p.stem: yaml.safe_load(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}}
+    docs = {"ce-only": {"train": {"loss": "ce"}}, **{name: yaml.safe_load(recipe_path(name).read_text()) for name in list_recipes()}}
     names = args.only.split(",") if args.only else list(docs)
     unknown = [n for n in names if n not in docs]
     if unknown:

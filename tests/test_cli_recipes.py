@@ -2,22 +2,59 @@
 
 from __future__ import annotations
 
+import re
+import zipfile
+from importlib.resources import files
+
+import pytest
 from click.testing import CliRunner
 
 from kdcache.cli import main
-from kdcache.pipeline.recipes import RECIPES_DIR, list_recipes
+from kdcache.pipeline import recipes
+from kdcache.pipeline.recipes import describe, list_recipes, recipe_path
 
 
 def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_recipes_lists_every_file():
+def test_recipes_lists_every_file_with_its_whole_description():
     r = _run("recipes")
     assert r.exit_code == 0
-    names = [line.split()[0] for line in r.output.splitlines()]
-    assert names == sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) and "rs-kd" in names
-    assert all(list_recipes().values())  # each recipe says what it does
+    lines = r.output.splitlines()
+    packaged = sorted(p.name.removesuffix(".yaml") for p in (files("kdcache") / "configs" / "recipes").iterdir() if p.name.endswith(".yaml"))
+    assert [line.split()[0] for line in lines] == packaged and "rs-kd" in packaged  # one line per recipe
+    for line, (name, what) in zip(lines, list_recipes().items()):
+        assert line.split(None, 1)[1] == what, name
+        # the whole first paragraph: ends a sentence, and no sentence is cut at a comment line's end
+        assert len(what) > 40 and re.search(r"[.!?]$", what), f"{name}: {what!r}"
+    assert list_recipes()["kd-temperature"].endswith("the T^2 factor keeps the gradient scale comparable across T.")
+    assert list_recipes()["augmentation-consistency"].endswith("own predictions under input augmentation.")
+
+
+def test_describe_takes_the_first_comment_paragraph():
+    text = "# One sentence that goes\n# on over two lines. And more.\n#   kdcache train --config X\n# loss = later\ntrain: {}\n"
+    assert describe(text) == "One sentence that goes on over two lines. And more."
+    assert describe("# First.\n#\n# Second paragraph.\n") == "First."
+    assert describe("# Only one.\ngenerate: {}\n# a comment further down\n") == "Only one."
+    assert describe("train: {}\n") == ""
+
+
+def test_recipes_are_read_from_a_zipped_install(tmp_path, monkeypatch):
+    """The lookup goes through importlib.resources: a package that is not on the filesystem (a zip) works
+    too, each recipe handed to --recipe as a real file with the packaged text."""
+    root = files("kdcache") / "configs"
+    archive = tmp_path / "kdcache.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in (root / "recipes").iterdir():
+            zf.writestr(f"kdcache/configs/recipes/{p.name}", p.read_text())
+    expected = list_recipes()
+    monkeypatch.setattr(recipes, "CONFIGS", zipfile.Path(archive, "kdcache/configs/"))
+    assert list_recipes() == expected
+    path = recipe_path("jsd")
+    assert path.is_file() and path.read_text() == (root / "recipes" / "jsd.yaml").read_text()
+    with pytest.raises(Exception, match="unknown recipe 'nope'; valid recipes: .*jsd"):
+        recipe_path("nope")
 
 
 def test_unknown_recipe_lists_valid_ones(tmp_path):

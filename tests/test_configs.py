@@ -1,18 +1,28 @@
-"""Every shipped recipe loads into its typed config, and the config layer rejects what it should."""
+"""Every shipped config and recipe loads into its typed config, and the config layer rejects what it should."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from kdcache.config import build_config, field_docs
 from kdcache.errors import ConfigError
-from kdcache.pipeline.config import GenerateConfig
+from kdcache.pipeline.config import DataConfig, GenerateConfig
+from kdcache.pipeline.recipes import list_recipes, recipe_path, shipped_config
 from kdcache.cli.demo import DemoConfig
-from kdcache.train.config import TrainConfig
+from kdcache.train.config import StudentConfig, TrainConfig
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+# Found the way an installed kdcache finds them (importlib.resources), not by a path into the checkout.
+CONFIGS = [shipped_config(n) for n in ("demo.yaml", "debug.yaml", "kd.yaml")] + [recipe_path(n) for n in list_recipes()]
+
+
+def test_the_list_is_every_packaged_yaml():
+    from importlib.resources import files
+
+    def walk(node):
+        for child in node.iterdir():
+            yield from walk(child) if child.is_dir() else [child] if child.name.endswith(".yaml") else []
+
+    assert sorted(p.name for p in CONFIGS) == sorted(p.name for p in walk(files("kdcache") / "configs")) and len(CONFIGS) >= 21
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -29,10 +39,36 @@ def test_shipped_config_loads(path):
         build_config(DemoConfig, path)
 
 
-def test_demo_yaml_matches_builtin_demo_defaults():
+def test_demo_defaults_are_the_packaged_demo_yaml():
+    """DemoConfig() reads its defaults from the packaged demo.yaml (the one place they are written): an edit
+    there changes `kdcache demo`, and the values are those the demo has always run with."""
     from kdcache.config import to_dict
 
-    assert to_dict(build_config(DemoConfig, Path(__file__).parent.parent / "configs" / "demo.yaml")) == to_dict(DemoConfig())
+    assert to_dict(build_config(DemoConfig, shipped_config("demo.yaml"))) == to_dict(DemoConfig())
+    # the values `kdcache demo` ran with before they moved to demo.yaml (every field given: no default is read)
+    expected = DemoConfig(
+        out="runs/demo",
+        generate=GenerateConfig(top_k=64, sampled_tokens=28, batch_tokens=4096,
+                                data=DataConfig(source="embedded:stdlib-docs", max_rows=300, max_length=128)),
+        train=TrainConfig(loss="rskd", alpha=0.5, temperature=1.0, steps=200, batch_size=8, lr=3e-3, warmup_steps=20,
+                          eval_fraction=0.1, eval_every=0, save_every=100, log_every=25,
+                          student=StudentConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)),
+    )
+    assert to_dict(DemoConfig()) == to_dict(expected)
+
+
+def test_demo_defaults_follow_an_edited_demo_yaml(tmp_path, monkeypatch):
+    import kdcache.cli.demo as demo
+    import kdcache.pipeline.recipes as recipes
+
+    (tmp_path / "demo.yaml").write_text(shipped_config("demo.yaml").read_text().replace("steps: 200", "steps: 7").replace("top_k: 64", "top_k: 5"))
+    monkeypatch.setattr(recipes, "CONFIGS", tmp_path)
+    demo._demo_yaml.cache_clear()
+    try:
+        cfg = DemoConfig()
+        assert (cfg.train.steps, cfg.generate.top_k, cfg.train.loss) == (7, 5, "rskd")
+    finally:
+        demo._demo_yaml.cache_clear()
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):

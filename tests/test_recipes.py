@@ -1,11 +1,10 @@
-"""Every recipe in configs/recipes runs end to end (generate with its settings, train with its loss) on
+"""Every shipped recipe (kdcache/configs/recipes, `kdcache recipes`) runs end to end (generate with its settings, train with its loss) on
 the tiny teacher; mechanisms that are not a loss (the alpha schedule) are checked here too."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,9 +13,10 @@ from kdcache.config import build_config, to_dict
 from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.generate import generate
 from kdcache.train import TrainConfig, train
+from kdcache.pipeline.recipes import list_recipes, recipe_path
 from kdcache.train.loop import alpha_at
 
-RECIPES = sorted((Path(__file__).parent.parent / "configs" / "recipes").glob("*.yaml"))
+RECIPES = [recipe_path(name) for name in list_recipes()]
 TINY_STUDENT = {"student.hidden_size": 32, "student.num_layers": 1, "student.num_heads": 2, "student.num_kv_heads": 1, "student.intermediate_size": 64}
 
 

@@ -12,41 +12,45 @@ for the top-1 agreement metric and for any top-k loss.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from kdcache.config import doc, to_dict
-from kdcache.pipeline.config import DataConfig, GenerateConfig
+from kdcache.config import doc, from_dict, load_yaml, to_dict
+from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.generate import generate
+from kdcache.pipeline.recipes import shipped_config
 from kdcache.pipeline.smollm2 import smollm2_gguf
-from kdcache.train.config import StudentConfig, TrainConfig
+from kdcache.train.config import TrainConfig
 from kdcache.train.loop import train
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def _demo_generate() -> GenerateConfig:
-    return GenerateConfig(top_k=64, sampled_tokens=28, batch_tokens=4096,
-                          data=DataConfig(source="embedded:stdlib-docs", max_rows=300, max_length=128))
+@functools.lru_cache(maxsize=1)
+def _demo_yaml() -> dict:
+    """The packaged demo.yaml: the one place the demo's defaults are written."""
+    return load_yaml(shipped_config("demo.yaml"))
 
 
-def _demo_train() -> TrainConfig:
-    return TrainConfig(
-        loss="rskd", alpha=0.5, temperature=1.0, steps=200, batch_size=8, lr=3e-3, warmup_steps=20,
-        eval_fraction=0.1, eval_every=0, save_every=100, log_every=25,
-        student=StudentConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
-    )
+def _demo_section(cls: type[T], name: str) -> T:
+    return from_dict(cls, copy.deepcopy(_demo_yaml()[name]), name)
 
 
 @dataclass
 class DemoConfig:
-    out: str = doc("Directory for the demo's cache, runs and results.", "runs/demo")
-    generate: GenerateConfig = doc("Generate stage (teacher defaults to the embedded SmolLM2).", default_factory=_demo_generate)
-    train: TrainConfig = doc("Train stage, used for both students (the CE student sets loss=ce).", default_factory=_demo_train)
+    """Defaults: the packaged ``kdcache/configs/demo.yaml``."""
+
+    out: str = doc("Directory for the demo's cache, runs and results.", default_factory=lambda: str(_demo_yaml()["out"]))
+    generate: GenerateConfig = doc("Generate stage (teacher defaults to the embedded SmolLM2).", default_factory=lambda: _demo_section(GenerateConfig, "generate"))
+    train: TrainConfig = doc("Train stage, used for both students (the CE student sets loss=ce).", default_factory=lambda: _demo_section(TrainConfig, "train"))
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
