@@ -6,4 +6,4 @@ above both stages). Dependencies point ``cli -> {pipeline, train} -> cache``: ``
 the pipeline, ``pipeline`` never imports ``train``, and ``cache`` knows nothing of models.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject reads it (tool.setuptools.dynamic), `kdcache --version` prints it
