@@ -31,7 +31,7 @@ from kdcache.cache import (
     open_cache,
     read_manifest,
 )
-from kdcache.cache.manifest import MANIFEST_NAME
+from kdcache.cache.manifest import MANIFEST_NAME, TOKENIZER_DIR
 from kdcache.errors import CacheFormatError, CacheMismatchError, KDCacheError, OutOfSpaceError
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_round_trip_property(spec):
                 assert shard.tokens - sum(group_tokens[-1]) < spec["shard_tokens"]
             group_tokens_all += group_tokens
         for g in group_tokens_all[:-1]:  # every row group but the very last is full, and cut as soon as it was
-            assert spec["row_group_tokens"] <= sum(g) < spec["row_group_tokens"] + g[-1]
+            assert min(spec["row_group_tokens"], spec["shard_tokens"]) <= sum(g) < min(spec["row_group_tokens"], spec["shard_tokens"]) + g[-1]
 
         # Content, in write order.
         cache = open_cache(path)
@@ -517,7 +517,7 @@ def test_different_settings_refused_then_overwrite_replaces(tmp_path):
     assert read_manifest(path).to_json() == before.to_json()
     assert_only_committed(path)
 
-    (path / "tokenizer").mkdir()
+    (path / TOKENIZER_DIR).mkdir()
     w = CacheWriter(path, other, SIGNALS, overwrite=True, shard_tokens=10_000)
     assert listing(path) == {MANIFEST_NAME}  # old shards and tokenizer are gone
     for i in range(5):

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from kdcache.cache import CacheWriter, make_signals, open_cache, read_manifest
 from kdcache.cache.combine import combine_caches
 from kdcache.cache.lock import LOCK_NAME, CacheLock, pid_alive, read_lock
-from kdcache.cache.manifest import MANIFEST_NAME, SHARD_RE
+from kdcache.cache.manifest import MANIFEST_NAME, SHARD_RE, TOKENIZER_DIR
 from kdcache.cache.writer import is_temp_name
 from kdcache.cli import main
 from kdcache.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError, KDCacheError, OutOfSpaceError
@@ -433,16 +433,16 @@ def test_user_files_beside_a_cache_survive_resume_and_overwrite(tmp_path):
             "part-00000.parquet.bak": b"backup", ".part-00001.parquet.tmp.mine": b"x", "notes.txt": b"precious"}
     for name, data in user.items():
         (cache / name).write_bytes(data)
-    (cache / "tokenizer").mkdir()
-    (cache / "tokenizer" / "vocab.json").write_text("{}")
+    (cache / TOKENIZER_DIR).mkdir()
+    (cache / TOKENIZER_DIR / "vocab.json").write_text("{}")
     # kdcache's own in-flight leftovers: a temporary shard, a shard renamed but never listed, a manifest temp.
     ours = [".part-00007.4242-0badcafe.parquet.tmp", ".part-00003.parquet.tmp", f"part-{n_listed:05d}.parquet",
-            ".manifest.json.4242-0badcafe.tmp", ".tokenizer.tmp"]
+            f".{MANIFEST_NAME}.4242-0badcafe.tmp", f".{TOKENIZER_DIR}.tmp"]
     for name in ours:
         (cache / name).write_bytes(b"half")
 
     write(cache)  # resume
-    assert_only = {MANIFEST_NAME, "tokenizer"} | {s.name for s in read_manifest(cache).shards} | set(user)
+    assert_only = {MANIFEST_NAME, TOKENIZER_DIR} | {s.name for s in read_manifest(cache).shards} | set(user)
     assert set(os.listdir(cache)) == assert_only
     for name, data in user.items():
         assert (cache / name).read_bytes() == data, name
@@ -467,7 +467,7 @@ def test_folder_with_only_kdcache_temp_files_and_no_manifest(tmp_path):
     until a manifest exists; the next run (manifest present) cleans the leftover."""
     cache = tmp_path / "c"
     cache.mkdir()
-    leftover = cache / ".manifest.json.4242-0badcafe.tmp"
+    leftover = cache / f".{MANIFEST_NAME}.4242-0badcafe.tmp"
     leftover.write_bytes(b"{")
     w = write(cache, stop=5, close=False)
     assert leftover.exists()
@@ -546,7 +546,7 @@ def full_disk_on_manifest_writes(monkeypatch, after: int = 0) -> list[int]:
     seen = [0]
 
     def fsync(fd):
-        if ".manifest.json." in os.path.basename(_fd_path(fd)):
+        if f".{MANIFEST_NAME}." in os.path.basename(_fd_path(fd)):
             seen[0] += 1
             if seen[0] > after:
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -722,12 +722,12 @@ def test_combine_that_fails_midway_into_a_new_directory_leaves_nothing(tmp_path)
             exs = [{**ex, "example_id": f"other-{i}"} for ex in exs]
         wb.add_row(exs, i + 1)
     wb.close()
-    (a / "tokenizer").mkdir()
-    (a / "tokenizer" / "tokenizer.json").write_text("{}")
+    (a / TOKENIZER_DIR).mkdir()
+    (a / TOKENIZER_DIR / "tokenizer.json").write_text("{}")
     with pytest.raises(CacheMismatchError, match="differ at row"):
         combine_caches([a, b], [1, 1], out)
     assert not out.exists(), os.listdir(out)
     out.mkdir()  # a folder that was there already: kept, as an (empty) in-progress cache, like generate's
     with pytest.raises(CacheMismatchError, match="differ at row"):
         combine_caches([a, b], [1, 1], out)
-    assert set(os.listdir(out)) == {MANIFEST_NAME, "tokenizer"} and read_manifest(out).shards == []
+    assert set(os.listdir(out)) == {MANIFEST_NAME, TOKENIZER_DIR} and read_manifest(out).shards == []

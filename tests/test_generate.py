@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import WORDS, _sentences
-from kdcache.cache import open_cache, read_manifest
+from kdcache.cache import MANIFEST_NAME, open_cache, read_manifest
 from kdcache.errors import CacheMismatchError, ConfigError, DataError, KDCacheError
 from kdcache.pipeline.config import DataConfig, GenerateConfig, GenerationConfig
 from kdcache.pipeline.generate import generate
@@ -598,7 +598,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_teacher, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, str(script), str(tiny_teacher), str(out), str(src)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    manifest = out / "manifest.json"
+    manifest = out / MANIFEST_NAME
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:

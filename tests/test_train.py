@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import CHAT_TEMPLATE, WORDS, build_tiny_llama, build_tiny_tokenizer
-from kdcache.cache import holdout_fraction_filter, open_cache
+from kdcache.cache import MANIFEST_NAME, holdout_fraction_filter, open_cache
 from kdcache.config import build_config, to_dict
 from kdcache.errors import CacheMismatchError, ConfigError
 from kdcache.fingerprint import tokenizer_fingerprint
@@ -419,9 +419,9 @@ def test_eval_cache_evaluates_on_another_caches_heldout_rows(tiny_teacher, tiny_
 
     other = tmp_path / "other_tokenizer"
     shutil.copytree(tiny_cache, other)
-    manifest = json.loads((other / "manifest.json").read_text())
+    manifest = json.loads((other / MANIFEST_NAME).read_text())
     manifest["settings"]["tokenizer"]["fingerprint"] = "0" * 16
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(CacheMismatchError, match="different tokenizers"):
         train(make_cfg(cont, tmp_path / "run2", steps=1, eval_cache=str(other)), progress=False)
     assert not (tmp_path / "run2").exists()

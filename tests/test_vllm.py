@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from kdcache.cache import open_cache
+from kdcache.cache import MANIFEST_NAME, open_cache
 from kdcache.errors import ConfigError, KDCacheError
 from kdcache.pipeline.config import DataConfig, GenerateConfig, GenerationConfig, VLLMConfig
 from kdcache.pipeline.generate import generate
@@ -230,4 +230,4 @@ def test_smollm2_parity_top64(smollm2_folder, tmp_path):
             np.testing.assert_allclose(got, want, atol=FP32_TOL, rtol=0)
     # A real model: the teacher is confident, the tail is a small slice of the mass.
     assert np.mean([np.exp(ex["tail_logprob"]).mean() for ex in b.values()]) < 0.2
-    assert json.loads((tmp_path / "vllm" / "manifest.json").read_text())["settings"]["teacher"]["architecture"] == "LlamaForCausalLM"
+    assert json.loads((tmp_path / "vllm" / MANIFEST_NAME).read_text())["settings"]["teacher"]["architecture"] == "LlamaForCausalLM"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, require_same_tokenizer
+from kdcache.cache.manifest import Manifest, require_same_tokenizer
 from kdcache.cache.reader import open_cache
 from kdcache.cache.schema import GENERATION_COLUMNS, make_signals
 from kdcache.cache.writer import CacheWriter, install_tokenizer
@@ -97,8 +97,9 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
     if writer.complete:
         return writer.manifest
     try:
-        if (caches[0].path / TOKENIZER_DIR).is_dir():
-            install_tokenizer(out, lambda tmp: shutil.copytree(caches[0].path / TOKENIZER_DIR, tmp))
+        source_tokenizer = caches[0].tokenizer_dir
+        if source_tokenizer is not None:
+            install_tokenizer(out, lambda tmp: shutil.copytree(source_tokenizer, tmp))
         start = writer.resume_input_row
         streams = [iter(c.stream(columns=_READ + gen_cols)) for c in caches]
         for index, exs in enumerate(zip(*streams)):

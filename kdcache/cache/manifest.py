@@ -17,11 +17,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdcache import __version__
 from kdcache.errors import CacheFormatError, CacheMismatchError
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-TOKENIZER_DIR = "tokenizer"
+MANIFEST_NAME = "_manifest.json"
+TOKENIZER_DIR = "_tokenizer"
+"""What is not data starts with ``_``, so pyarrow.dataset, pandas and DuckDB skip it by their own
+convention and read the cache folder as a Parquet dataset."""
+LEGACY_MANIFEST_NAME = "manifest.json"
+LEGACY_TOKENIZER_DIR = "tokenizer"
+"""The names of caches written before the rename; such a cache keeps them (see :func:`layout_of`)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The names of a cache's manifest and tokenizer folder."""
+
+    manifest: str
+    tokenizer: str
+
+    @property
+    def legacy(self) -> bool:
+        return self.manifest == LEGACY_MANIFEST_NAME
+
+
+LAYOUT = Layout(MANIFEST_NAME, TOKENIZER_DIR)
+LEGACY_LAYOUT = Layout(LEGACY_MANIFEST_NAME, LEGACY_TOKENIZER_DIR)
+
+
+def layout_of(path: str | Path) -> Layout:
+    """The layout of the cache at ``path``: the old names where only the old manifest is there (a cache
+    written before the rename keeps its names when it is read, resumed or verified, so a directory never
+    holds two manifests), else the current ones (also for a directory that is not a cache yet).
+    ``--overwrite`` moves an old cache to the current names once its old content is gone."""
+    path = Path(path)
+    if not (path / MANIFEST_NAME).exists() and (path / LEGACY_MANIFEST_NAME).is_file():
+        return LEGACY_LAYOUT
+    return LAYOUT
+
+
+def manifest_path(path: str | Path) -> Path:
+    """Where the manifest of the cache at ``path`` is (or will be written)."""
+    return Path(path) / layout_of(path).manifest
+
+
+def check_one_manifest(path: Path) -> None:
+    """kdcache never leaves both names in one folder; if both are there, one was copied in and which one
+    describes the shards cannot be told, so nothing reads, resumes or overwrites the folder."""
+    if (path / MANIFEST_NAME).exists() and (path / LEGACY_MANIFEST_NAME).exists():
+        raise CacheFormatError(
+            f"{path} holds two manifests ({MANIFEST_NAME} and the older {LEGACY_MANIFEST_NAME}); kdcache never writes both, "
+            "so one was copied in: move the one that does not describe this folder's shards elsewhere"
+        )
+
+
+def tokenizer_path(path: str | Path) -> Path:
+    """Where the tokenizer copy of the cache at ``path`` is (or will be written)."""
+    return Path(path) / layout_of(path).tokenizer
 
 SHARD_RE = re.compile(r"part-(?:\d{5}|[1-9]\d{5,})\.parquet")
 """kdcache's shard names, exactly as the writer makes them: ``part-{index:05d}.parquet``. pyarrow's
@@ -70,6 +123,9 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     """Counts for humans: bad rows by reason, totals."""
     created_by: str = ""
+    kdcache_version: str = field(default_factory=lambda: __version__)
+    """The kdcache release that last wrote this manifest (a resumed cache may hold shards of earlier ones).
+    Not part of the settings, so an upgrade still resumes; manifests written before it load as ""."""
 
     @property
     def settings_hash(self) -> str:
@@ -128,6 +184,7 @@ class Manifest:
                 "install the kdcache release that wrote it or regenerate the cache"
             )
         data.pop("settings_hash", None)
+        data.setdefault("kdcache_version", "")  # written before the field existed
         try:
             shards = [ShardInfo(**s) for s in data.pop("shards", [])]
             manifest = cls(shards=shards, **data)
@@ -161,9 +218,10 @@ def require_same_tokenizer(a: Manifest, b: Manifest, a_name: str, b_name: str, p
 
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
-    mpath = path / MANIFEST_NAME
+    mpath = manifest_path(path)
     if not path.exists():
         raise CacheFormatError(f"cache {path} does not exist; run `kdcache generate --out {path}` first")
+    check_one_manifest(path)
     if not mpath.is_file():
         raise CacheFormatError(
             f"{path} is not a kdcache cache (no {MANIFEST_NAME}); point at a directory written by `kdcache generate`"

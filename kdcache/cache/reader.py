@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
-from kdcache.cache.manifest import TOKENIZER_DIR, Manifest, file_sha256, read_manifest
+from kdcache.cache.manifest import Manifest, file_sha256, manifest_path, read_manifest, tokenizer_path
 from kdcache.cache.schema import build_schema, column_codecs
 from kdcache.errors import CacheFormatError
 
@@ -236,8 +236,15 @@ class Cache:
 
     @property
     def tokenizer_dir(self) -> Path | None:
-        path = self.path / TOKENIZER_DIR
+        """The teacher's tokenizer stored with the cache (``_tokenizer/``, or ``tokenizer/`` in a cache
+        written before the rename); None if the cache holds none."""
+        path = tokenizer_path(self.path)
         return path if path.is_dir() else None
+
+    @property
+    def manifest_path(self) -> Path:
+        """The manifest file (``_manifest.json``, or ``manifest.json`` in a cache written before the rename)."""
+        return manifest_path(self.path)
 
     @property
     def columns(self) -> list[str]:

@@ -11,6 +11,11 @@ writer. Only kdcache's own files are ever removed, and only in a directory that 
 the shards it lists, unlisted ``part-NNNNN.parquet`` shards past them (renamed but not yet listed when a
 run died), the tokenizer directory and kdcache's temporary files. Temporary names carry the pid and a
 random token, so two processes never share one.
+
+A shard is committed when it holds ``shard_tokens`` tokens or when its first row has waited
+``commit_seconds`` (whichever comes first), so an interrupted run keeps all but the last
+``commit_seconds`` of teacher work however slow the teacher is. The clock is read once per row
+(``time.monotonic``, no syscall), and shards are only ever cut between input rows.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,10 +35,12 @@ import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
 from kdcache.cache.lock import LOCK_NAME, CacheLock
+from kdcache import __version__
 from kdcache.cache.manifest import (
     FORMAT_VERSION,
+    LAYOUT,
+    LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
-    TOKENIZER_DIR,
     Manifest,
     ShardInfo,
     file_sha256,
@@ -40,7 +48,10 @@ from kdcache.cache.manifest import (
     read_manifest,
     shard_index,
     shard_name,
+    check_one_manifest,
+    layout_of,
     temp_suffix,
+    tokenizer_path,
     write_atomic,
 )
 from kdcache.cache.schema import build_schema, column_codecs
@@ -55,9 +66,9 @@ _SPACE_TEXT = ("No space left", "File too large", "quota exceeded")
 _TEMP_RE = re.compile(
     r"\.part-\d{5,}\.\d+-[0-9a-f]+\.parquet\.tmp"  # in-flight shard
     r"|\.part-\d{5,}\.parquet\.tmp"  # in-flight shard, kdcache <= 0.x naming
-    r"|\.manifest\.json\.\d+-[0-9a-f]+\.tmp|\.manifest\.json\.tmp-\d+"  # manifest being replaced (new, old naming)
+    r"|\._?manifest\.json\.\d+-[0-9a-f]+\.tmp|\.manifest\.json\.tmp-\d+"  # manifest being replaced (new, old naming)
     r"|\.write-probe-\d+-[0-9a-f]+|\.write-probe-\d+"  # writability probe
-    r"|\.tokenizer\.tmp(?:\.\d+-[0-9a-f]+)?"  # tokenizer being saved
+    r"|\._?tokenizer\.tmp(?:\.\d+-[0-9a-f]+)?"  # tokenizer being saved (_tokenizer, or an old cache's tokenizer)
     r"|\.\.kdcache\.lock\.\d+-[0-9a-f]+\.tmp"  # lock being taken over (write_atomic's name)
 )
 """kdcache's temporary files: removed only in a directory that holds a kdcache manifest, under its lock."""
@@ -68,13 +79,14 @@ def is_temp_name(name: str) -> bool:
 
 
 def install_tokenizer(out: Path, write: Callable[[Path], None]) -> None:
-    """``out/tokenizer`` written by ``write(folder)`` into a uniquely named temporary folder, then renamed:
-    a crash never leaves half a tokenizer, and two processes never share a temporary name. Call it under
-    the cache's writer lock (it does nothing when the tokenizer is already there)."""
-    target = out / TOKENIZER_DIR
+    """``out/_tokenizer`` (``tokenizer`` in a cache of the old layout) written by ``write(folder)`` into a
+    uniquely named temporary folder, then renamed: a crash never leaves half a tokenizer, and two processes
+    never share a temporary name. Call it under the cache's writer lock, after the writer has opened the
+    cache (it does nothing when the tokenizer is already there)."""
+    target = tokenizer_path(out)
     if target.is_dir():
         return
-    tmp = out / f".{TOKENIZER_DIR}.tmp.{temp_suffix()}"
+    tmp = out / f".{target.name}.tmp.{temp_suffix()}"
     write(tmp)
     tmp.rename(target)
 
@@ -93,10 +105,14 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class CacheWriter:
-    """Writes examples into ``path`` as zstd Parquet shards plus ``manifest.json``.
+    """Writes examples into ``path`` as zstd Parquet shards plus ``_manifest.json``.
 
     Use ``add_row(examples, input_rows_end)`` once per input row (possibly with no examples for a bad
     row), then ``close()``. ``resume_input_row`` says how many input rows are already committed.
+
+    Sizes: a row group holds ``row_group_tokens`` (at most ``shard_tokens``) tokens, a shard
+    ``shard_tokens``, both rounded up to whole input rows; ``commit_seconds`` (None: no time bound) cuts
+    both early once the oldest uncommitted row has waited that long.
     """
 
     def __init__(
@@ -108,17 +124,27 @@ class CacheWriter:
         overwrite: bool = False,
         shard_tokens: int = 4_000_000,
         row_group_tokens: int = 16_384,
+        commit_seconds: float | None = 60.0,
         compression_level: int = 1,
         created_by: str = "",
         command: str | None = None,
     ):
         """``command``: what the lock file says is writing (default: this process's command line)."""
+        if shard_tokens < 1 or row_group_tokens < 1 or (commit_seconds is not None and not commit_seconds > 0):
+            raise KDCacheError(
+                f"shard_tokens ({shard_tokens}) and row_group_tokens ({row_group_tokens}) must be positive and "
+                f"commit_seconds ({commit_seconds}) positive or None"
+            )
         self.path = Path(path)
         self.schema = build_schema(signals)
         self._codecs = {name: get_codec(c) for name, c in column_codecs(signals).items()}
         self._list_cols = [f.name for f in self.schema if pa.types.is_list(f.type)]
         self.shard_tokens = shard_tokens
-        self.row_group_tokens = row_group_tokens
+        self.row_group_tokens = min(row_group_tokens, shard_tokens)  # a shard holds at least one row group
+        self.commit_seconds = commit_seconds
+        self._oldest: float | None = None
+        """time.monotonic() when the first uncommitted example arrived (None: nothing uncommitted)."""
+        self.layout = LAYOUT
         self.compression_level = compression_level
         self._created = not self.path.exists()
         self._closed = False
@@ -156,7 +182,9 @@ class CacheWriter:
     def _open(self, settings: dict, signals: dict, overwrite: bool, created_by: str) -> Manifest:
         """Called with the lock held."""
         fresh = Manifest(format_version=FORMAT_VERSION, settings=settings, signals=signals, created_by=created_by)
-        if (self.path / MANIFEST_NAME).exists():
+        check_one_manifest(self.path)
+        self.layout = layout_of(self.path)  # an old cache keeps its names when resumed
+        if (self.path / self.layout.manifest).exists():
             try:
                 old = read_manifest(self.path)
             except CacheFormatError:
@@ -165,6 +193,7 @@ class CacheWriter:
                 old = None
             if old is not None and old.settings_hash == fresh.settings_hash and old.signals == signals and not overwrite:
                 self._remove_strays(old)
+                old.kdcache_version = __version__  # the release writing it from now on
                 if old.shards:
                     log.info("resuming cache %s: %d shards, %d rows committed", self.path, len(old.shards), old.num_rows)
                 return old
@@ -178,6 +207,7 @@ class CacheWriter:
             # crash in between leaves old shards unlisted (strays the next run removes), never a listed one missing.
             self._write_manifest(fresh)
             self._clear(old)
+            self._upgrade_layout()
             return fresh
         else:
             # No manifest: not a kdcache cache (a crashed run always leaves one: it is written first), so
@@ -192,6 +222,19 @@ class CacheWriter:
                 )
         self._write_manifest(fresh)
         return fresh
+
+    def _upgrade_layout(self) -> None:
+        """``--overwrite`` of a cache with the old names, once its old content is gone: one rename moves the
+        (fresh, empty) manifest to the current name, so foreign Parquet readers can read the new cache and
+        the folder holds one manifest at every moment. A crash before it leaves an empty old-layout cache."""
+        if self.layout == LAYOUT:
+            return
+        try:
+            os.replace(self.path / LEGACY_MANIFEST_NAME, self.path / MANIFEST_NAME)
+            fsync_dir(self.path)
+        except OSError as exc:
+            self._fail(exc)
+        self.layout = LAYOUT
 
     def _check_writable(self) -> None:
         try:
@@ -220,7 +263,7 @@ class CacheWriter:
         listed = {s.name for s in old.shards} if old is not None else set()
         try:
             for p in self.path.iterdir():
-                if p.name in listed or p.name == TOKENIZER_DIR or is_temp_name(p.name):
+                if p.name in listed or p.name == self.layout.tokenizer or is_temp_name(p.name):
                     self._remove(p)
         except OSError as exc:
             self._fail(exc)
@@ -264,6 +307,14 @@ class CacheWriter:
             self._pending.append(ex)
             self._pending_tokens += len(ex["input_ids"])
         self._input_rows_end = input_rows_end
+        if self.commit_seconds is not None and (self._pending or self._shard is not None):
+            now = time.monotonic()
+            if self._oldest is None:
+                self._oldest = now
+            elif now - self._oldest >= self.commit_seconds:
+                self._flush_row_group()
+                self._commit_shard()
+                return
         if self._pending_tokens >= self.row_group_tokens:
             self._flush_row_group()
         if self._shard_tokens >= self.shard_tokens:
@@ -328,7 +379,7 @@ class CacheWriter:
         """With the lock held, in a directory this writer created: remove what kdcache wrote there."""
         try:
             for p in self.path.iterdir():
-                if p.name in (MANIFEST_NAME, TOKENIZER_DIR) or is_temp_name(p.name):
+                if p.name in (self.layout.manifest, self.layout.tokenizer) or is_temp_name(p.name):
                     self._remove(p)
         except OSError:
             pass  # best effort: the error that brought us here is the one to report
@@ -336,6 +387,7 @@ class CacheWriter:
     def _drop_in_flight(self) -> None:
         self._pending.clear()
         self._pending_tokens = 0
+        self._oldest = None
         if self._shard is not None:
             try:
                 self._shard.close()
@@ -450,7 +502,7 @@ class CacheWriter:
         )
         self.manifest.stats = dict(self.stats)
         try:
-            write_atomic(self.path / MANIFEST_NAME, self.manifest.to_json().encode())
+            write_atomic(self.path / self.layout.manifest, self.manifest.to_json().encode())
         except OSError as exc:
             # The shard is not committed until the manifest lists it: take it back out.
             self.manifest.shards.pop()
@@ -459,10 +511,11 @@ class CacheWriter:
         self._shard_tmp = None
         self._shard_rows = self._shard_tokens = 0
         self._shard_row_groups = []
+        self._oldest = None
 
     def _write_manifest(self, manifest: Manifest) -> None:
         try:
-            write_atomic(self.path / MANIFEST_NAME, manifest.to_json().encode())
+            write_atomic(self.path / self.layout.manifest, manifest.to_json().encode())
         except OSError as exc:
             self._fail(exc)
 

@@ -117,8 +117,14 @@ class GenerateConfig:
         "Allow teacher weights stored as pickle (pytorch_model.bin, .pt), which can run code when loaded; off: "
         "safetensors only (GGUF files are not pickle and always load).", False)
     seed: int = doc("Seed for sampled generation (each input row gets its own seed derived from it).", 0)
-    shard_tokens: int = doc("Tokens per Parquet shard.", 4_000_000)
-    row_group_tokens: int = doc("Tokens per Parquet row group (the reader's unit of work).", 16_384)
+    shard_tokens: int = doc(
+        "Tokens per Parquet shard (a file; the unit a resume keeps). Shards and row groups end at whole input rows.", 4_000_000)
+    row_group_tokens: int = doc(
+        "Tokens per Parquet row group (the reader's unit of work), at most shard_tokens (a larger value is capped to it).", 16_384)
+    commit_seconds: float = doc(
+        "Commit the shard in progress once its first row has waited this many seconds, even if it holds fewer than "
+        "shard_tokens tokens (its last row group is then shorter too): Ctrl-C or a crash loses at most this much "
+        "teacher work. A fast teacher fills shards by tokens first.", 60.0)
     compression_level: int = doc("zstd level.", 1)
     data: DataConfig = doc("Input dataset.", default_factory=DataConfig)
     generation: GenerationConfig = doc("Teacher continuations.", default_factory=GenerationConfig)
@@ -133,6 +139,13 @@ class GenerateConfig:
             raise ConfigError("sampled_tokens must be at most 65535 and proposal_temperature positive")
         if self.batch_tokens < 2:
             raise ConfigError("batch_tokens must be at least 2")
+        if self.shard_tokens < 1 or self.row_group_tokens < 1:
+            raise ConfigError(f"shard_tokens and row_group_tokens must be positive, got {self.shard_tokens} and {self.row_group_tokens}")
+        if not self.commit_seconds > 0:
+            raise ConfigError(
+                f"commit_seconds must be a positive number of seconds (e.g. --set commit_seconds=60), got {self.commit_seconds}; "
+                "to commit only by size, set it larger than the run"
+            )
         if any(not t > 0 for t in self.tail_temperatures) or len(set(self.tail_temperatures)) != len(self.tail_temperatures):
             raise ConfigError(f"tail_temperatures must be distinct positive numbers, got {self.tail_temperatures}")
         if self.tail_temperatures and not self.top_k:

@@ -2,6 +2,9 @@
 
 Everything that can be checked without the weights (paths, k against the vocab, an existing cache's
 settings, the dataset's fields) is checked before the teacher loads, so mistakes cost seconds.
+
+Ctrl-C (and SIGTERM, which the CLI turns into KeyboardInterrupt) becomes :class:`Interrupted`, whose
+message reports what the manifest on disk actually lists, so the user knows what a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from kdcache.cache import CacheWriter, Manifest, make_signals
+from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
 from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.schema import SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
 from kdcache.config import to_dict
-from kdcache.errors import ConfigError, DataError
+from kdcache.errors import CacheFormatError, ConfigError, DataError, Interrupted
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows
@@ -87,13 +90,48 @@ def _batches(
         yield batch
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _interrupted(cfg: GenerateConfig, opened: bool) -> Interrupted:
+    """What an interrupted run kept: the manifest on disk (not the writer's memory, which may list a shard
+    whose manifest write the interrupt cut short)."""
+    out = Path(cfg.out)
+    try:
+        manifest = read_manifest(out) if opened else None
+    except CacheFormatError:
+        manifest = None  # a new folder with nothing committed was removed
+    if manifest is None or not manifest.shards:
+        if not opened:
+            return Interrupted(f"stopped before {out} was opened; nothing was written by this run; rerun the same command to start")
+        return Interrupted(
+            f"nothing was committed yet (a shard commits every {cfg.commit_seconds:g} s of teacher work: "
+            f"--set commit_seconds=...); rerun the same command to start over"
+        )
+    n = manifest.shards[-1].input_rows_end
+    return Interrupted(
+        f"kept {_plural(len(manifest.shards), 'shard')} ({_plural(manifest.num_rows, 'row')}, "
+        f"{_plural(manifest.num_tokens, 'token')}, input rows 0-{n - 1}) in {out}; rerun the same command to resume"
+    )
+
+
 def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None = None) -> Manifest:
     """Run the teacher over ``cfg.data`` into the cache at ``cfg.out``; resumes an interrupted run.
 
     ``teacher``: an already built (possibly loaded) teacher to reuse across several caches; it must
     match ``cfg`` and stays open. By default the teacher is built from ``cfg`` and closed at the end.
+    A KeyboardInterrupt is raised as :class:`Interrupted` saying what the cache kept.
     """
     cfg.validate()
+    opened: list[CacheWriter] = []  # the writer, once the cache is open
+    try:
+        return _generate(cfg, progress, teacher, opened)
+    except KeyboardInterrupt:
+        raise _interrupted(cfg, opened=bool(opened)) from None
+
+
+def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, opened: list[CacheWriter]) -> Manifest:
     owned = teacher is None
     teacher = build_teacher(cfg) if teacher is None else teacher
     if cfg.top_k > teacher.vocab_size:
@@ -119,8 +157,10 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
     out = Path(cfg.out)
     writer = CacheWriter(
         out, _settings(cfg, teacher, layers), signals, overwrite=cfg.overwrite, shard_tokens=cfg.shard_tokens,
-        row_group_tokens=cfg.row_group_tokens, compression_level=cfg.compression_level, created_by="kdcache generate",
+        row_group_tokens=cfg.row_group_tokens, commit_seconds=cfg.commit_seconds, compression_level=cfg.compression_level,
+        created_by="kdcache generate",
     )
+    opened.append(writer)
     if writer.complete:
         log.info("cache %s is already complete (%d rows); nothing to do", out, writer.manifest.num_rows)
         return writer.manifest
@@ -198,6 +238,12 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
     bad = {k: v for k, v in manifest.stats.items() if k.startswith("bad_rows")}
     if bad:
         log.warning("skipped bad rows: %s", ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(bad.items())))
+    truncated = manifest.stats.get("truncated_rows", 0)
+    if truncated:
+        total = manifest.shards[-1].input_rows_end if manifest.shards else truncated
+        were = "was" if truncated == 1 else "were"
+        log.warning("%s of %s %s longer than max_length %d and %s truncated; raise --max-length to keep them",
+                    f"{truncated:,}", _plural(total, "row"), were, cfg.data.max_length, were)
     return manifest
 
 
