@@ -505,3 +505,114 @@ def test_overwrite_removes_only_what_a_run_wrote(tiny_cache, tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "lr" in r] == [1, 2]  # started over: each step logged once, not [1, 2, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# Interrupts say what is kept; the run config records the kdcache version
+
+
+def test_sigint_says_which_checkpoint_is_kept_and_the_rerun_resumes_from_it(tiny_cache, tmp_path):
+    out = tmp_path / "interrupted"
+    cfg = make_cfg(tiny_cache, out, steps=60, save_every=5, loss="kd", alpha=0.5)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"train": to_dict(cfg)}))
+    cmd = [*_cli(), "train", "--config", str(config), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    latest = out / "checkpoints" / "latest"
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, f"rc {proc.returncode}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr and stdout == ""
+    said = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1, stderr[-3000:]
+    m = re.fullmatch(r"interrupted: stopped at step (\d+) of 60; the last checkpoint is step (\d+) in (.+) "
+                     r"\(rerun the same command to resume from it\)", said[0])
+    assert m, said[0]
+    stopped, kept = int(m.group(1)), int(m.group(2))
+    assert Path(m.group(3)) == out / "checkpoints"
+    assert latest.read_text().strip() == f"step-{kept:07d}"  # the line names what is on disk
+    assert kept % 5 == 0 and 5 <= kept <= stopped < 60
+    assert not (out / "final").exists()
+    assert not list((out / "checkpoints").glob(".step-*.tmp"))  # no half-written checkpoint left behind
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {kept}" in r.stderr and "resumed from" in r.stderr
+    assert json.loads((out / "final_metrics.json").read_text())["step"] == 60
+    assert [row["step"] for row in train_rows(out)] == list(range(1, 61))  # each step once
+
+
+def test_interrupt_before_the_first_checkpoint_says_nothing_is_kept(tiny_cache, tmp_path, monkeypatch):
+    from kdcache.errors import Interrupted
+    from kdcache.train import loop
+
+    logged = []
+
+    def log_then_stop(f, row):  # Ctrl-C arriving while step 3's row is written
+        logged.append(row["step"])
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+        f.write(json.dumps(row) + "\n")
+
+    monkeypatch.setattr(loop, "_log_row", log_then_stop)
+    with pytest.raises(Interrupted) as exc:
+        train(make_cfg(tiny_cache, tmp_path / "run", steps=30, save_every=10), progress=False)
+    assert exc.value.exit_code == 130 and logged == [1, 2, 3]
+    assert str(exc.value) == ("stopped at step 3 of 30 before the first checkpoint (every 10 steps: --set save_every=N); "
+                              "rerun to start over")
+    with pytest.raises(Interrupted) as exc:
+        logged.clear()
+        train(make_cfg(tiny_cache, tmp_path / "run", steps=30, save_every=0, overwrite=True), progress=False)
+    assert "before the first checkpoint (only at the end: --set save_every=N)" in str(exc.value)
+
+
+def test_interrupt_while_a_checkpoint_is_written_names_the_previous_one(tiny_cache, tmp_path, monkeypatch):
+    from kdcache.errors import Interrupted
+    from kdcache.train import checkpoint
+
+    out = tmp_path / "run"
+    real_fsync_tree = checkpoint.fsync_tree
+
+    def stop_in_the_second_save(root):
+        if root.name == ".step-0000004.tmp":
+            raise KeyboardInterrupt
+        real_fsync_tree(root)
+
+    monkeypatch.setattr(checkpoint, "fsync_tree", stop_in_the_second_save)
+    with pytest.raises(Interrupted) as exc:
+        train(make_cfg(tiny_cache, out, steps=8, save_every=2), progress=False)
+    assert str(exc.value) == (f"stopped at step 4 of 8; the last checkpoint is step 2 in {out / 'checkpoints'} "
+                              "(rerun the same command to resume from it)")
+    assert latest_checkpoint(out).name == "step-0000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000002"]  # its own tmp removed
+
+
+def test_run_config_records_the_version_and_another_version_still_resumes(tiny_cache, tmp_path, caplog):
+    import kdcache
+    from kdcache.train.loop import run_version
+
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_cache, out, steps=4, save_every=2)
+    first = train(cfg, progress=False)
+    saved = out / "config.yaml"
+    assert run_version(saved) == kdcache.__version__
+    assert json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["kdcache_version"] == kdcache.__version__
+    # still a config `--config RUN/config.yaml` accepts (unknown keys are refused), the same run's config
+    assert build_config(TrainConfig, saved) == cfg
+
+    # written by another version (or by one before versions were recorded): the same command still resumes
+    body = saved.read_text().split("\n", 1)[1]
+    for header in ("# written by kdcache 0.0.1\n", ""):
+        saved.write_text(header + body)
+        log_before = (out / "metrics.jsonl").read_bytes()
+        with caplog.at_level("INFO", logger="kdcache.train.loop"):
+            assert train(cfg, progress=False) == first
+        assert f"written by kdcache {'0.0.1' if header else '(unknown version)'} with kdcache {kdcache.__version__}" in caplog.text
+        assert (out / "metrics.jsonl").read_bytes() == log_before  # resumed at the end: nothing retrained
+        assert run_version(saved) == kdcache.__version__
+        caplog.clear()

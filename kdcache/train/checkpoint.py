@@ -71,6 +71,9 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimi
     tmp = ckpt_root / f".step-{step:07d}.tmp"
     try:
         return _save(ckpt_root, tmp, step, model, tokenizer, optimizer, scheduler, trainer_state, keep, extra_tensors or {})
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder; `latest` still names the previous one
+        raise
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_space_error(exc):
@@ -109,6 +112,24 @@ def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, sc
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """``dst`` gets every file of ``src`` as a hard link (no second copy on disk), or as a copy where the
+    file system refuses links. Used for ``final/``, whose weights are those of the last checkpoint."""
+    for folder, _, files in os.walk(src):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in sorted(files):
+            try:
+                os.link(Path(folder) / name, target / name)
+            except OSError:
+                shutil.copy2(Path(folder) / name, target / name)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``step-N`` checkpoint folder."""
+    return int(path.name[len("step-"):])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

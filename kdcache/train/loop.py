@@ -6,10 +6,12 @@ steps, logs, evaluates and checkpoints. Components live in their own modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,12 +21,15 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+import kdcache
 from kdcache.cache import Cache, holdout_fraction_filter, open_cache, require_same_tokenizer
 from kdcache.config import to_dict
-from kdcache.errors import CacheMismatchError, ConfigError, DataError
+from kdcache.errors import CacheMismatchError, ConfigError, DataError, Interrupted, KDCacheError
 from kdcache.fingerprint import json_hash
 from kdcache.modeling import autocast_for, resolve_device, selected_logits
-from kdcache.train.checkpoint import fsync_dir, fsync_tree, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdcache.train.checkpoint import (
+    checkpoint_step, fsync_dir, fsync_tree, latest_checkpoint, link_tree, load_checkpoint, save_checkpoint,
+)
 from kdcache.train.config import TrainConfig
 from kdcache.train.data import TEMPERED_TAIL, Batch, batches, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
@@ -40,6 +45,10 @@ _RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.json
 
 # Fields that may change between a run and its resumption without changing what is being trained.
 _RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples", "eval_cache")
+
+# config.yaml's first line: the kdcache version that wrote it. A YAML comment, so the file stays a config that
+# `--config` accepts (unknown keys are refused) and the resume check, which compares the parsed configs, ignores it.
+_VERSION_LINE = re.compile(r"# written by kdcache (\S+)")
 
 
 def alpha_at(cfg: TrainConfig, step: int) -> float:
@@ -86,8 +95,19 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
             )
     if cfg.resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", out)
-    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if ckpt is not None and saved.is_file():
+        written_by = run_version(saved)
+        if written_by != kdcache.__version__:
+            log.info("resuming a run written by kdcache %s with kdcache %s", written_by or "(unknown version)", kdcache.__version__)
+    saved.write_text(f"# written by kdcache {kdcache.__version__}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return out, ckpt
+
+
+def run_version(config_yaml: Path) -> str | None:
+    """The kdcache version recorded in a run's config.yaml (None for one written before versions were recorded)."""
+    with open(config_yaml) as f:
+        m = _VERSION_LINE.match(f.readline())
+    return m.group(1) if m else None
 
 
 def _forward_loss(model, batch: Batch, loss_fn, settings: LossSettings, autocast) -> tuple[torch.Tensor, dict]:
@@ -96,9 +116,62 @@ def _forward_loss(model, batch: Batch, loss_fn, settings: LossSettings, autocast
     return loss_fn(logits, batch.targets, settings)
 
 
+@dataclasses.dataclass
+class _Position:
+    """Where a run is, for the message an interrupt prints."""
+
+    step: int | None = None  # optimizer steps done; None until the run has started (or resumed)
+    writing_final: bool = False
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Distil a student from ``cfg.cache`` into ``cfg.out``; returns the final evaluation metrics."""
+    """Distil a student from ``cfg.cache`` into ``cfg.out``; returns the final evaluation metrics.
+
+    Ctrl-C (KeyboardInterrupt) becomes :class:`Interrupted`, whose message says what is kept on disk."""
     cfg.validate()
+    where = _Position()
+    try:
+        with _transformers_bars(progress):
+            return _train(cfg, progress, where)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupt_message(cfg, where)) from None
+
+
+@contextlib.contextmanager
+def _transformers_bars(progress: bool):
+    """progress=False also hides transformers' own bars (save_pretrained's "Writing model shards")."""
+    from transformers.utils import logging as hf_logging
+
+    turn_off = not progress and hf_logging.is_progress_bar_enabled()
+    if turn_off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turn_off:
+            hf_logging.enable_progress_bar()
+
+
+def _interrupt_message(cfg: TrainConfig, where: _Position) -> str:
+    """What an interrupted run keeps, read from the disk (the `latest` pointer), not from memory."""
+    ckpts = Path(cfg.out) / "checkpoints"
+    try:
+        last = latest_checkpoint(Path(cfg.out))
+    except (KDCacheError, OSError):
+        last = None
+    if where.step is None:
+        stopped = "stopped before training started"
+    elif where.writing_final:
+        stopped = f"stopped after the last step ({where.step}) while writing {Path(cfg.out) / 'final'}"
+    else:
+        stopped = f"stopped at step {where.step} of {cfg.steps}"
+    if last is not None:
+        return f"{stopped}; the last checkpoint is step {checkpoint_step(last)} in {ckpts} (rerun the same command to resume from it)"
+    every = f"every {cfg.save_every} steps" if cfg.save_every else "only at the end"
+    return f"{stopped} before the first checkpoint ({every}: --set save_every=N); rerun to start over"
+
+
+def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]:
     cache = open_cache(cfg.cache)
     if cache.manifest.status != "complete":
         log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
@@ -141,70 +214,78 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         step = state["step"]
         _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
+    where.step = step
     data = batches(stream, cfg.batch_size, pad_id, tail_index)
+    saved = ckpt  # the newest checkpoint, whose weights are the model's whenever its step is `step`
 
     def checkpoint(at: int) -> None:
-        save_checkpoint(out, at, model, tokenizer, optimizer, scheduler,
-                        {"data": stream.state_dict(), "config_hash": json_hash(to_dict(cfg))}, cfg.keep_checkpoints,
-                        extra_tensors=pseudo.state_tensors() if pseudo is not None else None)
+        nonlocal saved
+        saved = save_checkpoint(out, at, model, tokenizer, optimizer, scheduler,
+                                {"data": stream.state_dict(), "config_hash": json_hash(to_dict(cfg)), "kdcache_version": kdcache.__version__},
+                                cfg.keep_checkpoints, extra_tensors=pseudo.state_tensors() if pseudo is not None else None)
 
-    metrics_file = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress)
-    sums: dict[str, Any] = {}
-    tokens_since = 0
-    t0 = time.perf_counter()
-    final: dict[str, Any] = {}
-    while step < cfg.steps:
-        try:
-            micro = [next(data).to(device) for _ in range(cfg.grad_accum)]
-        except StopIteration:
-            raise DataError(
-                f"no training examples in {cfg.cache}: all {cache.manifest.num_rows} rows are held out for evaluation; "
-                "lower --set eval_fraction=... or generate more rows"
-            ) from None
-        total_tokens = sum(b.num_tokens for b in micro)
-        settings.alpha = alpha_at(cfg, step)
-        for b in micro:
-            if pseudo is not None:  # targets from the student itself, computed before it reads the batch
-                b = dataclasses.replace(pseudo.student_batch(b, step), targets=pseudo.targets(model, b, autocast))
-            loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)
-            (loss_sum / max(total_tokens, 1)).backward()
-            for key, value in {**parts, "loss": loss_sum.detach()}.items():
-                sums[key] = sums.get(key, 0.0) + value  # tensors: no device sync until we log
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if pseudo is not None:
-            pseudo.after_step(model)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_since += total_tokens
-        bar.update(1)
+    with open(out / "metrics.jsonl", "a") as metrics_file, \
+            tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress) as bar:
+        sums: dict[str, Any] = {}
+        tokens_since = 0
+        t0 = time.perf_counter()
+        final: dict[str, Any] = {}
+        while step < cfg.steps:
+            try:
+                micro = [next(data).to(device) for _ in range(cfg.grad_accum)]
+            except StopIteration:
+                raise DataError(
+                    f"no training examples in {cfg.cache}: all {cache.manifest.num_rows} rows are held out for evaluation; "
+                    "lower --set eval_fraction=... or generate more rows"
+                ) from None
+            total_tokens = sum(b.num_tokens for b in micro)
+            settings.alpha = alpha_at(cfg, step)
+            for b in micro:
+                if pseudo is not None:  # targets from the student itself, computed before it reads the batch
+                    b = dataclasses.replace(pseudo.student_batch(b, step), targets=pseudo.targets(model, b, autocast))
+                loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)
+                (loss_sum / max(total_tokens, 1)).backward()
+                for key, value in {**parts, "loss": loss_sum.detach()}.items():
+                    sums[key] = sums.get(key, 0.0) + value  # tensors: no device sync until we log
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if pseudo is not None:
+                pseudo.after_step(model)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            where.step = step
+            tokens_since += total_tokens
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - t0
-            row = {"step": step, "lr": scheduler.get_last_lr()[0], "alpha": settings.alpha, "tokens_per_s": tokens_since / elapsed}
-            row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
-            _log_row(metrics_file, row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            sums, tokens_since, t0 = {}, 0, time.perf_counter()
-        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
-            _log_row(metrics_file, final)
-            log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            checkpoint(step)
-    bar.close()
-    metrics_file.close()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - t0
+                row = {"step": step, "lr": scheduler.get_last_lr()[0], "alpha": settings.alpha, "tokens_per_s": tokens_since / elapsed}
+                row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
+                _log_row(metrics_file, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                sums, tokens_since, t0 = {}, 0, time.perf_counter()
+            if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
+                _log_row(metrics_file, final)
+                log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                checkpoint(step)
 
+    where.writing_final = True
     final_dir = out / "final"
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     extras = pseudo.extra_students() if pseudo is not None else {}
-    for folder, m in [(tmp, model), *((tmp / "peers" / name, m) for name, m in extras.items())]:
-        m.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+    if saved is not None and checkpoint_step(saved) == step:
+        link_tree(saved / "model", tmp)  # the same weights and tokenizer: hard links, not a second copy
+    else:  # every run ends with a checkpoint of its last step; should a folder's name disagree, save from memory
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    for name, m in extras.items():
+        m.save_pretrained(tmp / "peers" / name, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "peers" / name)
     fsync_tree(tmp)  # every file and folder on disk before final/ can name them (a power loss never leaves it empty)
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
