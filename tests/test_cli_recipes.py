@@ -76,3 +76,12 @@ def test_recipe_is_used_by_train(tiny_cache, tmp_path):
              "--set", "student.num_kv_heads=1", "--set", "student.intermediate_size=64", "--set", "eval_every=0")
     assert r.exit_code == 0, r.output
     assert "loss: rkl" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_an_install_without_its_recipes_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipes, "CONFIGS", tmp_path)
+    with pytest.raises(Exception, match="recipes kdcache ships are missing .*reinstall kdcache"):
+        list_recipes()
+    (tmp_path / "recipes").mkdir()
+    with pytest.raises(Exception, match="unknown recipe 'jsd'; valid recipes: none in "):
+        recipe_path("jsd")

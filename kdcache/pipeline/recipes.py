@@ -62,7 +62,10 @@ def describe(text: str) -> str:
 
 
 def _recipe_files() -> list[Traversable]:
-    return sorted((p for p in _recipes_dir().iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name)
+    folder = _recipes_dir()
+    if not folder.is_dir():
+        raise ConfigError(f"the recipes kdcache ships are missing ({folder} is not a folder): this install is incomplete; reinstall kdcache")
+    return sorted((p for p in folder.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name)
 
 
 def list_recipes() -> dict[str, str]:
@@ -73,6 +76,6 @@ def list_recipes() -> dict[str, str]:
 def recipe_path(name: str) -> Path:
     resource = _recipes_dir() / f"{name}.yaml"
     if not resource.is_file():
-        valid = ", ".join(list_recipes()) or f"none found in {_recipes_dir()}"
+        valid = ", ".join(list_recipes()) or f"none in {_recipes_dir()}"
         raise ConfigError(f"unknown recipe {name!r}; valid recipes: {valid}")
     return _on_disk(resource)
