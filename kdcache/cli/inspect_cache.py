@@ -37,6 +37,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "top_k": m.top_k,
         "tail_at_temperature": _tail_at_temperature(m),
         "signals": {name: sorted(sig.get("columns", {})) for name, sig in m.signals.items()},
+        "teacher_name": teacher_name(m.teacher) if m.teacher else _ensemble_name(m.settings.get("ensemble", [])),
         "teacher": m.teacher,
         "tokenizer": {k: m.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "tokenizer_size")},
         "dataset": m.settings.get("dataset", {}),
@@ -47,6 +48,41 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "stats": m.stats,
         "_arrays": {"teacher_nll": nll, "teacher_entropy": ent},
     }
+
+
+# Folder names that say nothing about the model on their own: shown with their parent (kd/final).
+_GENERIC_FOLDERS = {"final", "model", "models", "teacher", "checkpoint", "snapshot"}
+
+
+def teacher_name(teacher: dict) -> str | None:
+    """A short, true name for a recorded teacher: a hub id as given, a local .gguf file's stem
+    (SmolLM2-135M-Instruct.Q4_1), a model folder's name. The full path stays in ``teacher["path"]``."""
+    name = teacher.get("name")
+    path = teacher.get("path") or name
+    if not name or not path:
+        return name
+    if not Path(path).is_absolute():  # a hub id: recorded as given, never resolved to a path
+        return name
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return p.stem
+    if p.name in _GENERIC_FOLDERS or p.name.startswith("step-"):
+        return f"{p.parent.name}/{p.name}"
+    return p.name
+
+
+def _ensemble_name(ensemble: list[dict]) -> str | None:
+    """A combined cache (``kdcache combine``): its teachers and weights."""
+    if not ensemble:
+        return None
+    return "mixture of " + ", ".join(f"{teacher_name(e.get('teacher', {})) or '?'} ({e.get('weight', 0):g})" for e in ensemble)
+
+
+def _short_source(source: str | None) -> str | None:
+    """A local dataset's file or folder name; a hub dataset or embedded:NAME as given."""
+    if source and Path(source).is_absolute():
+        return Path(source).name
+    return source
 
 
 def _tail_at_temperature(m) -> str | None:
@@ -60,9 +96,10 @@ def _tail_at_temperature(m) -> str | None:
 
 def format_summary(s: dict[str, Any]) -> str:
     t = s["teacher"]
+    teacher = f"{s['teacher_name']}  [{t.get('backend')}, {t.get('dtype')}, config {t.get('config_hash')}]" if t else s["teacher_name"]
     lines = [
         f"cache        {s['path']}  ({s['status']}, format v{s['format_version']})",
-        f"teacher      {t.get('name')}  [{t.get('backend')}, {t.get('dtype')}, config {t.get('config_hash')}]",
+        f"teacher      {teacher}",
         f"tokenizer    {s['tokenizer']['fingerprint']}  vocab {s['tokenizer']['vocab_size']}",
         f"dataset      {s['dataset'].get('source')}  split {s['dataset'].get('split')}  max_length {s['dataset'].get('max_length')}",
         f"rows         {s['rows']:,}  in {s['shards']} shard(s)",
@@ -84,23 +121,46 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_summary(s: dict[str, Any], path: str | Path) -> None:
+def plot_title(s: dict[str, Any]) -> str:
+    """Which teacher on which data, and how much: the plot's title."""
+    d = s["dataset"]
+    split = f" ({d['split']})" if d.get("split") else ""
+    return (f"{s['teacher_name'] or 'unknown teacher'} on {_short_source(d.get('source')) or 'unknown dataset'}{split}\n"
+            f"{Path(s['path']).name}: {s['rows']:,} rows, {s['tokens']:,} tokens, {s['bytes_per_token']:.0f} B/token")
+
+
+def figure(s: dict[str, Any]):
+    """Histograms of per-example teacher NLL and entropy, each with its mean and median marked."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         from kdcache.errors import KDCacheError
 
         raise KDCacheError("plots need matplotlib; run `pip install 'kdcache[plot]'`") from None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, label in zip(axes, ("teacher_nll", "teacher_entropy"), ("teacher NLL per example (nats)", "teacher entropy per example (nats)")):
+    fig = Figure(figsize=(9, 3.8))
+    axes = fig.subplots(1, 2)
+    panels = (("teacher_nll", "teacher_nll_per_example", "teacher NLL per example (nats)"),
+              ("teacher_entropy", "teacher_entropy_per_example", "teacher entropy per example (nats)"))
+    for ax, (key, stats, label) in zip(axes, panels):
         x = s["_arrays"][key]
         ax.hist(x[np.isfinite(x)], bins=40, color="#4477aa")
+        d = s[stats]
+        if d:  # the same numbers as the text summary's mean and p50
+            ax.axvline(d["mean"], color="#cc3311", linestyle="-", linewidth=1.5, label=f"mean {d['mean']:.2f}")
+            ax.axvline(d["p50"], color="#222222", linestyle="--", linewidth=1.5, label=f"median {d['p50']:.2f}")
+            ax.legend(frameon=False, fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("examples")
-    fig.suptitle(f"{Path(s['path']).name}: {s['rows']:,} rows, {s['tokens']:,} tokens, {s['bytes_per_token']:.0f} B/token")
+    fig.suptitle(plot_title(s), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_summary(s: dict[str, Any], path: str | Path) -> Path:
+    """Write :func:`figure` as a PNG; returns the path written."""
+    path = Path(path)
+    figure(s).savefig(path, dpi=110)
+    return path
