@@ -7,6 +7,7 @@ the list of valid ones, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 from pathlib import Path
@@ -19,9 +20,86 @@ from kdcache.errors import ConfigError
 T = TypeVar("T")
 
 
-def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with its documentation attached."""
-    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+@dataclasses.dataclass(frozen=True)
+class Valid:
+    """The values a number field accepts, checked when its config is built (``check_fields``), so a bad value
+    is reported with its key and the accepted range; ``None`` bounds are open. ``null`` always passes (it
+    means "unset" for optional fields)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def accepts(self, v: Any) -> bool:
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return self.hi is None or not (v > self.hi or (self.hi_open and v == self.hi))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            if self.lo == 0 and self.lo_open:
+                return "positive"
+            return f"at least {show(self.lo)}" if not self.lo_open else f"greater than {show(self.lo)}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{show(self.lo)}, {show(self.hi)}{right}"
+
+
+POSITIVE = Valid(0, lo_open=True)
+NON_NEGATIVE = Valid(0)
+FRACTION = Valid(0, 1)
+
+
+def at_least(n: float) -> Valid:
+    return Valid(n)
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it in YAML or --set (null, true, 0.5), not as Python prints it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+class InvalidValues(ConfigError):
+    """Every out-of-range value of one config section, reported together, each with its full key."""
+
+    def __init__(self, problems: list[tuple[str, Any, str]], where: str = ""):
+        self.problems = problems
+        self.where = where
+        prefix = f"{where}." if where else ""
+        parts = [f"{prefix}{key} must be {what}, got {show(value)}" for key, value, what in problems]
+        first = f"{prefix}{problems[0][0]}"
+        super().__init__("; ".join(parts) + f" (fix it in the config file or with --set {first}=...)")
+
+    def under(self, where: str) -> InvalidValues:
+        return InvalidValues(self.problems, f"{where}.{self.where}" if self.where else where)
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field that declares ``valid=``; raise :class:`InvalidValues` naming all the bad ones."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        valid = f.metadata.get("valid")
+        value = getattr(obj, f.name)
+        if valid is None or value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(valid.accepts(v) for v in values):
+            problems.append((f.name, value, f"{'all ' if isinstance(value, (list, tuple)) else ''}{valid}"))
+    if problems:
+        raise InvalidValues(problems)
+
+
+def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING, valid: Valid | None = None):
+    """A dataclass field with its documentation (and optionally its accepted range) attached."""
+    kwargs: dict[str, Any] = {"metadata": {"help": help, **({"valid": valid} if valid is not None else {})}}
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
     if default_factory is not dataclasses.MISSING:
@@ -98,14 +176,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build ``cls`` from a mapping, converting types and rejecting unknown keys."""
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys{' under ' + where if where else ''}: "
-            + ", ".join(sorted(names))
-        )
+    if not where:  # the root call checks every level at once, so all typos are reported together
+        unknown = unknown_keys(cls, data)
+        if unknown:
+            s = "s" if len(unknown) > 1 else ""
+            raise ConfigError(f"unknown config key{s} {'; '.join(unknown)} (`kdcache fields CMD` lists every key)")
     kwargs = {}
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}  # type: ignore[misc]
     for key, value in data.items():
@@ -116,8 +191,33 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)
+    except InvalidValues as exc:
+        raise (exc.under(where) if where else exc) from None
     except TypeError as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def unknown_keys(cls: type, data: dict, where: str = "") -> list[str]:
+    """Each key of ``data`` (at any depth) that ``cls`` does not have, with the likely intended key."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
+    out = []
+    for key, value in data.items():
+        if key in names:
+            if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
+                out.extend(unknown_keys(hints[key], value, f"{prefix}{key}"))
+            continue
+        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+        if isinstance(value, dict) and value and all(k in names for k in value):
+            # e.g. --set train.steps=3 given to `kdcache train`, whose keys have no train. prefix
+            hint = f"drop the {key}. prefix: {', '.join(prefix + k for k in value)}"
+        elif close:
+            hint = f"did you mean {prefix}{close[0]}?"
+        else:
+            hint = f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(names))}"
+        out.append(f"{prefix}{key} ({hint})")
+    return out
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -156,8 +256,9 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``key.sub=value`` with the value parsed as YAML (so ``3``, ``true``, ``[1,2]`` work)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.steps=100)")
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        example = f"{text.strip()}=VALUE" if text.strip() and "=" not in text else "KEY=VALUE"
+        raise ConfigError(f"--set {text!r} must look like key=value: --set {example}")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -172,6 +273,11 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {what}; fix the syntax there") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -142,8 +142,10 @@ def test_bad_set_syntax(cli_cache, tmp_path):
 
 
 def test_unknown_set_key_lists_valid_keys(cli_cache, tmp_path):
+    r = invoke("train", "--cache", cli_cache, "--out", tmp_path / "run", "--set", "student.qqq=32")
+    assert_user_error(r, "unknown config key student.qqq", "hidden_size", "num_heads")
     r = invoke("train", "--cache", cli_cache, "--out", tmp_path / "run", "--set", "student.hidden=32")
-    assert_user_error(r, "unknown config key student.hidden", "hidden_size", "num_heads")
+    assert_user_error(r, "unknown config key student.hidden", "did you mean student.hidden_size?")
 
 
 def test_unknown_yaml_key_lists_valid_keys(cli_cache, tmp_path):

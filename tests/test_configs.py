@@ -74,7 +74,7 @@ def test_demo_defaults_follow_an_edited_demo_yaml(tmp_path, monkeypatch):
 def test_unknown_key_lists_valid_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
-    with pytest.raises(ConfigError, match="unknown config key stepz; valid keys: .*steps"):
+    with pytest.raises(ConfigError, match=r"unknown config key stepz \(did you mean steps\?\)"):
         build_config(TrainConfig, bad, section="train")
 
 
@@ -85,7 +85,7 @@ def test_overrides_parse_types_and_nested_keys():
         build_config(TrainConfig, overrides=["steps"])
     with pytest.raises(ConfigError, match="expected an integer"):
         build_config(TrainConfig, overrides=["steps=many"])
-    with pytest.raises(ConfigError, match="alpha and alpha_end must be in"):
+    with pytest.raises(ConfigError, match=r"alpha must be in \[0, 1\], got 2"):
         build_config(TrainConfig, overrides=["alpha=2"])
     with pytest.raises(ConfigError, match="is not one of"):
         build_config(GenerateConfig, overrides=["data.truncation=chop"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -19,18 +20,63 @@ from kdcache.errors import Interrupted, KDCacheError
 
 log = logging.getLogger("kdcache")
 
-SET_HELP = "Override any config field, e.g. --set data.max_rows=100 (repeatable; `kdcache fields CMD` lists them)."
+def _set_help(example: str, command: str) -> str:
+    return f"Override any config field, e.g. --set {example} (repeatable; `kdcache fields {command}` lists them)."
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        import transformers
+    """Our records once, through one handler; the libraries' own chatter (hub retries, transformers' advice)
+    only with -v. Set before transformers or huggingface_hub is imported, which read their verbosity from
+    the environment at import time."""
+    import os
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for name in ("huggingface_hub", "transformers", "datasets", "filelock", "urllib3"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    """A cluster scheduler's SIGTERM stops a command like Ctrl-C does: committed work is kept and reported."""
+    raise KeyboardInterrupt
+
+
+class _OneLineErrors(click.Group):
+    """Usage errors (an unknown flag, a value of the wrong type) as one ``error:`` line naming the help to
+    read, like every other mistake, instead of click's three-line block."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "kdcache"
+            click.echo(f"error: {' '.join(exc.format_message().split())} (see `{where} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _LossOption(click.Option):
+    """``--loss``'s help lists the registered losses, read from the registry only when help is shown (the
+    registry imports torch; most commands never need it)."""
+
+    def get_help_record(self, ctx):
+        from kdcache.train.losses import LOSSES
+
+        self.help = f"Loss: {', '.join(sorted(LOSSES))} (README: Losses)."
+        return super().get_help_record(ctx)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _section(path: str | None, name: str) -> str | None:
@@ -77,7 +123,9 @@ def _run(fn, *args, **kwargs) -> Any:
         click.echo(f"interrupted: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KDCacheError as exc:
-        click.echo(f"error: {exc}", err=True)
+        ctx = click.get_current_context(silent=True)
+        message = str(exc).replace("`kdcache fields CMD`", f"`kdcache fields {ctx.info_name}`") if ctx and ctx.info_name in ("generate", "train", "demo") else str(exc)
+        click.echo(f"error: {message}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume from what was committed", err=True)
@@ -92,12 +140,13 @@ def _run(fn, *args, **kwargs) -> Any:
         sys.exit(3)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (and the libraries' own warnings).")
 @click.version_option(package_name="kdcache")
 def main(verbose: bool) -> None:
     """kdcache: run a teacher once into a durable cache, distil many students from it."""
     _setup_logging(verbose)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
 @main.command()
@@ -124,7 +173,7 @@ def main(verbose: bool) -> None:
 @click.option("--generate-continuations", "gen_enabled", is_flag=True, default=None, help="Cache teacher continuations of each prompt.")
 @click.option("--max-new-tokens", type=int, help="Tokens per continuation.")
 @click.option("--num-samples", type=int, help="Continuations per prompt.")
-@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--set", "overrides", multiple=True, help=_set_help("data.max_rows=100", "generate"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, quiet, **flags) -> None:
     """Run the teacher once over a dataset and write a cache (re-running resumes)."""
@@ -139,7 +188,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
     config_path = _run(_config_path, config_path, recipe)
     cfg = _run(lambda: build_config(GenerateConfig, config_path, values, list(overrides), section=_section(config_path, "generate")))
     manifest = _run(run, cfg, progress=not quiet)
-    click.echo(f"cache {cfg.out}: {manifest.num_rows:,} rows, {manifest.num_tokens:,} tokens, "
+    click.echo(f"cache {cfg.out}: {_plural(manifest.num_rows, 'row')}, {_plural(manifest.num_tokens, 'token')}, "
                f"{manifest.num_bytes / max(manifest.num_tokens, 1):.1f} B/token ({manifest.status})")
 
 
@@ -148,7 +197,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
 @click.option("--recipe", help="A recipe from configs/recipes by name (`kdcache recipes` lists them); instead of --config.")
 @click.option("--cache", help="Cache directory.")
 @click.option("--student", "student_path", help="Student folder or hub id (default: build from student.* spec).")
-@click.option("--loss", help="Loss name: ce, kd.")
+@click.option("--loss", cls=_LossOption)
 @click.option("--temperature", type=float, help="KD temperature.")
 @click.option("--alpha", type=float, help="Weight of the KD term (1 - alpha on hard labels).")
 @click.option("--steps", type=int, help="Optimizer steps.")
@@ -158,7 +207,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
 @click.option("--resume", is_flag=True, default=None, help="Continue the latest checkpoint even with a changed config.")
 @click.option("--overwrite", is_flag=True, default=None, help="Start over in --out.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N.")
-@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--set", "overrides", multiple=True, help=_set_help("student.hidden_size=256", "train"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(config_path, recipe, overrides, quiet, **flags) -> None:
     """Distil a student from a cache, without loading the teacher (re-running resumes)."""
@@ -228,7 +277,7 @@ def verify(cache, deep, as_json) -> None:
 @click.option("--out", help="Output directory (default runs/demo).")
 @click.option("--steps", type=int, help="Training steps per student.")
 @click.option("--max-rows", type=int, help="Docstrings to score with the teacher.")
-@click.option("--set", "overrides", multiple=True, help="Override, e.g. --set train.alpha=0.7.")
+@click.option("--set", "overrides", multiple=True, help=_set_help("train.alpha=0.7", "demo"))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(config_path, out, steps, max_rows, overrides, quiet) -> None:
     """Distil the embedded SmolLM2-135M teacher into a small student; compare with CE-only training."""
@@ -256,7 +305,7 @@ def combine(caches, weights, out, top_k, overwrite) -> None:
         click.echo(f"error: --weights must be comma-separated numbers, got {weights!r}", err=True)
         sys.exit(2)
     m = _run(combine_caches, list(caches), w, out, top_k=top_k, overwrite=overwrite)
-    click.echo(f"cache {out}: {m.num_rows:,} rows, mixture of {len(caches)} teachers, top-{m.top_k}")
+    click.echo(f"cache {out}: {_plural(m.num_rows, 'row')}, mixture of {len(caches)} teachers, top-{m.top_k}")
 
 
 @main.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kdcache.config import doc
+from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc
 from kdcache.errors import ConfigError
 
 
@@ -13,18 +13,26 @@ from kdcache.errors import ConfigError
 class StudentConfig:
     path: str = doc("Student to start from: a local save_pretrained folder or a hub id. Empty: build from the spec below.", "")
     arch: str = doc("Architecture of a student built from a spec (see kdcache.train.student.STUDENT_ARCHS).", "llama")
-    hidden_size: int = doc("Spec: model width.", 128)
-    num_layers: int = doc("Spec: transformer blocks.", 4)
-    num_heads: int = doc("Spec: attention heads.", 4)
-    num_kv_heads: int = doc("Spec: key/value heads (grouped-query attention).", 2)
-    intermediate_size: int = doc("Spec: MLP width.", 384)
-    max_position_embeddings: int = doc("Spec: longest sequence.", 2048)
+    hidden_size: int = doc("Spec: model width.", 128, valid=POSITIVE)
+    num_layers: int = doc("Spec: transformer blocks.", 4, valid=POSITIVE)
+    num_heads: int = doc("Spec: attention heads.", 4, valid=POSITIVE)
+    num_kv_heads: int = doc("Spec: key/value heads (grouped-query attention).", 2, valid=POSITIVE)
+    intermediate_size: int = doc("Spec: MLP width.", 384, valid=POSITIVE)
+    max_position_embeddings: int = doc("Spec: longest sequence.", 2048, valid=at_least(2))
     tie_embeddings: bool = doc("Spec: share input and output embeddings.", True)
     tokenizer: str = doc("Spec: tokenizer folder; empty uses the copy stored in the cache.", "")
     trust_remote_code: bool = doc("Allow model code from the student folder/hub.", False)
     allow_pickle_weights: bool = doc(
         "Allow student weights stored as pickle (pytorch_model.bin, .pt), which can run code when loaded; off: safetensors only.", False)
-    attention_dropout: float = doc("Spec: dropout on attention probabilities (the dropout pseudo-teacher needs it > 0).", 0.0)
+    attention_dropout: float = doc("Spec: dropout on attention probabilities (the dropout pseudo-teacher needs it > 0).", 0.0, valid=Valid(0, 1, hi_open=True))
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"student.hidden_size ({self.hidden_size}) must be a multiple of student.num_heads ({self.num_heads}) and "
+                f"num_heads of student.num_kv_heads ({self.num_kv_heads}); e.g. --set student.num_heads=4 --set student.num_kv_heads=2"
+            )
 
 
 @dataclass
@@ -33,10 +41,10 @@ class TrainConfig:
     out: str = doc("Run directory: checkpoints, final model, metrics.", "")
     student: StudentConfig = doc("The student model.", default_factory=StudentConfig)
     loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv; rskd (sampled sparse targets); tfkd (teacher-free virtual teacher).", "kd")
-    alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy (the start value under a schedule).", 0.5)
+    alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy (the start value under a schedule).", 0.5, valid=FRACTION)
     alpha_schedule: Literal["constant", "linear", "cosine"] = doc("How alpha moves from `alpha` (step 0) to `alpha_end` (last step).", "constant")
-    alpha_end: float | None = doc("Final alpha of a linear/cosine schedule (null: stay at alpha).", None)
-    temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0)
+    alpha_end: float | None = doc("Final alpha of a linear/cosine schedule (null: stay at alpha).", None, valid=FRACTION)
+    temperature: float = doc("Softmax temperature of the KD term (the loss is scaled by T^2).", 1.0, valid=POSITIVE)
     tail: Literal["bucket", "renormalize"] = doc("Mass outside the cached top-k: one extra bucket, or drop it and renormalise.", "bucket")
     tempered_tail: Literal["auto", "exact", "bucket"] = doc(
         "The teacher's tail bucket at temperature != 1 (tail: bucket): exact uses the tail mass the cache stores for "
@@ -44,68 +52,51 @@ class TrainConfig:
         "k+1 buckets of both sides as if they were k+1 tokens (a consistent approximation); auto: exact when the "
         "cache has it, else bucket. Both keep the teacher as the optimum. Pseudo-teachers compute the exact tail themselves "
         "unless this is bucket.", "auto")
-    beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5)
+    beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5, valid=Valid(0, 1, lo_open=True, hi_open=True))
     pseudo_teacher: Literal["none", "ema", "augment", "dropout", "peers"] = doc(
         "Teacher-free targets from the student itself: ema (a moving average of its weights), augment (its own "
         "predictions on clean tokens teach it on corrupted ones), dropout (its own predictions under another "
         "dropout mask; needs student.attention_dropout > 0), peers (num_peers students trained together, each "
         "taught by the pooled prediction of the others). Replaces the cache's top-k; any divergence loss.", "none")
-    num_peers: int = doc("pseudo_teacher peers: students trained together (the run's student included).", 2)
+    num_peers: int = doc("pseudo_teacher peers: students trained together (the run's student included).", 2, valid=at_least(2))
     peer_teacher_weight: float = doc(
         "pseudo_teacher peers: weight of the cached teacher in each student's target (0: peers only; >0 mixes the "
-        "cache's top-k, its tail spread evenly over the other tokens, with the peers' pooled prediction).", 0.0)
-    ema_decay: float = doc("pseudo_teacher ema: weight of the old average per step.", 0.99)
-    augment_prob: float = doc("pseudo_teacher augment: probability of replacing each input token with a random one.", 0.1)
-    pseudo_top_k: int = doc("Top-k kept from a pseudo-teacher's predictions (plus the tail mass), as in a cache.", 64)
-    correct_prob: float = doc("Virtual teacher of loss tfkd: probability on the label (the rest is spread uniformly).", 0.9)
-    skew: float = doc("Skew of skl/srkl: the student (skl) or teacher (srkl) is mixed with this much of the other side.", 0.1)
-    steps: int = doc("Optimizer steps.", 300)
-    batch_size: int = doc("Examples per micro-batch.", 8)
-    grad_accum: int = doc("Micro-batches per optimizer step.", 1)
-    lr: float = doc("Peak learning rate (AdamW).", 3e-3)
-    min_lr_ratio: float = doc("Final learning rate as a fraction of the peak (cosine decay).", 0.1)
-    warmup_steps: int = doc("Linear warm-up steps.", 20)
-    weight_decay: float = doc("AdamW weight decay (matrices only).", 0.1)
-    grad_clip: float = doc("Clip the global gradient norm to this (0 disables).", 1.0)
+        "cache's top-k, its tail spread evenly over the other tokens, with the peers' pooled prediction).", 0.0, valid=FRACTION)
+    ema_decay: float = doc("pseudo_teacher ema: weight of the old average per step.", 0.99, valid=Valid(0, 1, hi_open=True))
+    augment_prob: float = doc("pseudo_teacher augment: probability of replacing each input token with a random one.", 0.1, valid=Valid(0, 1, lo_open=True, hi_open=True))
+    pseudo_top_k: int = doc("Top-k kept from a pseudo-teacher's predictions (plus the tail mass), as in a cache.", 64, valid=POSITIVE)
+    correct_prob: float = doc("Virtual teacher of loss tfkd: probability on the label (the rest is spread uniformly).", 0.9, valid=Valid(0, 1, lo_open=True, hi_open=True))
+    skew: float = doc("Skew of skl/srkl: the student (skl) or teacher (srkl) is mixed with this much of the other side.", 0.1, valid=Valid(0, 1, hi_open=True))
+    steps: int = doc("Optimizer steps.", 300, valid=POSITIVE)
+    batch_size: int = doc("Examples per micro-batch.", 8, valid=POSITIVE)
+    grad_accum: int = doc("Micro-batches per optimizer step.", 1, valid=POSITIVE)
+    lr: float = doc("Peak learning rate (AdamW).", 3e-3, valid=POSITIVE)
+    min_lr_ratio: float = doc("Final learning rate as a fraction of the peak (cosine decay).", 0.1, valid=FRACTION)
+    warmup_steps: int = doc("Linear warm-up steps.", 20, valid=NON_NEGATIVE)
+    weight_decay: float = doc("AdamW weight decay (matrices only).", 0.1, valid=NON_NEGATIVE)
+    grad_clip: float = doc("Clip the global gradient norm to this (0 disables).", 1.0, valid=NON_NEGATIVE)
     precision: Literal["auto", "fp32", "bf16"] = doc("auto: bf16 autocast on CUDA with bf16 support, fp32 elsewhere.", "auto")
     device: str = doc("auto, cpu, cuda, cuda:N.", "auto")
     seed: int = doc("Seed for student init and data order.", 0)
-    eval_fraction: float = doc("Examples held out from training for evaluation (stable split by example_id).", 0.05)
+    eval_fraction: float = doc("Examples held out from training for evaluation (stable split by example_id).", 0.05, valid=Valid(0, 1, hi_open=True))
     eval_cache: str = doc(
         "Evaluate on this cache's held-out split instead of `cache`'s (every row if eval_fraction is 0), e.g. the real text "
         "when training on teacher continuations; made from the same dataset rows, the split keeps them out of training.",
         "",
     )
-    eval_max_examples: int = doc("Cap on held-out examples evaluated.", 256)
-    eval_every: int = doc("Evaluate every N steps (0: only at the end).", 100)
-    log_every: int = doc("Log training metrics every N steps.", 10)
-    save_every: int = doc("Checkpoint every N steps (0: only at the end).", 100)
-    keep_checkpoints: int = doc("Checkpoints to keep (oldest removed).", 2)
-    shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4)
+    eval_max_examples: int = doc("Cap on held-out examples evaluated.", 256, valid=POSITIVE)
+    eval_every: int = doc("Evaluate every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
+    log_every: int = doc("Log training metrics every N steps.", 10, valid=POSITIVE)
+    save_every: int = doc("Checkpoint every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
+    keep_checkpoints: int = doc("Checkpoints to keep (oldest removed).", 2, valid=POSITIVE)
+    shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4, valid=POSITIVE)
     resume: bool = doc("Continue from the latest checkpoint in `out` even if the config changed (e.g. more steps).", False)
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0 or (self.alpha_end is not None and not 0.0 <= self.alpha_end <= 1.0):
-            raise ConfigError(f"alpha and alpha_end must be in [0, 1], got {self.alpha} and {self.alpha_end}")
+        check_fields(self)
         if self.alpha_schedule != "constant" and self.alpha_end is None:
-            raise ConfigError(f"alpha_schedule {self.alpha_schedule} needs alpha_end (the value at the last step)")
-        if not 0.0 <= self.peer_teacher_weight <= 1.0 or not 0.0 <= self.student.attention_dropout < 1.0:
-            raise ConfigError("peer_teacher_weight must be in [0, 1] and student.attention_dropout in [0, 1)")
-        if self.num_peers < 2:
-            raise ConfigError(f"num_peers must be at least 2 (the run's student and one peer), got {self.num_peers}")
-        if not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.augment_prob < 1.0 or self.pseudo_top_k < 1:
-            raise ConfigError("ema_decay must be in [0, 1), augment_prob in (0, 1) and pseudo_top_k positive")
-        if not 0.0 < self.correct_prob < 1.0:
-            raise ConfigError(f"correct_prob must be in (0, 1), got {self.correct_prob}")
-        if not 0.0 < self.beta < 1.0 or not 0.0 <= self.skew < 1.0:
-            raise ConfigError(f"beta must be in (0, 1) and skew in [0, 1), got beta={self.beta}, skew={self.skew}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("steps, batch_size and grad_accum must be positive")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"alpha_schedule {self.alpha_schedule} needs alpha_end (the value at the last step): --set alpha_end=0.3")
         if self.resume and self.overwrite:
             raise ConfigError("pass either --resume or --overwrite, not both")
 
