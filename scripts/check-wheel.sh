@@ -3,7 +3,7 @@
 # into a fresh venv outside the checkout (CPU torch first, then the wheel, then the embedded teacher), and
 # from a temporary directory outside the checkout run the CLI on the embedded teacher: --version, recipes,
 # python -m kdcache, a tiny generate --recipe and train --recipe. Any missing packaged file fails here.
-#   bash scripts/check-wheel.sh          (after scripts/setup.sh: .venv builds the wheel; ~2-4 min, mostly pip)
+#   bash scripts/check-wheel.sh          (after scripts/setup.sh: .venv builds the wheel; 1.5-2.5 min on 2 cores, mostly pip)
 # PYTHON picks the interpreter of the fresh venv (default python3, as scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,11 @@ step() { echo "check-wheel: $*"; }
 #    *.egg-info lands in the checkout. .venv has setuptools (torch depends on it): no build isolation needed.
 step "building the wheel"
 mkdir -p "$WORK/src" "$WORK/dist" "$WORK/run"
-git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - | tar -C "$WORK/src" -xf -
+if git rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+  git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - | tar -C "$WORK/src" -xf -
+else  # an unpacked source tree without git: what the build reads
+  tar --exclude=__pycache__ -cf - pyproject.toml README.md kdcache configs | tar -C "$WORK/src" -xf -
+fi
 .venv/bin/python -m pip wheel --disable-pip-version-check -q --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK"/dist/kdcache-*.whl)
 VERSION=$(.venv/bin/python -c "import ast, sys; t = ast.parse(open('kdcache/__init__.py').read()); print(next(n.value.value for n in t.body if isinstance(n, ast.Assign) and n.targets[0].id == '__version__'))")
