@@ -70,6 +70,8 @@ class Teacher(ABC):
     #: What draws sampled continuations; recorded in the cache settings, because another sampler draws
     #: other continuations from the same seeds (so a cache is never resumed under a different one).
     sampler: str = "engine"
+    #: Whether ``load()`` may draw progress bars (generate sets it from its ``progress``; ``--quiet`` turns it off).
+    progress: bool = True
 
     @abstractmethod
     def identity(self) -> dict:
@@ -90,7 +92,8 @@ class Teacher(ABC):
 
     @abstractmethod
     def load(self) -> None:
-        """Bring the weights into memory (slow); called once, after all settings are validated."""
+        """Bring the weights into memory (slow); called once, after all settings are validated. Draws no
+        progress bar when ``self.progress`` is False."""
 
     @abstractmethod
     def score(

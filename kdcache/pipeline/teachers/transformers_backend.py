@@ -7,6 +7,8 @@ computed on the device and only k+3 numbers per position come back to the host.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -140,11 +142,12 @@ class TransformersTeacher(Teacher):
             return
         log.info("loading teacher %s on %s (%s)", self.model_name, self.device, self.dtype)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                self.folder, gguf_file=self.gguf_file, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                # safetensors only (GGUF is not pickle): a .bin is unpickled, which can run code
-                use_safetensors=None if self.gguf_file or self.allow_pickle_weights else True,
-            )
+            with loading_bars(self.progress):
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.folder, gguf_file=self.gguf_file, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                    # safetensors only (GGUF is not pickle): a .bin is unpickled, which can run code
+                    use_safetensors=None if self.gguf_file or self.allow_pickle_weights else True,
+                )
         except (OSError, ValueError) as exc:
             raise load_error("teacher", self.model_name, exc, self.allow_pickle_weights, "allow_pickle_weights") from None
         self.model = model.to(self.device).eval()
@@ -273,6 +276,36 @@ class TransformersTeacher(Teacher):
                 samples.append(seq.astype(np.int32))
             results.append(samples)
         return results
+
+
+@contextlib.contextmanager
+def loading_bars(progress: bool):
+    """Progress bars while transformers loads a model only when ``progress`` and transformers' own switch
+    (``transformers.utils.logging.disable_progress_bar``, which the CLI turns off) both allow them.
+
+    transformers' GGUF loader draws "Converting and de-quantizing GGUF tensors..." with tqdm directly, past
+    that switch, so its module's ``tqdm`` is swapped for a disabled one while loading, and put back."""
+    from transformers.utils import logging as hf_logging
+
+    if progress and hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    except ImportError:  # pragma: no cover - a transformers without GGUF support
+        gguf_loader = None
+    real = getattr(gguf_loader, "tqdm", None)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if real is not None:
+        gguf_loader.tqdm = functools.partial(real, disable=True)
+    try:
+        yield
+    finally:
+        if real is not None:
+            gguf_loader.tqdm = real
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class _SeededSampler:
