@@ -75,3 +75,15 @@ def check_location(name: str, what: str, flag: str, kind: str = "model") -> None
             f"{missing}, and the hub is unreachable from here, so it cannot be a hub id either; "
             f"pass an existing path to {flag} (or connect, or fill the hub cache first)"
         )
+
+
+def check_model_folder(path: str, what: str, flag: str) -> None:
+    """:func:`check_location` for a model, plus a folder that is not a model: a training run names its
+    student (RUN/final)."""
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        if (p / "final" / "config.json").is_file():
+            raise ConfigError(f"{path} is a training run, not a model folder; its {what} is {p / 'final'}: pass {flag} {p / 'final'}")
+        if not any(p.glob("*.gguf")):
+            raise ConfigError(f"{path} holds no config.json, so it is not a save_pretrained model folder; pass one to {flag} (a run's student is RUN/final)")
+    check_location(path, what, flag)

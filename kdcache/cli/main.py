@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from kdcache import __version__
 from kdcache.config import build_config, field_docs, load_yaml
 from kdcache.errors import Interrupted, KDCacheError
 
@@ -49,6 +50,7 @@ class _OneLineErrors(click.Group):
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        kwargs["prog_name"] = "kdcache"  # also under CliRunner and `python -m kdcache`: the name users type
         try:
             code = super().main(*args, **kwargs)
         except click.UsageError as exc:
@@ -142,7 +144,7 @@ def _run(fn, *args, **kwargs) -> Any:
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (and the libraries' own warnings).")
-@click.version_option(package_name="kdcache")
+@click.version_option(version=__version__, prog_name="kdcache")
 def main(verbose: bool) -> None:
     """kdcache: run a teacher once into a durable cache, distil many students from it."""
     _setup_logging(verbose)
@@ -151,7 +153,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config (a `generate:` section is used if present).")
-@click.option("--recipe", help="A recipe from configs/recipes by name (`kdcache recipes` lists them); instead of --config.")
+@click.option("--recipe", help="A shipped recipe by name (`kdcache recipes` lists them); instead of --config.")
 @click.option("--teacher", help="Model folder, .gguf file or hub id.")
 @click.option("--backend", help="Teacher backend: transformers or vllm (engine settings: --set vllm.FIELD=...).")
 @click.option("--dataset", "source", help="Local data file/folder, hub dataset, or embedded:stdlib-docs.")
@@ -178,7 +180,6 @@ def main(verbose: bool) -> None:
 def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, quiet, **flags) -> None:
     """Run the teacher once over a dataset and write a cache (re-running resumes)."""
     from kdcache.pipeline.config import GenerateConfig
-    from kdcache.pipeline.generate import generate as run
 
     values = _flag_values(flags)
     if hidden_layers is not None:
@@ -187,6 +188,9 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
         values["tail_temperatures"] = _run(_number_list, tail_temperatures, float, "--tail-temperatures", "2,4")
     config_path = _run(_config_path, config_path, recipe)
     cfg = _run(lambda: build_config(GenerateConfig, config_path, values, list(overrides), section=_section(config_path, "generate")))
+    _run(cfg.validate)  # mistakes in the settings cost milliseconds: nothing heavy is imported before this
+    from kdcache.pipeline.generate import generate as run
+
     manifest = _run(run, cfg, progress=not quiet)
     click.echo(f"cache {cfg.out}: {_plural(manifest.num_rows, 'row')}, {_plural(manifest.num_tokens, 'token')}, "
                f"{manifest.num_bytes / max(manifest.num_tokens, 1):.1f} B/token ({manifest.status})")
@@ -194,7 +198,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config (a `train:` section is used if present).")
-@click.option("--recipe", help="A recipe from configs/recipes by name (`kdcache recipes` lists them); instead of --config.")
+@click.option("--recipe", help="A shipped recipe by name (`kdcache recipes` lists them); instead of --config.")
 @click.option("--cache", help="Cache directory.")
 @click.option("--student", "student_path", help="Student folder or hub id (default: build from student.* spec).")
 @click.option("--loss", cls=_LossOption)
@@ -212,11 +216,13 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
 def train(config_path, recipe, overrides, quiet, **flags) -> None:
     """Distil a student from a cache, without loading the teacher (re-running resumes)."""
     from kdcache.train.config import TrainConfig
-    from kdcache.train.loop import train as run
 
     values = _flag_values(flags)
     config_path = _run(_config_path, config_path, recipe)
     cfg = _run(lambda: build_config(TrainConfig, config_path, values, list(overrides), section=_section(config_path, "train")))
+    _run(cfg.validate)  # before torch is imported
+    from kdcache.train.loop import train as run
+
     metrics = _run(run, cfg, progress=not quiet)
     click.echo(json.dumps(metrics, indent=2))
 
@@ -273,7 +279,7 @@ def verify(cache, deep, as_json) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(), help="Demo YAML (default: built-in, same as configs/demo.yaml).")
+@click.option("--config", "config_path", type=click.Path(), help="Demo YAML (default: the packaged kdcache/configs/demo.yaml).")
 @click.option("--out", help="Output directory (default runs/demo).")
 @click.option("--steps", type=int, help="Training steps per student.")
 @click.option("--max-rows", type=int, help="Docstrings to score with the teacher.")
@@ -323,10 +329,10 @@ def convert(src, out, dtype, overwrite, allow_pickle_weights) -> None:
 
 @main.command()
 def recipes() -> None:
-    """List the recipes (configs/recipes) usable with --recipe NAME."""
+    """List the shipped recipes (kdcache/configs/recipes) usable with --recipe NAME."""
     from kdcache.pipeline.recipes import list_recipes
 
-    for name, what in list_recipes().items():
+    for name, what in _run(list_recipes).items():
         click.echo(f"{name:28s} {what}")
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc
 from kdcache.errors import ConfigError
+from kdcache.locations import check_model_folder
 
 
 @dataclass
@@ -105,3 +106,5 @@ class TrainConfig:
             raise ConfigError("no cache given; pass --cache DIR (written by `kdcache generate`)")
         if not self.out:
             raise ConfigError("no run directory given; pass --out DIR")
+        if self.student.path:
+            check_model_folder(self.student.path, "student", "--student")

@@ -10,11 +10,12 @@ import torch
 from kdcache.cache import open_cache
 from kdcache.config import show
 from kdcache.errors import ConfigError
+from kdcache.locations import check_model_folder
 from kdcache.modeling import autocast_for, resolve_device, selected_features
 from kdcache.train.config import StudentConfig
 from kdcache.train.data import Batch, heldout_batches
 from kdcache.train.losses import LossSettings, sparse_kd_loss
-from kdcache.train.student import build_student, check_student_path
+from kdcache.train.student import build_student
 
 _EVAL_CHUNK = 2048  # target rows per logits chunk: bounds eval memory
 
@@ -69,7 +70,7 @@ def evaluate_student(
         raise ConfigError(f"--eval-fraction must be in [0, 1), got {show(eval_fraction)}; 0 evaluates every row")
     if max_examples < 1 or batch_size < 1:
         raise ConfigError(f"--max-examples and --batch-size must be positive, got {max_examples} and {batch_size}")
-    check_student_path(student)
+    check_model_folder(student, "student", "--student")
     cache = open_cache(cache_path)
     dev = resolve_device(device)
     model, tokenizer = build_student(StudentConfig(path=student, allow_pickle_weights=allow_pickle_weights), cache)

@@ -10,7 +10,7 @@ import torch
 from kdcache.cache import Cache
 from kdcache.errors import CacheMismatchError, ConfigError, KDCacheError
 from kdcache.fingerprint import tokenizer_fingerprint
-from kdcache.locations import check_location
+from kdcache.locations import check_model_folder
 from kdcache.train.config import StudentConfig
 from kdcache.weights import load_error, refuse_pickle_only
 
@@ -48,23 +48,12 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
         raise KDCacheError(f"cannot load tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
 
 
-def check_student_path(path: str, flag: str = "--student") -> None:
-    """One line, before any model code loads, for a student that is not a model folder or a hub id; a
-    training run's folder names its student (RUN/final)."""
-    p = Path(path).expanduser()
-    if p.is_dir() and not (p / "config.json").is_file():
-        if (p / "final" / "config.json").is_file():
-            raise ConfigError(f"{path} is a training run, not a model folder; its student is {p / 'final'}: pass {flag} {p / 'final'}")
-        raise ConfigError(f"{path} holds no config.json, so it is not a save_pretrained model folder; pass one to {flag} (a run's student is RUN/final)")
-    check_location(path, "student", flag)
-
-
 def build_student(cfg: StudentConfig, cache: Cache, seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer), checked against the cache's tokenizer and vocabulary."""
     from transformers import AutoModelForCausalLM
 
     if cfg.path:
-        check_student_path(cfg.path)
+        check_model_folder(cfg.path, "student", "--student")
         if not cfg.allow_pickle_weights:
             refuse_pickle_only(Path(cfg.path).expanduser(), "student", "student.allow_pickle_weights")
         tokenizer = _load_tokenizer(cfg.path, cfg.trust_remote_code)
