@@ -123,52 +123,52 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(arg, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {show(value)}")
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+            raise ConfigError(f"{where}: {show(value)} is not one of {', '.join(map(repr, choices))}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {show(value)}")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v != ""]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {show(value)}")
         (item,) = get_args(tp)[:1] or (Any,)
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {show(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {show(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{where}: expected an integer, got {show(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {show(value)}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {show(value)}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {show(value)}")
         return str(value)
     return value
 
