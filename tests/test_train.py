@@ -511,7 +511,8 @@ def test_overwrite_removes_only_what_a_run_wrote(tiny_cache, tmp_path):
 # Interrupts say what is kept; the run config records the kdcache version
 
 
-def test_sigint_says_which_checkpoint_is_kept_and_the_rerun_resumes_from_it(tiny_cache, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_signal_says_which_checkpoint_is_kept_and_the_rerun_resumes_from_it(tiny_cache, tmp_path, sig):
     out = tmp_path / "interrupted"
     cfg = make_cfg(tiny_cache, out, steps=60, save_every=5, loss="kd", alpha=0.5)
     config = tmp_path / "train.yaml"
@@ -524,7 +525,7 @@ def test_sigint_says_which_checkpoint_is_kept_and_the_rerun_resumes_from_it(tiny
     deadline = time.monotonic() + 180
     while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"rc {proc.returncode}:\n{stderr[-3000:]}"
     assert "Traceback" not in stderr and stdout == ""
