@@ -67,7 +67,8 @@ def check_location(name: str, what: str, flag: str, kind: str = "model") -> None
     (``--teacher``); ``kind``: ``model`` or ``dataset`` (where the hub cache keeps it)."""
     if Path(name).expanduser().exists():
         return
-    missing = f"{what} {name!r} not found: no file or folder by that name in {Path.cwd()}"
+    where = "at that path" if Path(name).expanduser().is_absolute() else f"by that name in {Path.cwd()}"
+    missing = f"{what} {name!r} not found: no file or folder {where}"
     if looks_like_path(name):
         raise ConfigError(f"{missing}; pass an existing path to {flag}")
     if not in_hub_cache(name, kind) and not hub_reachable():

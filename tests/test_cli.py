@@ -162,7 +162,7 @@ def test_bad_set_value_type(cli_cache, tmp_path):
 
 def test_generate_missing_teacher(text_jsonl, tmp_path):
     r = invoke("generate", "--teacher", tmp_path / "nope", "--dataset", text_jsonl, "--out", tmp_path / "c", "--quiet")
-    assert_user_error(r, "does not exist")
+    assert_user_error(r, "not found", "--teacher")
     assert not (tmp_path / "c").exists()
 
 

@@ -662,7 +662,7 @@ def test_different_settings_need_overwrite(tiny_teacher, text_jsonl, tmp_path):
 
 
 def test_missing_model_path(text_jsonl, tmp_path):
-    with pytest.raises(ConfigError, match=r"model path .*nope.* does not exist"):
+    with pytest.raises(ConfigError, match=r"teacher .*nope.* not found.*--teacher"):
         generate(make_cfg(tmp_path / "nope", tmp_path / "c", text_jsonl), progress=False)
     assert not (tmp_path / "c").exists()
 

@@ -139,7 +139,7 @@ def test_errors_before_any_engine_starts(tiny_teacher, text_jsonl, tmp_path):
     data = DataConfig(source=str(text_jsonl))
     with pytest.raises(ConfigError, match="top_k 100000 is larger than the teacher's vocabulary"):
         generate(_cfg(tiny_teacher, data, tmp_path / "a", "vllm", top_k=100_000), progress=False)
-    with pytest.raises(ConfigError, match="model path .* does not exist"):
+    with pytest.raises(ConfigError, match="teacher .* not found: no file or folder at that path"):
         generate(_cfg(tmp_path / "nope", data, tmp_path / "b", "vllm"), progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

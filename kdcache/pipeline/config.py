@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from kdcache.config import doc
+from kdcache.config import NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, show
 from kdcache.errors import ConfigError
+from kdcache.locations import check_location, check_model_folder
+from kdcache.pipeline.corpus import EMBEDDED_PREFIX
 
 
 @dataclass
@@ -29,40 +32,33 @@ class DataConfig:
     prompt_field: str = doc("Prompt field for format prompt_response.", "prompt")
     response_field: str = doc("Response field for format prompt_response.", "response")
     chat_template: bool = doc("Render messages and prompt/response pairs with the tokenizer's chat template.", True)
-    max_length: int = doc("Maximum tokens per example.", 512)
+    max_length: int = doc("Maximum tokens per example.", 512, valid=at_least(2))
     truncation: Literal["truncate", "skip"] = doc(
         "Rows longer than max_length: truncate keeps the first max_length tokens; skip drops and counts them.",
         "truncate",
     )
-    max_rows: int | None = doc("Read at most this many dataset rows (None: all).", None)
+    max_rows: int | None = doc("Read at most this many dataset rows (None: all).", None, valid=POSITIVE)
     strict: bool = doc("Fail on the first bad row (missing field, empty, wrong type) instead of counting it.", False)
 
     def __post_init__(self):
-        if self.max_length < 2:
-            raise ConfigError("data.max_length must be at least 2 (a token and its next-token target)")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise ConfigError("data.max_rows must be positive or null")
+        check_fields(self)  # max_length: a token and its next-token target at least
 
 
 @dataclass
 class GenerationConfig:
     enabled: bool = doc("Let the teacher write continuations of each prompt and cache those (scored like any row).", False)
-    max_new_tokens: int = doc("Tokens to generate per continuation.", 128)
-    num_samples: int = doc("Continuations per prompt.", 1)
+    max_new_tokens: int = doc("Tokens to generate per continuation.", 128, valid=POSITIVE)
+    num_samples: int = doc("Continuations per prompt.", 1, valid=POSITIVE)
     do_sample: bool = doc("Sample (true) or greedy decoding (false).", False)
-    temperature: float = doc("Sampling temperature.", 1.0)
-    top_p: float = doc("Nucleus sampling threshold.", 1.0)
+    temperature: float = doc("Sampling temperature.", 1.0, valid=POSITIVE)
+    top_p: float = doc("Nucleus sampling threshold.", 1.0, valid=Valid(0, 1, lo_open=True))
     stop: list[str] = doc("Stop strings: a continuation ends after the first of these it produces (EOS always ends it).", default_factory=list)
     prompt_tokens: int = doc(
         "Plain-text rows: the teacher continues the first N tokens of each row (0: the whole row). "
-        "Chat and prompt/response rows always use their own prompt.", 0,
-    )
+        "Chat and prompt/response rows always use their own prompt.", 0, valid=NON_NEGATIVE)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.num_samples < 1:
-            raise ConfigError("generation.max_new_tokens and generation.num_samples must be positive")
-        if self.prompt_tokens < 0:
-            raise ConfigError(f"generation.prompt_tokens must be 0 (whole row) or positive, got {self.prompt_tokens}")
+        check_fields(self)
         if self.num_samples > 1 and not self.do_sample:
             raise ConfigError("generation.num_samples > 1 needs generation.do_sample=true (greedy gives identical samples)")
 
@@ -71,24 +67,17 @@ class GenerationConfig:
 class VLLMConfig:
     """Engine settings of the vllm backend (ignored by the others)."""
 
-    tensor_parallel_size: int = doc("GPUs that share each layer (tensor parallelism).", 1)
-    max_model_len: int | None = doc("Engine context length; null: data.max_length + 1 (rows longer than this minus one follow data.truncation).", None)
-    gpu_memory_utilization: float = doc("Fraction of GPU memory the engine may take (weights + KV cache); lower it if the GPU runs out of memory or when storing hidden states (a second copy of the teacher computes them).", 0.9)
-    max_num_batched_tokens: int | None = doc("Tokens per engine step (null: vLLM's default). Prompt log-probabilities hold [tokens, vocab] fp32 logits per step, so lower this if memory runs out.", None)
-    max_num_seqs: int | None = doc("Sequences per engine step (null: vLLM's default).", None)
+    tensor_parallel_size: int = doc("GPUs that share each layer (tensor parallelism).", 1, valid=POSITIVE)
+    max_model_len: int | None = doc("Engine context length; null: data.max_length + 1 (rows longer than this minus one follow data.truncation).", None, valid=at_least(3))
+    gpu_memory_utilization: float = doc("Fraction of GPU memory the engine may take (weights + KV cache); lower it if the GPU runs out of memory or when storing hidden states (a second copy of the teacher computes them).", 0.9, valid=Valid(0, 1, lo_open=True))
+    max_num_batched_tokens: int | None = doc("Tokens per engine step (null: vLLM's default). Prompt log-probabilities hold [tokens, vocab] fp32 logits per step, so lower this if memory runs out.", None, valid=POSITIVE)
+    max_num_seqs: int | None = doc("Sequences per engine step (null: vLLM's default).", None, valid=POSITIVE)
     enforce_eager: bool | None = doc("Skip CUDA graphs / torch.compile; null: true on CPU (compiling takes minutes there), false on GPU.", None)
-    kv_cache_gib: int = doc("KV cache size in GiB on CPU machines (sets VLLM_CPU_KVCACHE_SPACE unless already set).", 2)
-    inflight_tokens: int = doc("Tokens handed to the engine ahead of the writer, so the engine never waits on the writer; bounds host memory.", 65536)
+    kv_cache_gib: int = doc("KV cache size in GiB on CPU machines (sets VLLM_CPU_KVCACHE_SPACE unless already set).", 2, valid=POSITIVE)
+    inflight_tokens: int = doc("Tokens handed to the engine ahead of the writer, so the engine never waits on the writer; bounds host memory.", 65536, valid=POSITIVE)
 
     def __post_init__(self):
-        if self.tensor_parallel_size < 1:
-            raise ConfigError("vllm.tensor_parallel_size must be at least 1")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError("vllm.gpu_memory_utilization must be in (0, 1]")
-        if self.max_model_len is not None and self.max_model_len < 3:
-            raise ConfigError("vllm.max_model_len must be at least 3")
-        if self.inflight_tokens < 1 or self.kv_cache_gib <= 0:
-            raise ConfigError("vllm.inflight_tokens and vllm.kv_cache_gib must be positive")
+        check_fields(self)
 
 
 @dataclass
@@ -97,57 +86,45 @@ class GenerateConfig:
     backend: str = doc("Teacher backend: transformers (any machine) or vllm (needs `pip install kdcache[vllm]`; see README).", "transformers")
     out: str = doc("Cache directory to write (created; resumed if it holds the same settings).", "")
     overwrite: bool = doc("Replace an existing cache at `out` whose settings differ.", False)
-    top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass); 0 keeps none (a sampled-only cache).", 64)
+    top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass); 0 keeps none (a sampled-only cache).", 64, valid=NON_NEGATIVE)
     sampled_tokens: int = doc(
         "RS-KD: tokens drawn per position from the teacher (with replacement), stored as distinct ids with importance "
-        "weights, an unbiased sparse target (28 draws gave ~11 distinct for SmolLM2 on docstrings). 0: off.", 0)
-    proposal_temperature: float = doc("Temperature of the distribution the sampled tokens are drawn from (weights correct for it).", 1.0)
+        "weights, an unbiased sparse target (28 draws gave ~11 distinct for SmolLM2 on docstrings). 0: off.", 0, valid=Valid(0, 65535))
+    proposal_temperature: float = doc("Temperature of the distribution the sampled tokens are drawn from (weights correct for it).", 1.0, valid=POSITIVE)
     tail_temperatures: list[float] = doc(
         "KD temperatures T != 1 to store the teacher's exact tail mass for (one float32 per position per T, e.g. [2.0]): "
         "with it, tail-bucket KD at T equals dense tempered KD bucketed; without it training tempers the k+1 buckets, "
-        "an approximation. Needs the full logits (transformers backend).", default_factory=list)
+        "an approximation. Needs the full logits (transformers backend).", default_factory=list, valid=POSITIVE)
     logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
     hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
     hidden_codec: Literal["fp16", "fp32"] = doc("How hidden states are stored.", "fp16")
     device: str = doc("auto (cuda if available), cpu, cuda, cuda:N.", "auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
-    batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096)
+    batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096, valid=at_least(2))
     trust_remote_code: bool = doc("Allow model code from the model folder/hub (off unless you trust it).", False)
     allow_pickle_weights: bool = doc(
         "Allow teacher weights stored as pickle (pytorch_model.bin, .pt), which can run code when loaded; off: "
         "safetensors only (GGUF files are not pickle and always load).", False)
     seed: int = doc("Seed for sampled generation (each input row gets its own seed derived from it).", 0)
     shard_tokens: int = doc(
-        "Tokens per Parquet shard (a file; the unit a resume keeps). Shards and row groups end at whole input rows.", 4_000_000)
+        "Tokens per Parquet shard (a file; the unit a resume keeps). Shards and row groups end at whole input rows.", 4_000_000, valid=POSITIVE)
     row_group_tokens: int = doc(
-        "Tokens per Parquet row group (the reader's unit of work), at most shard_tokens (a larger value is capped to it).", 16_384)
+        "Tokens per Parquet row group (the reader's unit of work), at most shard_tokens (a larger value is capped to it).", 16_384, valid=POSITIVE)
     commit_seconds: float = doc(
         "Commit the shard in progress once its first row has waited this many seconds, even if it holds fewer than "
         "shard_tokens tokens (its last row group is then shorter too): Ctrl-C or a crash loses at most this much "
-        "teacher work. A fast teacher fills shards by tokens first.", 60.0)
-    compression_level: int = doc("zstd level.", 1)
+        "teacher work. A fast teacher fills shards by tokens first.", 60.0, valid=POSITIVE)
+    compression_level: int = doc("zstd level.", 1, valid=Valid(1, 22))
     data: DataConfig = doc("Input dataset.", default_factory=DataConfig)
     generation: GenerationConfig = doc("Teacher continuations.", default_factory=GenerationConfig)
     vllm: VLLMConfig = doc("vLLM engine settings (backend vllm).", default_factory=VLLMConfig)
 
     def __post_init__(self):
-        if self.top_k < 0 or self.sampled_tokens < 0:
-            raise ConfigError("top_k and sampled_tokens must be non-negative")
+        check_fields(self)
         if self.top_k == 0 and self.sampled_tokens == 0:
             raise ConfigError("nothing to store: pass --top-k K and/or --sampled-tokens N")
-        if self.sampled_tokens > 65535 or self.proposal_temperature <= 0:
-            raise ConfigError("sampled_tokens must be at most 65535 and proposal_temperature positive")
-        if self.batch_tokens < 2:
-            raise ConfigError("batch_tokens must be at least 2")
-        if self.shard_tokens < 1 or self.row_group_tokens < 1:
-            raise ConfigError(f"shard_tokens and row_group_tokens must be positive, got {self.shard_tokens} and {self.row_group_tokens}")
-        if not self.commit_seconds > 0:
-            raise ConfigError(
-                f"commit_seconds must be a positive number of seconds (e.g. --set commit_seconds=60), got {self.commit_seconds}; "
-                "to commit only by size, set it larger than the run"
-            )
-        if any(not t > 0 for t in self.tail_temperatures) or len(set(self.tail_temperatures)) != len(self.tail_temperatures):
-            raise ConfigError(f"tail_temperatures must be distinct positive numbers, got {self.tail_temperatures}")
+        if len(set(self.tail_temperatures)) != len(self.tail_temperatures):
+            raise ConfigError(f"tail_temperatures must be distinct, got {show(self.tail_temperatures)}")
         if self.tail_temperatures and not self.top_k:
             raise ConfigError("tail_temperatures describe the mass outside the top-k; pass --top-k K with them")
 
@@ -156,3 +133,6 @@ class GenerateConfig:
             raise ConfigError("no teacher given; pass --teacher PATH (a model folder, .gguf file or hub id)")
         if not self.out:
             raise ConfigError("no output directory given; pass --out DIR")
+        check_model_folder(self.teacher, "teacher", "--teacher")
+        if not self.data.source.startswith(EMBEDDED_PREFIX) and not Path(self.data.source).expanduser().exists():
+            check_location(self.data.source, "dataset", "--dataset", kind="dataset")

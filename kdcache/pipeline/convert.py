@@ -23,6 +23,7 @@ from kdcache.cache.manifest import fsync_dir, fsync_file, temp_suffix, write_ato
 from kdcache.errors import ConfigError
 from kdcache.pipeline.teachers.transformers_backend import _DTYPES, load_tokenizer, locate_model
 from kdcache.weights import load_error, refuse_pickle_only
+from kdcache.locations import check_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ teacher weights fingerprint, which covers *.json, does not see it)."""
 def convert_model(src: str, out: str | Path, dtype: str = "float32", overwrite: bool = False,
                   allow_pickle_weights: bool = False) -> Path:
     """Write ``src`` (a .gguf file, model folder or hub id) as a safetensors model folder at ``out``."""
+    check_model_folder(src, "model", "SRC")
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
