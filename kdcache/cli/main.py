@@ -253,10 +253,11 @@ def inspect(cache, as_json, plot) -> None:
     from kdcache.cli.inspect_cache import format_summary, plot_summary, summarize
 
     s = _run(summarize, cache)
-    if plot:
-        _run(plot_summary, s, plot)
+    written = _run(plot_summary, s, plot) if plot else None
     s.pop("_arrays")
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+    if written is not None:
+        click.echo(f"wrote {written}", err=as_json)  # --json keeps stdout machine-readable
 
 
 @main.command()

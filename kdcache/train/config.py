@@ -89,7 +89,7 @@ class TrainConfig:
     eval_every: int = doc("Evaluate every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
     log_every: int = doc("Log training metrics every N steps.", 10, valid=POSITIVE)
     save_every: int = doc("Checkpoint every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
-    keep_checkpoints: int = doc("Checkpoints to keep (oldest removed).", 2, valid=POSITIVE)
+    keep_checkpoints: int = doc("Checkpoints to keep (oldest removed once a newer one is on disk); resuming reads only the latest.", 1, valid=POSITIVE)
     shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4, valid=POSITIVE)
     resume: bool = doc("Continue from the latest checkpoint in `out` even if the config changed (e.g. more steps).", False)
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
