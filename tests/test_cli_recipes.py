@@ -21,11 +21,12 @@ def _run(*args):
 def test_recipes_lists_every_file_with_its_whole_description():
     r = _run("recipes")
     assert r.exit_code == 0
-    lines = r.output.splitlines()
+    # one entry per recipe: its name, then its description wrapped under it (indented continuation lines)
+    entries = [e for e in re.split(r"\n(?=\S)", r.output.strip())]
     packaged = sorted(p.name.removesuffix(".yaml") for p in (files("kdcache") / "configs" / "recipes").iterdir() if p.name.endswith(".yaml"))
-    assert [line.split()[0] for line in lines] == packaged and "rs-kd" in packaged  # one line per recipe
-    for line, (name, what) in zip(lines, list_recipes().items()):
-        assert line.split(None, 1)[1] == what, name
+    assert [e.split()[0] for e in entries] == packaged and "rs-kd" in packaged
+    for entry, (name, what) in zip(entries, list_recipes().items()):
+        assert " ".join(entry.split()[1:]) == " ".join(what.split()), name
         # the whole first paragraph: ends a sentence, and no sentence is cut at a comment line's end
         assert len(what) > 40 and re.search(r"[.!?]$", what), f"{name}: {what!r}"
     assert list_recipes()["kd-temperature"].endswith("the T^2 factor keeps the gradient scale comparable across T.")

@@ -333,8 +333,11 @@ def recipes() -> None:
     """List the shipped recipes (kdcache/configs/recipes) usable with --recipe NAME."""
     from kdcache.pipeline.recipes import list_recipes
 
-    for name, what in _run(list_recipes).items():
-        click.echo(f"{name:28s} {what}")
+    import shutil
+
+    width = max(shutil.get_terminal_size((100, 24)).columns, 60)
+    for name, what in _run(list_recipes).items():  # whole descriptions, wrapped under their name
+        click.echo(click.wrap_text(what, width, initial_indent=f"{name:28s} ", subsequent_indent=" " * 29, preserve_paragraphs=True))
 
 
 @main.command()
