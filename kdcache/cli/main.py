@@ -334,10 +334,12 @@ def recipes() -> None:
     from kdcache.pipeline.recipes import list_recipes
 
     import shutil
+    import textwrap
 
     width = max(shutil.get_terminal_size((100, 24)).columns, 60)
     for name, what in _run(list_recipes).items():  # whole descriptions, wrapped under their name
-        click.echo(click.wrap_text(what, width, initial_indent=f"{name:28s} ", subsequent_indent=" " * 29, preserve_paragraphs=True))
+        click.echo(textwrap.fill(what, width, initial_indent=f"{name:28s} ", subsequent_indent=" " * 29,
+                                 break_on_hyphens=False, break_long_words=False))
 
 
 @main.command()
