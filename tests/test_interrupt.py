@@ -224,3 +224,14 @@ def test_the_writer_refuses_a_time_bound_that_is_not_positive(tmp_path, value):
     with pytest.raises(KDCacheError, match=re.escape(f"commit_seconds ({value}) positive or None")):
         CacheWriter(tmp_path / "c", SETTINGS, SIGNALS, commit_seconds=value)
     assert not (tmp_path / "c").exists()
+
+
+def test_the_summary_counts_truncated_rows(tiny_teacher, text_jsonl, tmp_path, caplog):
+    """Not an interruption, but the same end-of-run honesty: rows cut to max_length are counted aloud."""
+    cfg = GenerateConfig(teacher=str(tiny_teacher), out=str(tmp_path / "t"), device="cpu", top_k=4,
+                         data=DataConfig(source=str(text_jsonl), max_length=8, max_rows=6))
+    with caplog.at_level("WARNING", logger="kdcache.pipeline.generate"):
+        m = generate(cfg, progress=False)
+    n = m.stats["truncated_rows"]
+    assert n >= 1
+    assert f"{n} of 6 rows {'was' if n == 1 else 'were'} longer than max_length 8" in caplog.text and "raise --max-length" in caplog.text
