@@ -32,6 +32,8 @@ class Valid:
     hi_open: bool = False
 
     def accepts(self, v: Any) -> bool:
+        if v != v:  # NaN passes every comparison below
+            return False
         if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
             return False
         return self.hi is None or not (v > self.hi or (self.hi_open and v == self.hi))
@@ -65,6 +67,11 @@ def show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(show(v) for v in value) + "]"
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 shard``, ``2 shards``, ``1,234 rows``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 class InvalidValues(ConfigError):

@@ -32,6 +32,7 @@ from kdcache.cache.reader import (
     check_value_count,
 )
 from kdcache.cache.schema import build_schema
+from kdcache.config import plural
 
 
 @dataclass
@@ -84,7 +85,7 @@ class VerifyReport:
             checked += f", {decoded} row groups decoded with page checksums and per-row invariants"
         state = "" if self.status == "complete" else f" (status {self.status}: generation has not finished)"
         return (
-            f"cache {self.path}: {'ok' if self.ok else f'{len(self.bad_shards)} damaged'}, {len(self.shards)} shards, {self.rows:,} rows, {self.tokens:,} tokens, "
+            f"cache {self.path}: {'ok' if self.ok else f'{len(self.bad_shards)} damaged'}, {plural(len(self.shards), 'shard')}, {plural(self.rows, 'row')}, {plural(self.tokens, 'token')}, "
             f"{self.bytes:,} bytes; checked {checked}{state}"
         )
 

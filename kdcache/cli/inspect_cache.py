@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache import open_cache
+from kdcache.config import plural
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"teacher      {teacher}",
         f"tokenizer    {s['tokenizer']['fingerprint']}  vocab {s['tokenizer']['vocab_size']}",
         f"dataset      {s['dataset'].get('source')}  split {s['dataset'].get('split')}  max_length {s['dataset'].get('max_length')}",
-        f"rows         {s['rows']:,}  in {s['shards']} shard(s)",
+        f"rows         {s['rows']:,}  in {plural(s['shards'], 'shard')}",
         f"tokens       {s['tokens']:,}  ({s['loss_tokens']:,} loss targets)",
         f"bytes        {s['bytes']:,}  ({s['bytes_per_token']:.1f} B/token)",
         "signals      " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["signals"].items()),

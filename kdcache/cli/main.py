@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from kdcache import __version__
-from kdcache.config import build_config, field_docs, load_yaml
+from kdcache.config import build_config, plural, field_docs, load_yaml
 from kdcache.errors import Interrupted, KDCacheError
 
 log = logging.getLogger("kdcache")
@@ -75,10 +75,6 @@ class _LossOption(click.Option):
 
         self.help = f"Loss: {', '.join(sorted(LOSSES))} (README: Losses)."
         return super().get_help_record(ctx)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _section(path: str | None, name: str) -> str | None:
@@ -192,7 +188,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
     from kdcache.pipeline.generate import generate as run
 
     manifest = _run(run, cfg, progress=not quiet)
-    click.echo(f"cache {cfg.out}: {_plural(manifest.num_rows, 'row')}, {_plural(manifest.num_tokens, 'token')}, "
+    click.echo(f"cache {cfg.out}: {plural(manifest.num_rows, 'row')}, {plural(manifest.num_tokens, 'token')}, "
                f"{manifest.num_bytes / max(manifest.num_tokens, 1):.1f} B/token ({manifest.status})")
 
 
@@ -312,7 +308,7 @@ def combine(caches, weights, out, top_k, overwrite) -> None:
         click.echo(f"error: --weights must be comma-separated numbers, got {weights!r}", err=True)
         sys.exit(2)
     m = _run(combine_caches, list(caches), w, out, top_k=top_k, overwrite=overwrite)
-    click.echo(f"cache {out}: {_plural(m.num_rows, 'row')}, mixture of {len(caches)} teachers, top-{m.top_k}")
+    click.echo(f"cache {out}: {plural(m.num_rows, 'row')}, mixture of {len(caches)} teachers, top-{m.top_k}")
 
 
 @main.command()
