@@ -334,5 +334,6 @@ def field_docs(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(field_docs(hints[f.name], prefix=f"{name}.", instance=value))
             continue
-        rows.append((name, repr(value), f.metadata.get("help", "")))
+        valid = f.metadata.get("valid")
+        rows.append((name, show(value), f.metadata.get("help", "") + (f" Must be {valid}." if valid is not None else "")))
     return rows

@@ -210,6 +210,7 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
                 pending.append((batch, [(i, 0) for i, _ in good]))
                 yield ScoreRequest([t.input_ids for _, t in good], seeds=[_row_seed(cfg.seed, i) for i, _ in good])
 
+    teacher.progress = progress
     teacher.load()
     bar = tqdm(total=cfg.data.max_rows, initial=start, unit="row", desc="generate", disable=not progress)
     tokens = 0

@@ -218,6 +218,7 @@ class VLLMTeacher(Teacher):
     def _load_hidden(self) -> None:
         if not self._layers_loaded:
             log.info("hidden states come from a transformers prefill pass (vLLM cannot return chosen layers here)")
+            self.hf.progress = self.progress
             self.hf.load()
             self._layers_loaded = True
 
