@@ -132,6 +132,10 @@ def test_sigint_keeps_committed_shards_reports_them_and_the_rerun_equals_an_unin
                             row_group_tokens=512, data=DataConfig(source=str(long_jsonl), max_length=48)), progress=False)
     assert read_manifest(out).status == "complete" and read_manifest(out).num_rows == read_manifest(whole).num_rows == ROWS
     assert_same_rows(out, whole)
+    # ...and a student trains on it in the same order: the same reader units, the same shuffled stream
+    assert _units(out) == _units(whole)
+    order = lambda p: [ex["example_id"] for ex in open_cache(p).stream(shuffle=True, seed=1, columns=["example_id"])]  # noqa: E731
+    assert order(out) == order(whole)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -203,6 +207,31 @@ def test_a_slow_producer_commits_every_commit_seconds_and_a_fast_one_by_tokens(t
         fast.add_row([row(i)], i + 1)
     m = fast.close()
     assert [s.row_groups for s in m.shards] == [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2]]  # 6-token rows: 12 per group, 30+ per shard
+
+
+def _units(path) -> list[int]:
+    cache = open_cache(path)
+    return [sum(cache.row_groups[g][2] for g in unit) for unit in cache.units]
+
+
+def test_time_bounded_commits_do_not_change_what_training_reads(tmp_path):
+    """A slow teacher's cache (committed every commit_seconds, row groups cut short) holds the same row
+    groups, as reader units, as a fast teacher's, and a shuffled stream reads it in the same order: the
+    order a student trains in does not depend on the machine's speed or on where a run was stopped."""
+    slow = CacheWriter(tmp_path / "slow", SETTINGS, SIGNALS, shard_tokens=10**6, row_group_tokens=24, commit_seconds=0.07)
+    for i in range(16):
+        slow.add_row([row(i)], i + 1)
+        time.sleep(0.05)
+    slow.close()
+    fast = CacheWriter(tmp_path / "fast", SETTINGS, SIGNALS, shard_tokens=10**6, row_group_tokens=24, commit_seconds=60)
+    for i in range(16):
+        fast.add_row([row(i)], i + 1)
+    fast.close()
+    slow_m = read_manifest(tmp_path / "slow")
+    assert len(slow_m.shards) >= 3 and any(s.open_tokens for s in slow_m.shards[:-1])  # cut short, more than once
+    assert _units(tmp_path / "slow") == _units(tmp_path / "fast") == [4, 4, 4, 4]  # 6-token rows: 24 per group
+    order = lambda p: [ex["example_id"] for ex in open_cache(p).stream(shuffle=True, seed=3, window=2, columns=["example_id"])]  # noqa: E731
+    assert order(tmp_path / "slow") == order(tmp_path / "fast")
 
 
 def test_shards_smaller_than_row_groups_cap_the_row_group(tmp_path):

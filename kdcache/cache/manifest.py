@@ -109,6 +109,10 @@ class ShardInfo:
     """Rows in each row group, so readers can plan without opening footers."""
     input_rows_end: int
     """Input rows consumed (good and bad) once this shard is committed: where a resume starts."""
+    open_tokens: int = 0
+    """Tokens of the row group that a time-bounded commit cut short at this shard's end (0: it ended where
+    row groups end by size). The next shard's first row group continues it, and readers treat the two as
+    one unit, so the units a reader shuffles are the same however often a run was committed or stopped."""
 
 
 @dataclass

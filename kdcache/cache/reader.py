@@ -201,6 +201,7 @@ class Cache:
         self.row_groups = [
             (si, gi, n) for si, shard in enumerate(self.manifest.shards) for gi, n in enumerate(shard.row_groups)
         ]
+        self.units = read_units(self.manifest)
         for shard in self.manifest.shards:
             self._check_size(shard)
 
@@ -312,6 +313,25 @@ class Cache:
         return ExampleStream(self, shuffle=shuffle, seed=seed, window=window, epochs=epochs, columns=columns, keep=keep)
 
 
+def read_units(manifest: Manifest) -> list[list[int]]:
+    """The row groups a reader shuffles, as lists of indices into the flat row-group list: one row group
+    each, except that a row group a time-bounded commit cut short at a shard's end (``open_tokens``) is
+    joined with the next shard's first one. So a cache written in one go and one stopped and resumed, or
+    committed more often by a slower teacher, hold the same units and train in the same order."""
+    units: list[list[int]] = []
+    flat = 0
+    carry = False
+    for shard in manifest.shards:
+        for gi in range(len(shard.row_groups)):
+            if carry and gi == 0 and units:
+                units[-1].append(flat)
+            else:
+                units.append([flat])
+            flat += 1
+        carry = shard.open_tokens > 0 and bool(shard.row_groups)
+    return units
+
+
 class ExampleStream:
     """An iterator over a cache's examples with ``state_dict()``/``load_state_dict()``."""
 
@@ -342,7 +362,7 @@ class ExampleStream:
         return np.random.default_rng([self.seed, *key])
 
     def _windows(self, epoch: int) -> list[np.ndarray]:
-        n = len(self.cache.row_groups)
+        n = len(self.cache.units)
         order = self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
         return [order[i : i + self.window] for i in range(0, n, self.window)]
 
@@ -353,7 +373,7 @@ class ExampleStream:
             windows = self._windows(self.epoch)
             yielded = self.window_index > 0 or self.offset > 0  # a resumed epoch had yielded before
             while self.window_index < len(windows):
-                blocks = [self.cache.read_block(int(g), self.columns) for g in windows[self.window_index]]
+                blocks = [self.cache.read_block(g, self.columns) for u in windows[self.window_index] for g in self.cache.units[int(u)]]
                 index = [(b, i) for b in blocks for i in range(b.num_rows)]
                 order = (
                     self._rng(self.epoch, self.window_index).permutation(len(index))

@@ -158,6 +158,9 @@ class CacheWriter:
         self._shard_rows = 0
         self._shard_tokens = 0
         self._shard_row_groups: list[int] = []
+        self._group_tokens = 0
+        """Tokens already flushed of the row group in progress: nonzero only after a time-bounded commit cut
+        it, so the rest of it (next shard) still ends where it would have without the cut."""
         self._check_writable()
         self._lock = CacheLock(self.path, command)
         try:
@@ -177,6 +180,7 @@ class CacheWriter:
             self._lock.release()  # nothing will be written
         self.stats: dict[str, Any] = dict(self.manifest.stats)
         self._input_rows_end = self.resume_input_row
+        self._group_tokens = self.manifest.shards[-1].open_tokens if self.manifest.shards else 0
 
     # ------------------------------------------------------------------ setup
     def _open(self, settings: dict, signals: dict, overwrite: bool, created_by: str) -> Manifest:
@@ -312,10 +316,14 @@ class CacheWriter:
             if self._oldest is None:
                 self._oldest = now
             elif now - self._oldest >= self.commit_seconds:
-                self._flush_row_group()
+                if self._group_tokens + self._pending_tokens >= self.row_group_tokens:
+                    self._flush_row_group()  # a whole row group: it ends here anyway
+                else:  # cut short; the next shard's first row group continues it
+                    self._group_tokens += self._pending_tokens
+                    self._flush_row_group(ends_group=False)
                 self._commit_shard()
                 return
-        if self._pending_tokens >= self.row_group_tokens:
+        if self._group_tokens + self._pending_tokens >= self.row_group_tokens:
             self._flush_row_group()
         if self._shard_tokens >= self.shard_tokens:
             self._commit_shard()
@@ -330,6 +338,8 @@ class CacheWriter:
             if not self.complete:
                 self._flush_row_group()
                 self._commit_shard(force=True)
+                if self.manifest.shards:
+                    self.manifest.shards[-1].open_tokens = 0  # the cache ends here, and with it its last row group
                 self.manifest.status = "complete"
                 self.manifest.stats = dict(self.stats)
                 try:
@@ -439,7 +449,11 @@ class CacheWriter:
                 arrays.append(pa.array([ex[name] for ex in examples], type=field.type))
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
-    def _flush_row_group(self) -> None:
+    def _flush_row_group(self, ends_group: bool = True) -> None:
+        """Write the pending examples as one Parquet row group. ``ends_group``: the row group ends where
+        the size rule ends it (or at the end of the cache); False only for a time-bounded cut."""
+        if ends_group:
+            self._group_tokens = 0
         if not self._pending:
             return
         batch = self.to_record_batch(self._pending)
@@ -498,6 +512,7 @@ class CacheWriter:
                 sha256=digest,
                 row_groups=self._shard_row_groups,
                 input_rows_end=self._input_rows_end,
+                open_tokens=self._group_tokens,
             )
         )
         self.manifest.stats = dict(self.stats)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
 from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.schema import SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
-from kdcache.config import to_dict
+from kdcache.config import plural, to_dict
 from kdcache.errors import CacheFormatError, ConfigError, DataError, Interrupted
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
@@ -90,10 +90,6 @@ def _batches(
         yield batch
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
 def _interrupted(cfg: GenerateConfig, opened: bool) -> Interrupted:
     """What an interrupted run kept: the manifest on disk (not the writer's memory, which may list a shard
     whose manifest write the interrupt cut short)."""
@@ -111,8 +107,8 @@ def _interrupted(cfg: GenerateConfig, opened: bool) -> Interrupted:
         )
     n = manifest.shards[-1].input_rows_end
     return Interrupted(
-        f"kept {_plural(len(manifest.shards), 'shard')} ({_plural(manifest.num_rows, 'row')}, "
-        f"{_plural(manifest.num_tokens, 'token')}, input rows 0-{n - 1}) in {out}; rerun the same command to resume"
+        f"kept {plural(len(manifest.shards), 'shard')} ({plural(manifest.num_rows, 'row')}, "
+        f"{plural(manifest.num_tokens, 'token')}, input rows 0-{n - 1}) in {out}; rerun the same command to resume"
     )
 
 
@@ -133,7 +129,15 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
 
 def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, opened: list[CacheWriter]) -> Manifest:
     owned = teacher is None
-    teacher = build_teacher(cfg) if teacher is None else teacher
+    teacher = build_teacher(cfg) if owned else teacher
+    try:
+        return _write(cfg, progress, teacher, opened)
+    finally:
+        if owned:  # on every way out, a refusal before the writer opens included
+            teacher.close()
+
+
+def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[CacheWriter]) -> Manifest:
     if cfg.top_k > teacher.vocab_size:
         raise ConfigError(f"top_k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); pass --top-k {teacher.vocab_size} or less")
     limit = teacher.max_sequence_length()
@@ -168,13 +172,9 @@ def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, open
         _save_tokenizer(teacher.tokenizer, out)
         manifest = _run(cfg, teacher, layers, writer, first, rows, tokenize, progress)
     except BaseException:
-        if owned:
-            teacher.close()
         # Nothing committed in a directory this run created: leave no half-made cache behind (under the lock).
         writer.abort(discard_new=True)
         raise
-    if owned:
-        teacher.close()
     return manifest
 
 
@@ -244,7 +244,7 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
         total = manifest.shards[-1].input_rows_end if manifest.shards else truncated
         were = "was" if truncated == 1 else "were"
         log.warning("%s of %s %s longer than max_length %d and %s truncated; raise --max-length to keep them",
-                    f"{truncated:,}", _plural(total, "row"), were, cfg.data.max_length, were)
+                    f"{truncated:,}", plural(total, "row"), were, cfg.data.max_length, were)
     return manifest
 
 
