@@ -122,6 +122,29 @@ def _first_line(exc: BaseException) -> str:
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers detects template masks
 
 
+def resolve_format(cfg: DataConfig, first_row: dict, prompts_only: bool = False) -> str:
+    """The row format (``cfg.format``, or picked from the first row's fields when auto), failing on a field
+    that is not there at all. Needs no tokenizer, so a wrong field is reported before the teacher loads."""
+    fields = sorted(first_row)
+    fmt = cfg.format
+    if fmt == "auto":
+        if cfg.field in first_row:
+            fmt = "messages" if isinstance(first_row[cfg.field], list) else "text"
+        elif cfg.prompt_field in first_row and cfg.response_field in first_row:
+            fmt = "prompt_response"
+        elif "messages" in first_row:
+            raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field messages")
+        else:
+            raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field NAME")
+    needed = [cfg.field]
+    if fmt == "prompt_response":
+        needed = [cfg.prompt_field] if prompts_only else [cfg.prompt_field, cfg.response_field]
+    for name in needed:
+        if name not in first_row:
+            raise DataError(f"field {name!r} not in dataset; it has fields {fields}: pass the right field name")
+    return fmt
+
+
 class RowTokenizer:
     """Turns one dataset row into a :class:`Tokenized` or a :class:`BadRow`."""
 
@@ -139,24 +162,8 @@ class RowTokenizer:
 
     def resolve_format(self, first_row: dict) -> None:
         """Pick the format from the first row, and fail early on a field that is not there at all."""
-        cfg = self.cfg
-        fields = sorted(first_row)
-        if self.format == "auto":
-            if cfg.field in first_row:
-                self.format = "messages" if isinstance(first_row[cfg.field], list) else "text"
-            elif cfg.prompt_field in first_row and cfg.response_field in first_row:
-                self.format = "prompt_response"
-            elif "messages" in first_row:
-                raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field messages")
-            else:
-                raise DataError(f"field {cfg.field!r} not in dataset; it has fields {fields}: pass --field NAME")
-        needed = [cfg.field]
-        if self.format == "prompt_response":
-            needed = [cfg.prompt_field] if self.prompts_only else [cfg.prompt_field, cfg.response_field]
-        for name in needed:
-            if name not in first_row:
-                raise DataError(f"field {name!r} not in dataset; it has fields {fields}: pass the right field name")
-        if self.format == "messages" and not (self.has_template and cfg.chat_template):
+        self.format = resolve_format(self.cfg, first_row, self.prompts_only)
+        if self.format == "messages" and not (self.has_template and self.cfg.chat_template):
             raise DataError("format messages needs a tokenizer with a chat template (and data.chat_template=true)")
 
     def __call__(self, row: dict) -> Tokenized | BadRow:

@@ -26,7 +26,7 @@ from kdcache.config import plural, to_dict
 from kdcache.errors import CacheFormatError, ConfigError, DataError, Interrupted
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
-from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows
+from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows, resolve_format
 from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_layers
 from kdcache.pipeline.teachers.sampling import SparseSampling
 
@@ -128,16 +128,22 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
 
 
 def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, opened: list[CacheWriter]) -> Manifest:
+    # Open the dataset and check its fields before the teacher loads (seconds) and before anything is on disk.
+    rows = iter_rows(cfg.data)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"dataset {cfg.data.source!r} is empty (no rows in split {cfg.data.split!r})")
+    resolve_format(cfg.data, first, prompts_only=cfg.generation.enabled)
     owned = teacher is None
     teacher = build_teacher(cfg) if owned else teacher
     try:
-        return _write(cfg, progress, teacher, opened)
+        return _write(cfg, progress, teacher, opened, first, rows)
     finally:
         if owned:  # on every way out, a refusal before the writer opens included
             teacher.close()
 
 
-def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[CacheWriter]) -> Manifest:
+def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[CacheWriter], first: dict, rows) -> Manifest:
     if cfg.top_k > teacher.vocab_size:
         raise ConfigError(f"top_k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); pass --top-k {teacher.vocab_size} or less")
     limit = teacher.max_sequence_length()
@@ -150,11 +156,6 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled,
         sampled_draws=cfg.sampled_tokens, proposal_temperature=cfg.proposal_temperature, tail_temperatures=cfg.tail_temperatures,
     )
-    # Open the dataset and check its fields before creating anything on disk.
-    rows = iter_rows(cfg.data)
-    first = next(rows, None)
-    if first is None:
-        raise DataError(f"dataset {cfg.data.source!r} is empty (no rows in split {cfg.data.split!r})")
     tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
     tokenize.resolve_format(first)
 
