@@ -16,10 +16,11 @@ from typing import Any
 import click
 
 from kdcache import __version__
-from kdcache.config import build_config, plural, field_docs, load_yaml
+from kdcache.config import build_config, field_docs, load_yaml, plural
 from kdcache.errors import Interrupted, KDCacheError
 
 log = logging.getLogger("kdcache")
+
 
 def _set_help(example: str, command: str) -> str:
     return f"Override any config field, e.g. --set {example} (repeatable; `kdcache fields {command}` lists them)."
