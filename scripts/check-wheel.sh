@@ -46,8 +46,9 @@ out=$(kdcache --version)
 [ "$out" = "kdcache, version $VERSION" ] || fail "kdcache --version says '$out', kdcache/__init__.py says $VERSION"
 step "$out"
 
-out=$(kdcache recipes)
+out=$(COLUMNS=100000 kdcache recipes)  # a terminal that wide: one line per recipe, its whole description
 n=$(printf '%s\n' "$out" | wc -l)
+[ "$(COLUMNS=80 kdcache recipes | grep -c '^[^ ]')" -eq "$n" ] || fail "kdcache recipes wraps into other entries at 80 columns"
 expected=$(ls "$REPO"/kdcache/configs/recipes/*.yaml | wc -l)
 [ "$n" -eq "$expected" ] || fail "kdcache recipes lists $n recipes, the tree ships $expected"
 printf '%s\n' "$out" | grep -q '^rs-kd  .*at a fraction of a top-k cache.s bytes\.$' || fail "kdcache recipes: rs-kd's whole description is missing"
