@@ -91,6 +91,9 @@ def test_inspect_plot(cli_cache, tmp_path):
     r = invoke("inspect", cli_cache, "--plot", png)
     assert r.exit_code == 0, r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r.stdout.rstrip().endswith(f"wrote {png}")
+    r = invoke("inspect", cli_cache, "--plot", png, "--json")  # stdout stays JSON; the line goes to stderr
+    assert json.loads(r.stdout)["rows"] == 32 and f"wrote {png}" in r.stderr
 
 
 def test_train_with_overrides(trained_run):
