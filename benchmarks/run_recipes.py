@@ -44,7 +44,7 @@ from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train
 
 METHOD_KEYS = ("loss", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
-               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight")
+               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight", "curriculum")
 
 
 def column_bytes(cache_dir: Path) -> dict[str, int]:

@@ -53,6 +53,8 @@ MISTAKES: list[tuple[str, str, tuple[str, ...]]] = [
     ("student-heads-do-not-divide", T + " --set student.hidden_size=30", ("student.hidden_size (30)", "student.num_heads")),
     ("eval-fraction-one", T + " --set eval_fraction=1.5", ("eval_fraction must be in [0, 1)", "got 1.5")),
     ("one-peer", T + " --set pseudo_teacher=peers --set num_peers=1", ("num_peers must be at least 2", "got 1")),
+    ("curriculum-start-zero", T + " --set curriculum.by=teacher_nll --set curriculum.start=0", ("curriculum.start must be in (0, 1]", "got 0")),
+    ("curriculum-unknown-signal", T + " --set curriculum.by=loss", ("curriculum.by", "'teacher_nll'")),
     ("resume-and-overwrite", T + " --resume --overwrite", ("--resume", "--overwrite", "not both")),
     ("student-run-folder", T + " --student {run}", ("training run", "{run}/final")),
     ("student-offline-hub-id", T + " --student nosuchstudent", ("nosuchstudent", "hub is unreachable", "--student")),

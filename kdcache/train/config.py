@@ -8,6 +8,7 @@ from typing import Literal
 from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc
 from kdcache.errors import ConfigError
 from kdcache.locations import check_model_folder
+from kdcache.train.curriculum import CurriculumConfig
 
 
 @dataclass
@@ -68,6 +69,9 @@ class TrainConfig:
     pseudo_top_k: int = doc("Top-k kept from a pseudo-teacher's predictions (plus the tail mass), as in a cache.", 64, valid=POSITIVE)
     correct_prob: float = doc("Virtual teacher of loss tfkd: probability on the label (the rest is spread uniformly).", 0.9, valid=Valid(0, 1, lo_open=True, hi_open=True))
     skew: float = doc("Skew of skl/srkl: the student (skl) or teacher (srkl) is mixed with this much of the other side.", 0.1, valid=Valid(0, 1, hi_open=True))
+    curriculum: CurriculumConfig = doc(
+        "Curriculum by the teacher's per-example difficulty (curriculum.by=teacher_nll): the easiest fraction first, "
+        "growing by a pacing function to every example (kdcache/train/curriculum.py).", default_factory=CurriculumConfig)
     steps: int = doc("Optimizer steps.", 300, valid=POSITIVE)
     batch_size: int = doc("Examples per micro-batch.", 8, valid=POSITIVE)
     grad_accum: int = doc("Micro-batches per optimizer step.", 1, valid=POSITIVE)

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from kdcache.cache import Cache, ExampleStream, holdout_fraction_filter
+from kdcache.cache import Cache, holdout_fraction_filter
 from kdcache.train.losses import Targets
 
 # What every run reads: tokens, masks and the per-example statistics; teacher signals only as a loss needs them.
@@ -73,7 +73,8 @@ def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None
     s_ids = s_w = None
     if "sampled_ids" in examples[0]:
         s_ids, s_w = _sampled_targets(examples, [ex["loss_mask"] for ex in examples])
-    nll = sum(float(ex.get("teacher_nll", 0.0)) * int(ex.get("num_loss_tokens", 0)) for ex in examples)
+    # (a row without loss tokens has teacher_nll NaN and adds nothing)
+    nll = sum(float(ex.get("teacher_nll", 0.0)) * n for ex in examples if (n := int(ex.get("num_loss_tokens", 0))))
     return Batch(
         torch.from_numpy(ids),
         torch.from_numpy(attention),
@@ -104,8 +105,9 @@ def _sampled_targets(examples: list[dict], masks: list[np.ndarray]) -> tuple[tor
     return torch.from_numpy(out_ids), torch.from_numpy(out_w)
 
 
-def batches(stream: ExampleStream, batch_size: int, pad_id: int = 0, tail_index: int | None = None) -> Iterator[Batch]:
-    """Consecutive micro-batches; the stream's state after a batch marks exactly where the next begins."""
+def batches(stream: Iterable[dict], batch_size: int, pad_id: int = 0, tail_index: int | None = None) -> Iterator[Batch]:
+    """Consecutive micro-batches of the stream's examples (a curriculum may filter them on the way); the stream's state
+    after a batch marks exactly where the next begins."""
     buf: list[dict] = []
     for ex in stream:
         buf.append(ex)

@@ -31,6 +31,7 @@ from kdcache.train.checkpoint import (
     checkpoint_step, fsync_dir, fsync_tree, latest_checkpoint, link_tree, load_checkpoint, save_checkpoint,
 )
 from kdcache.train.config import TrainConfig
+from kdcache.train.curriculum import Curriculum, competence, training_difficulties
 from kdcache.train.data import TEMPERED_TAIL, Batch, batches, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
@@ -201,7 +202,9 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     eval_batches = _eval_batches(cfg, cache, eval_source, pad_id)
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
     reads = (*needs, *(TOPK_SIGNALS if cfg.pseudo_teacher == "peers" and cfg.peer_teacher_weight > 0 else ()),
-             *((TEMPERED_TAIL,) if tail_index is not None else ()))
+             *((TEMPERED_TAIL,) if tail_index is not None else ()), *((cfg.curriculum.by,) if cfg.curriculum.enabled else ()))
+    curriculum = (Curriculum(cfg.curriculum, training_difficulties(cache, cfg.curriculum.by, is_heldout), cfg.steps)
+                  if cfg.curriculum.enabled else None)
     stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=train_columns(cache, reads),
                           keep=lambda i: not is_heldout(i))
 
@@ -215,7 +218,9 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
         _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
     where.step = step
-    data = batches(stream, cfg.batch_size, pad_id, tail_index)
+    # A curriculum skips the examples above the current step's difficulty as the stream passes them.
+    examples = curriculum.filter(stream, lambda: step) if curriculum is not None else stream
+    data = batches(examples, cfg.batch_size, pad_id, tail_index)
     saved = ckpt  # the newest checkpoint, whose weights are the model's whenever its step is `step`
 
     def checkpoint(at: int) -> None:
@@ -245,7 +250,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                     b = dataclasses.replace(pseudo.student_batch(b, step), targets=pseudo.targets(model, b, autocast))
                 loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)
                 (loss_sum / max(total_tokens, 1)).backward()
-                for key, value in {**parts, "loss": loss_sum.detach()}.items():
+                for key, value in {**parts, "loss": loss_sum.detach(), "teacher_nll": b.teacher_nll_sum}.items():
                     sums[key] = sums.get(key, 0.0) + value  # tensors: no device sync until we log
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -262,6 +267,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - t0
                 row = {"step": step, "lr": scheduler.get_last_lr()[0], "alpha": settings.alpha, "tokens_per_s": tokens_since / elapsed}
+                if curriculum is not None:
+                    row["curriculum_competence"] = competence(cfg.curriculum, step - 1, cfg.steps)  # of the step just trained
                 row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
                 _log_row(metrics_file, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
