@@ -226,20 +226,43 @@ def test_top_k_larger_than_vocab_is_config_error(tiny_teacher, text_jsonl, tok, 
 
 
 def test_hidden_layers_match_hidden_states(tiny_teacher, text_jsonl, model, tmp_path):
-    exs = run(tiny_teacher, tmp_path / "h", text_jsonl, top_k=4, hidden_layers=[0, -1], hidden_codec="fp32",
-              data={"max_length": 48, "max_rows": 5})
+    """Every layer, the middle one included, equals transformers' own hidden_states (the reference), though
+    the backend hooks only the chosen layers; the manifest says what each stored tensor is."""
     L, H = model.config.num_hidden_layers, model.config.hidden_size
+    exs = run(tiny_teacher, tmp_path / "h", text_jsonl, top_k=4, hidden_layers=[0, 1, -1], hidden_codec="fp32",
+              data={"max_length": 48, "max_rows": 5})
     m = read_manifest(tmp_path / "h")
-    assert m.signals["hidden"]["layers"] == [0, L] and m.signals["hidden"]["size"] == H
+    assert m.signals["hidden"]["layers"] == [0, 1, L] and m.signals["hidden"]["size"] == H
+    tensors = m.settings["scoring"]["hidden_tensors"]
+    assert "embedding" in tensors["0"] and "block 1" in tensors["1"] and "final norm" in tensors[str(L)]
     for ex in exs:
-        assert {k for k in ex if k.startswith("hidden_")} == {"hidden_0", f"hidden_{L}"}
+        assert {k for k in ex if k.startswith("hidden_")} == {"hidden_0", "hidden_1", f"hidden_{L}"}
         with torch.no_grad():
             hs = model(input_ids=torch.as_tensor(ex["input_ids"].astype(np.int64))[None], output_hidden_states=True).hidden_states
         T = len(ex["input_ids"])
-        for layer in (0, L):
+        for layer in (0, 1, L):
             got = ex[f"hidden_{layer}"].reshape(T, H)  # stored row-major [T, H]
             np.testing.assert_allclose(got, hs[layer][0].numpy(), atol=1e-4, rtol=1e-4)
         assert not np.allclose(ex["hidden_0"].reshape(T, H), ex[f"hidden_{L}"].reshape(T, H))
+
+
+def test_only_the_chosen_layers_are_captured(tiny_teacher):
+    """The hook path is the one used for a Llama teacher (no fallback), and a forward keeps the chosen
+    layers' tensors only: output_hidden_states is off."""
+    from kdcache.pipeline.teachers.transformers_backend import TransformersTeacher
+
+    teacher = TransformersTeacher(str(tiny_teacher), device="cpu", dtype="float32")
+    teacher.load()
+    assert teacher._layer_modules is not None
+    calls = []
+    decoder = teacher.model.get_decoder()
+    original = decoder.forward
+    decoder.forward = lambda *a, **k: calls.append(k.get("output_hidden_states")) or original(*a, **k)
+    try:
+        out = teacher.score([np.arange(1, 9)], 4, [1])
+    finally:
+        decoder.forward = original
+    assert calls == [False] and set(k for k in out[0] if k.startswith("hidden_")) == {"hidden_1"}
 
 
 @pytest.mark.parametrize("layer", [3, -4])

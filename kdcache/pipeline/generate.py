@@ -55,6 +55,7 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
         "scoring": {
             "top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec,
             "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
+            **({"hidden_tensors": teacher.describe_layers(layers)} if layers else {}),
             **({"tail_temperatures": [float(t) for t in cfg.tail_temperatures]} if cfg.tail_temperatures else {}),
             **({"sampled_tokens": cfg.sampled_tokens, "proposal_temperature": cfg.proposal_temperature} if cfg.sampled_tokens else {}),
         },

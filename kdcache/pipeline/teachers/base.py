@@ -116,6 +116,12 @@ class Teacher(ABC):
     def close(self) -> None:
         """Release the weights and any engine processes."""
 
+    def describe_layers(self, layers: list[int]) -> dict[str, str]:
+        """What each stored hidden layer's tensor is, in words (recorded in the manifest's scoring settings)."""
+        from kdcache.pipeline.teachers.layer_capture import describe
+
+        return {str(layer): describe(layer, self.num_layers) for layer in layers}
+
     def run(self, requests: Iterable[Request], top_k: int, hidden_layers: list[int], sampling: SparseSampling | None = None) -> Iterator[list]:
         """Results of each request, in order. Synchronous here; engines with their own scheduler
         override this to keep several requests in flight."""

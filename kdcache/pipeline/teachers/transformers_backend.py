@@ -21,6 +21,7 @@ from kdcache.fingerprint import json_hash, tree_fingerprint
 from kdcache.modeling import resolve_device, selected_features, tempered_tail_logprob
 from kdcache.weights import load_error, refuse_pickle_only
 from kdcache.pipeline.teachers.base import Teacher, register_backend
+from kdcache.pipeline.teachers.layer_capture import capture, hooks_match, layer_modules
 from kdcache.pipeline.teachers.sampling import (
     SparseSampling, draw_next_tokens, row_uniforms, sample_seed, sample_sparse, sequence_uniforms, split_by_sequence,
 )
@@ -98,6 +99,7 @@ class TransformersTeacher(Teacher):
             raise KDCacheError(f"cannot load teacher config from {model}: {str(exc).splitlines()[0][:200]}") from None
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.model: Any = None
+        self._layer_modules: list | None = None  # set by load(): the modules hooked for hidden states
 
     # -- identity, without weights
     def identity(self) -> dict:
@@ -151,9 +153,24 @@ class TransformersTeacher(Teacher):
         except (OSError, ValueError) as exc:
             raise load_error("teacher", self.model_name, exc, self.allow_pickle_weights, "allow_pickle_weights") from None
         self.model = model.to(self.device).eval()
+        modules = layer_modules(self.model)
+        self._layer_modules = modules if modules is not None and hooks_match(self.model, modules, self.device) else None
+        if self._layer_modules is None:
+            log.info("hidden states of %s come from output_hidden_states (its layers could not be hooked one by one)", self.model_name)
 
     def close(self) -> None:
         self.model = None
+        self._layer_modules = None
+
+    @contextlib.contextmanager
+    def _hidden(self, layers: list[int]):
+        """{layer: [B, T, H]} of one forward: hooks on the chosen layers, or the model's own hidden_states
+        (``outputs`` is then set from the forward's output by the caller)."""
+        if layers and self._layer_modules is not None:
+            with capture(self._layer_modules, layers) as got:
+                yield got, False
+        else:
+            yield {}, bool(layers)
 
     # -- scoring
     def _pad(self, sequences: list[np.ndarray]):
@@ -177,8 +194,11 @@ class TransformersTeacher(Teacher):
         ids, attn, valid, lens = self._pad(sequences)
         B = len(sequences)
         targets = ids[:, 1:][valid]
-        want_hidden = bool(hidden_layers)
-        feats, head, out = selected_features(self.model, ids, attn, valid, output_hidden_states=want_hidden)
+        with self._hidden(hidden_layers) as (hidden, all_layers):
+            feats, head, out = selected_features(self.model, ids, attn, valid, output_hidden_states=all_layers)
+        if all_layers:
+            hidden = {layer: out.hidden_states[layer] for layer in hidden_layers}
+        del out
         V = self.vocab_size
         k = min(top_k, V)
         u = None
@@ -217,14 +237,14 @@ class TransformersTeacher(Teacher):
             triples = split_by_sequence(sampled["sampled_ids"], sampled["sampled_weights"], sampled["sampled_sizes"], positions)
             for r, (s_ids, s_w, s_n) in zip(results, triples):
                 r.update(sampled_ids=s_ids, sampled_weights=s_w, sampled_sizes=s_n)
-        if want_hidden:
-            self._add_hidden(results, out.hidden_states, hidden_layers, lens)
+        if hidden:
+            self._add_hidden(results, hidden, lens)
         return results
 
     @staticmethod
-    def _add_hidden(results: list[dict], hidden_states, layers: list[int], lens: torch.Tensor) -> None:
-        for layer in layers:
-            hs = hidden_states[layer].float().cpu().numpy()
+    def _add_hidden(results: list[dict], hidden: dict[int, torch.Tensor], lens: torch.Tensor) -> None:
+        for layer, tensor in hidden.items():
+            hs = tensor.float().cpu().numpy()
             for i, n in enumerate(lens.tolist()):
                 results[i][f"hidden_{layer}"] = hs[i, :n]
 
@@ -234,9 +254,12 @@ class TransformersTeacher(Teacher):
         return hidden states themselves."""
         assert self.model is not None, "call load() first"
         ids, attn, _, lens = self._pad(sequences)
-        out = self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        with self._hidden(layers) as (hidden, all_layers):
+            out = self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=all_layers)
+        if all_layers:
+            hidden = {layer: out.hidden_states[layer] for layer in layers}
         results: list[dict] = [{} for _ in sequences]
-        self._add_hidden(results, out.hidden_states, layers, lens)
+        self._add_hidden(results, hidden, lens)
         return results
 
     # -- generation
