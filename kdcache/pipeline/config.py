@@ -97,7 +97,8 @@ class GenerateConfig:
         "an approximation. Needs the full logits (transformers backend).", default_factory=list, valid=POSITIVE)
     logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
     hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
-    hidden_codec: Literal["fp16", "fp32"] = doc("How hidden states are stored.", "fp16")
+    hidden_codec: Literal["fp16", "bf16", "fp32"] = doc(
+        "How hidden states are stored: fp16 (relative error <= 2^-11, overflows above 65,504), bf16 (<= 2^-8, fp32's range), fp32.", "fp16")
     device: str = doc("auto (cuda if available), cpu, cuda, cuda:N.", "auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
     batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096, valid=at_least(2))
