@@ -112,3 +112,14 @@ def test_resume_inside_the_pacing_is_exact(tiny_cache, tmp_path):
     (out / "final_metrics.json").unlink()
     train(make_cfg(tiny_cache, out, **cfg), progress=False)
     assert_same_weights(final_weights(out), final_weights(whole))
+
+
+def test_a_curriculum_given_as_a_mapping_is_typed_and_checked():
+    from kdcache.errors import ConfigError
+    from kdcache.train.config import TrainConfig
+
+    assert TrainConfig(curriculum={"by": "teacher_nll", "start": 0.5}).curriculum == CurriculumConfig(by="teacher_nll", start=0.5)
+    with pytest.raises(ConfigError, match=r"curriculum.strat \(did you mean curriculum.start\?\)"):
+        TrainConfig(curriculum={"by": "teacher_nll", "strat": 0.5})
+    with pytest.raises(ConfigError, match=r"curriculum.start must be in \(0, 1\], got 0"):
+        TrainConfig(curriculum={"by": "teacher_nll", "start": 0})
