@@ -59,19 +59,15 @@ def competence(cfg: CurriculumConfig, step: int, steps: int) -> float:
 
 
 def training_difficulties(cache: Any, by: str, is_heldout: Callable[[str], bool]) -> np.ndarray:
-    """The sorted difficulties of the examples training reads (held-out ones excluded, NaN dropped), read
-    from the per-example column of every shard: one float per example."""
-    import pyarrow.parquet as pq
-
+    """The sorted difficulties of the examples training reads (held-out ones excluded, NaN dropped): the
+    per-example column of every row group, read through the cache's checked path; one float per example."""
     if by not in cache.columns:
         raise ConfigError(f"curriculum.by={by}: cache {cache.path} has no {by} column; use teacher_nll or teacher_entropy")
     parts = []
-    for shard in cache.manifest.shards:
-        table = pq.read_table(cache.path / shard.name, columns=["example_id", by])
-        ids = table.column("example_id").to_pylist()
-        values = table.column(by).to_numpy(zero_copy_only=False).astype(np.float64)
-        keep = np.fromiter((not is_heldout(i) for i in ids), dtype=bool, count=len(ids))
-        parts.append(values[keep])
+    for g in range(len(cache.row_groups)):
+        block = cache.read_block(g, ["example_id", by])
+        keep = np.fromiter((not is_heldout(i) for i in block.scalars["example_id"]), dtype=bool, count=block.num_rows)
+        parts.append(np.asarray(block.scalars[by], dtype=np.float64)[keep])
     values = np.concatenate(parts) if parts else np.zeros(0)
     return np.sort(values[~np.isnan(values)])
 
