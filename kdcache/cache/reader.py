@@ -323,7 +323,7 @@ def read_units(manifest: Manifest) -> list[list[int]]:
     carry = False
     for shard in manifest.shards:
         for gi in range(len(shard.row_groups)):
-            if carry and gi == 0 and units:
+            if carry and gi == 0:
                 units[-1].append(flat)
             else:
                 units.append([flat])

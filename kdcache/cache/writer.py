@@ -316,11 +316,8 @@ class CacheWriter:
             if self._oldest is None:
                 self._oldest = now
             elif now - self._oldest >= self.commit_seconds:
-                if self._group_tokens + self._pending_tokens >= self.row_group_tokens:
-                    self._flush_row_group()  # a whole row group: it ends here anyway
-                else:  # cut short; the next shard's first row group continues it
-                    self._group_tokens += self._pending_tokens
-                    self._flush_row_group(ends_group=False)
+                # a row group short of its size is cut here; the next shard's first row group continues it
+                self._flush_row_group(ends_group=self._group_tokens + self._pending_tokens >= self.row_group_tokens)
                 self._commit_shard()
                 return
         if self._group_tokens + self._pending_tokens >= self.row_group_tokens:
@@ -451,9 +448,9 @@ class CacheWriter:
 
     def _flush_row_group(self, ends_group: bool = True) -> None:
         """Write the pending examples as one Parquet row group. ``ends_group``: the row group ends where
-        the size rule ends it (or at the end of the cache); False only for a time-bounded cut."""
-        if ends_group:
-            self._group_tokens = 0
+        the size rule ends it (or at the end of the cache); False only for a time-bounded cut, whose tokens
+        then count toward the row group the next shard continues."""
+        self._group_tokens = 0 if ends_group else self._group_tokens + self._pending_tokens
         if not self._pending:
             return
         batch = self.to_record_batch(self._pending)
