@@ -184,10 +184,7 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build ``cls`` from a mapping, converting types and rejecting unknown keys."""
     hints = get_type_hints(cls)
     if not where:  # the root call checks every level at once, so all typos are reported together
-        unknown = unknown_keys(cls, data)
-        if unknown:
-            s = "s" if len(unknown) > 1 else ""
-            raise ConfigError(f"unknown config key{s} {'; '.join(unknown)} (`kdcache fields CMD` lists every key)")
+        reject_unknown_keys(cls, data)
     kwargs = {}
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}  # type: ignore[misc]
     for key, value in data.items():
@@ -202,6 +199,25 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise (exc.under(where) if where else exc) from None
     except TypeError as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def reject_unknown_keys(cls: type, data: dict, where: str = "") -> None:
+    """One line naming every key of ``data`` (at any depth) that ``cls`` does not have."""
+    unknown = unknown_keys(cls, data, where)
+    if unknown:
+        s = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"unknown config key{s} {'; '.join(unknown)} (`kdcache fields CMD` lists every key)")
+
+
+def typed_sections(obj: Any) -> None:
+    """Sections given as mappings from Python (``TrainConfig(curriculum={...})``, or ``dataclasses.replace``
+    with a dict) become their dataclass, checked as a YAML file's would be. Call it in ``__post_init__``."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[f.name]):
+            reject_unknown_keys(hints[f.name], value, f.name)
+            setattr(obj, f.name, from_dict(hints[f.name], value, f.name))
 
 
 def unknown_keys(cls: type, data: dict, where: str = "") -> list[str]:

@@ -119,6 +119,7 @@ def test_a_curriculum_given_as_a_mapping_is_typed_and_checked():
     from kdcache.train.config import TrainConfig
 
     assert TrainConfig(curriculum={"by": "teacher_nll", "start": 0.5}).curriculum == CurriculumConfig(by="teacher_nll", start=0.5)
+    assert TrainConfig(student={"hidden_size": 64}).student.hidden_size == 64  # any section, not only this one
     with pytest.raises(ConfigError, match=r"curriculum.strat \(did you mean curriculum.start\?\)"):
         TrainConfig(curriculum={"by": "teacher_nll", "strat": 0.5})
     with pytest.raises(ConfigError, match=r"curriculum.start must be in \(0, 1\], got 0"):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kdcache.config import NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, show
+from kdcache.config import NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, show, typed_sections
 from kdcache.errors import ConfigError
 from kdcache.locations import check_location, check_model_folder
 from kdcache.pipeline.corpus import EMBEDDED_PREFIX
@@ -121,6 +121,7 @@ class GenerateConfig:
     vllm: VLLMConfig = doc("vLLM engine settings (backend vllm).", default_factory=VLLMConfig)
 
     def __post_init__(self):
+        typed_sections(self)
         check_fields(self)
         if self.top_k == 0 and self.sampled_tokens == 0:
             raise ConfigError("nothing to store: pass --top-k K and/or --sampled-tokens N")

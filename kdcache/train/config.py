@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, from_dict, unknown_keys
+from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, typed_sections
 from kdcache.errors import ConfigError
 from kdcache.locations import check_model_folder
 from kdcache.train.curriculum import CurriculumConfig
@@ -99,12 +99,8 @@ class TrainConfig:
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
 
     def __post_init__(self):
+        typed_sections(self)
         check_fields(self)
-        if isinstance(self.curriculum, dict):  # TrainConfig(curriculum={...}) from Python, as YAML would give it
-            bad = unknown_keys(CurriculumConfig, self.curriculum, "curriculum")
-            if bad:
-                raise ConfigError(f"unknown config key {'; '.join(bad)}")
-            self.curriculum = from_dict(CurriculumConfig, self.curriculum, "curriculum")
         if self.alpha_schedule != "constant" and self.alpha_end is None:
             raise ConfigError(f"alpha_schedule {self.alpha_schedule} needs alpha_end (the value at the last step): --set alpha_end=0.3")
         if self.resume and self.overwrite:
