@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -162,15 +162,15 @@ class TransformersTeacher(Teacher):
         self.model = None
         self._layer_modules = None
 
-    @contextlib.contextmanager
-    def _hidden(self, layers: list[int]):
-        """{layer: [B, T, H]} of one forward: hooks on the chosen layers, or the model's own hidden_states
-        (``outputs`` is then set from the forward's output by the caller)."""
+    def _with_layers(self, forward: Callable[[bool], Any], layers: list[int],
+                     hidden_of: Callable[[Any], Any] = lambda out: out.hidden_states) -> tuple[Any, dict[int, torch.Tensor]]:
+        """``forward(output_hidden_states)``'s result and the chosen layers' [B, T, H]: from hooks on those
+        layers only, or, for a model they do not fit, from the model's own hidden_states (``hidden_of``)."""
         if layers and self._layer_modules is not None:
             with capture(self._layer_modules, layers) as got:
-                yield got, False
-        else:
-            yield {}, bool(layers)
+                return forward(False), got
+        result = forward(bool(layers))
+        return result, {layer: hidden_of(result)[layer] for layer in layers}
 
     # -- scoring
     def _pad(self, sequences: list[np.ndarray]):
@@ -194,11 +194,10 @@ class TransformersTeacher(Teacher):
         ids, attn, valid, lens = self._pad(sequences)
         B = len(sequences)
         targets = ids[:, 1:][valid]
-        with self._hidden(hidden_layers) as (hidden, all_layers):
-            feats, head, out = selected_features(self.model, ids, attn, valid, output_hidden_states=all_layers)
-        if all_layers:
-            hidden = {layer: out.hidden_states[layer] for layer in hidden_layers}
-        del out
+        (feats, head, out), hidden = self._with_layers(
+            lambda all_layers: selected_features(self.model, ids, attn, valid, output_hidden_states=all_layers),
+            hidden_layers, hidden_of=lambda r: r[2].hidden_states)
+        del out  # under output_hidden_states it holds every layer; only the chosen ones are kept
         V = self.vocab_size
         k = min(top_k, V)
         u = None
@@ -254,10 +253,8 @@ class TransformersTeacher(Teacher):
         return hidden states themselves."""
         assert self.model is not None, "call load() first"
         ids, attn, _, lens = self._pad(sequences)
-        with self._hidden(layers) as (hidden, all_layers):
-            out = self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=all_layers)
-        if all_layers:
-            hidden = {layer: out.hidden_states[layer] for layer in layers}
+        _, hidden = self._with_layers(
+            lambda all_layers: self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=all_layers), layers)
         results: list[dict] = [{} for _ in sequences]
         self._add_hidden(results, hidden, lens)
         return results
