@@ -14,9 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdcache.errors import ConfigError, DataError
+from kdcache.errors import DataError
 from kdcache.fingerprint import json_hash, tree_fingerprint
-from kdcache.locations import check_location
 from kdcache.pipeline.config import DataConfig
 from kdcache.pipeline.corpus import EMBEDDED_DATASETS, EMBEDDED_PREFIX, stdlib_docstrings
 
@@ -87,9 +86,8 @@ def _load_datasets(src: str, split: str, revision: str | None = None) -> Iterato
                 raise DataError(f"cannot read {src}: use one of {', '.join(sorted(_LOADERS))} files")
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=True)
         else:
-            check_location(src, "dataset", "--dataset", kind="dataset")
             ds = datasets.load_dataset(src, split=split, streaming=True, revision=revision)
-    except (DataError, ConfigError):
+    except DataError:
         raise
     except StopIteration:  # datasets' JSON/CSV builders on a file with no rows
         raise DataError(f"dataset {src!r} has no rows (the file is empty); add rows or pass another --dataset") from None
