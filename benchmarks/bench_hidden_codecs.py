@@ -10,6 +10,7 @@ error is |decoded - fp32| / |fp32| per value (median, p99.9, max) and the relati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def main() -> None:
         caches = {}
         for codec in ("fp32", "fp16", "bf16"):
             out = Path(d) / codec
-            generate(GenerateConfig(**{**base.__dict__, "hidden_codec": codec, "out": str(out)}), progress=False, teacher=teacher)
+            generate(dataclasses.replace(base, hidden_codec=codec, out=str(out)), progress=False, teacher=teacher)
             caches[codec] = out
         teacher.close()
         ref = list(open_cache(caches["fp32"]))
