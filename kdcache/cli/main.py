@@ -123,7 +123,7 @@ def _run(fn, *args, **kwargs) -> Any:
         sys.exit(exc.exit_code)
     except KDCacheError as exc:
         ctx = click.get_current_context(silent=True)
-        message = str(exc).replace("`kdcache fields CMD`", f"`kdcache fields {ctx.info_name}`") if ctx and ctx.info_name in ("generate", "train", "demo") else str(exc)
+        message = str(exc).replace("`kdcache fields CMD`", f"`kdcache fields {ctx.info_name}`") if ctx and ctx.info_name in ("generate", "train", "demo", "born-again") else str(exc)
         click.echo(f"error: {message}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -293,6 +293,29 @@ def demo(config_path, out, steps, max_rows, overrides, quiet) -> None:
     click.echo("\n" + format_results(results, cfg))
 
 
+@main.command(name="born-again")
+@click.option("--config", "config_path", type=click.Path(), help="YAML with generations, generate: and train: sections (defaults: the demo's).")
+@click.option("--recipe", help="A shipped recipe by name, e.g. born-again (`kdcache recipes` lists them); instead of --config.")
+@click.option("--out", "work", help="Work folder: WORK/gen-<g>/{cache,run} and WORK/generations.{json,md} (default runs/born-again).")
+@click.option("--generations", type=int, help="Students trained in sequence, each the teacher of the next.")
+@click.option("--teacher", help="Generation 0's teacher: model folder, .gguf file or hub id (default: the embedded SmolLM2).")
+@click.option("--steps", type=int, help="Training steps per generation.")
+@click.option("--max-rows", type=int, help="Dataset rows every generation's teacher scores.")
+@click.option("--set", "overrides", multiple=True, help=_set_help("train.alpha=0.7", "born-again"))
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def born_again(config_path, recipe, work, generations, teacher, steps, max_rows, overrides, quiet) -> None:
+    """Born-again self-distillation: each generation's student is the next one's teacher (re-running resumes)."""
+    from kdcache.cli.born_again import BornAgainConfig, born_again as run, format_table
+
+    values = {"work": work, "generations": generations, "generate.teacher": teacher, "train.steps": steps, "generate.data.max_rows": max_rows}
+    config_path = _run(_config_path, config_path, recipe)
+    cfg = _run(build_config, BornAgainConfig, config_path, values, list(overrides))
+    _run(cfg.validate)
+    rows = _run(run, cfg, progress=not quiet)
+    click.echo("\n" + format_table(rows, cfg))
+    click.echo(f"\nwrote {cfg.work}/generations.json and generations.md")
+
+
 @main.command()
 @click.argument("caches", nargs=-1, required=True)
 @click.option("--weights", required=True, help="Comma-separated weight per cache, e.g. 0.7,0.3 (normalised to sum 1).")
@@ -340,14 +363,15 @@ def recipes() -> None:
 
 
 @main.command()
-@click.argument("command", type=click.Choice(["generate", "train", "demo"]))
+@click.argument("command", type=click.Choice(["generate", "train", "demo", "born-again"]))
 def fields(command) -> None:
     """List every config field of COMMAND with its default and meaning."""
     from kdcache.pipeline.config import GenerateConfig
+    from kdcache.cli.born_again import BornAgainConfig
     from kdcache.cli.demo import DemoConfig
     from kdcache.train.config import TrainConfig
 
-    cls = {"generate": GenerateConfig, "train": TrainConfig, "demo": DemoConfig}[command]
+    cls = {"generate": GenerateConfig, "train": TrainConfig, "demo": DemoConfig, "born-again": BornAgainConfig}[command]
     for name, default, help_text in field_docs(cls):
         click.echo(f"{name:32s} {default:24s} {help_text}")
 
