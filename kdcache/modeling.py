@@ -33,6 +33,19 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+def decoder_layer_modules(model: Any) -> list[Any] | None:
+    """The n + 1 modules whose outputs are ``hidden_states[0..n]`` (embeddings, blocks 1..n-1, the final norm after
+    block n), or None when the decoder is not laid out as ``embed_tokens``/``layers``/``norm``. Teachers hook them to
+    store hidden states and students to match them, so layer L means the same tensor on both sides."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    blocks = getattr(decoder, "layers", None)
+    embed = getattr(decoder, "embed_tokens", None)
+    norm = getattr(decoder, "norm", None)
+    if decoder is None or blocks is None or embed is None or norm is None or len(blocks) == 0:
+        return None
+    return [embed, *list(blocks)[:-1], norm]
+
+
 def has_plain_head(model: Any) -> bool:
     cfg = model.config.get_text_config()
     return not any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))

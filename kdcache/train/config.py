@@ -38,11 +38,31 @@ class StudentConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a stage-wise run: its steps and what changes in it (kdcache/train/objective.py)."""
+
+    steps: int = doc("Optimizer steps of this stage; 0 in the last stage: until the run's `steps`.", 0, valid=NON_NEGATIVE)
+    loss: str = doc("This stage's logit loss (none: terms only); empty keeps the run's `loss`.", "")
+    alpha: float | None = doc("This stage's constant alpha; null keeps the run's alpha and its schedule.", None, valid=FRACTION)
+    terms: dict | None = doc("This stage's loss terms, replacing the run's `terms` (e.g. {hidden: {weight: 1, mapping: [[2, 15]]}}); null keeps them.", None)
+    freeze: list[str] = doc("Student parameters not updated in this stage: glob patterns over parameter names "
+                            "(a module name freezes all of its parameters), e.g. [model.embed_tokens, model.layers.0].", default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     cache: str = doc("Cache directory written by `kdcache generate`.", "")
     out: str = doc("Run directory: checkpoints, final model, metrics.", "")
     student: StudentConfig = doc("The student model.", default_factory=StudentConfig)
-    loss: str = doc("Loss name (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv; rskd (sampled sparse targets); tfkd (teacher-free virtual teacher).", "kd")
+    loss: str = doc("Logit loss (registry in kdcache.train.losses): ce; kd (forward KL, fused fast path); the divergences fkl, rkl, jsd, skl, srkl, tv; rskd (sampled sparse targets); tfkd (teacher-free virtual teacher); none (terms only).", "kd")
+    terms: dict = doc(
+        "Loss terms added to the logit loss, each a weight or its own section (registry in kdcache.train.terms): "
+        "hidden (feature KD), attention (MiniLMv2 relations), exits (layer-wise self-distillation); "
+        "e.g. {hidden: {weight: 0.5, metric: cosine}} or --set terms.hidden=0.5. `kdcache fields train` lists each term's keys.",
+        default_factory=dict)
+    stages: list[StageConfig] = doc(
+        "Stage-wise training: a list of stages, each with its steps, loss, alpha, terms and frozen modules, switched at step "
+        "boundaries (empty: one stage).", default_factory=list)
     alpha: float = doc("Weight of the soft KD term; 1 - alpha weights hard-label cross-entropy (the start value under a schedule).", 0.5, valid=FRACTION)
     alpha_schedule: Literal["constant", "linear", "cosine"] = doc("How alpha moves from `alpha` (step 0) to `alpha_end` (last step).", "constant")
     alpha_end: float | None = doc("Final alpha of a linear/cosine schedule (null: stay at alpha).", None, valid=FRACTION)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -38,11 +39,15 @@ class Batch:
     targets: Targets  # per selected target, flattened in (batch, time) order
     num_tokens: int  # selected targets
     teacher_nll_sum: float  # sum over selected targets, from the cache's per-example stats
+    # Per-position teacher signals for loss terms, padded [B, T, *]: hidden_<L> (with hidden_mask [B, T], the
+    # positions whose state is stored) and qkv_<L>.
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
         t = self.targets
         moved = replace(t, **{f.name: getattr(t, f.name).to(device, non_blocking=True) for f in fields(t) if getattr(t, f.name) is not None})
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device), moved, self.num_tokens, self.teacher_nll_sum)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device), moved, self.num_tokens,
+                     self.teacher_nll_sum, {k: v.to(device, non_blocking=True) for k, v in self.signals.items()})
 
 
 def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None) -> Batch:
@@ -82,7 +87,41 @@ def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None
         Targets(torch.from_numpy(labels), topk_ids, topk_lp, tail, s_ids, s_w, tail_t),
         int(select.sum()),
         nll,
+        _position_signals(examples, lens, T),
     )
+
+
+_HIDDEN = re.compile(r"hidden_\d+")
+_QKV = re.compile(r"qkv_\d+")
+
+
+def _position_signals(examples: list[dict], lens: np.ndarray, T: int) -> dict[str, torch.Tensor]:
+    """Hidden states and q/k/v rows placed at their positions in [B, T, *] (one fancy-index write per column).
+    A cache that stores a subset of positions lists them (``hidden_positions``); ``hidden_mask`` marks them."""
+    out: dict[str, torch.Tensor] = {}
+    first = examples[0]
+    hidden = [c for c in first if _HIDDEN.fullmatch(c)]
+    if hidden:
+        pos = [np.asarray(ex["hidden_positions"], dtype=np.int64) if "hidden_positions" in ex else np.arange(len(ex[hidden[0]]))
+               for ex in examples]
+        rows = np.repeat(np.arange(len(examples)), [len(p) for p in pos])
+        cols = np.concatenate(pos)
+        mask = np.zeros((len(examples), T), dtype=bool)
+        mask[rows, cols] = True
+        out["hidden_mask"] = torch.from_numpy(mask)
+        for c in hidden:
+            values = np.concatenate([ex[c] for ex in examples])
+            dense = np.zeros((len(examples), T, values.shape[-1]), dtype=np.float32)
+            dense[rows, cols] = values
+            out[c] = torch.from_numpy(dense)
+    for c in (c for c in first if _QKV.fullmatch(c)):
+        rows = np.repeat(np.arange(len(examples)), lens)
+        cols = np.concatenate([np.arange(n) for n in lens])
+        values = np.concatenate([ex[c] for ex in examples])
+        dense = np.zeros((len(examples), T, values.shape[-1]), dtype=np.float32)
+        dense[rows, cols] = values
+        out[c] = torch.from_numpy(dense)
+    return out
 
 
 def _sampled_targets(examples: list[dict], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from kdcache.cache import Cache, holdout_fraction_filter, open_cache, require_sa
 from kdcache.config import to_dict
 from kdcache.errors import CacheMismatchError, ConfigError, DataError, Interrupted, KDCacheError
 from kdcache.fingerprint import json_hash
-from kdcache.modeling import autocast_for, resolve_device, selected_logits
+from kdcache.modeling import autocast_for, resolve_device
 from kdcache.train.checkpoint import (
     checkpoint_step, fsync_dir, fsync_tree, latest_checkpoint, link_tree, load_checkpoint, save_checkpoint,
 )
@@ -36,6 +36,7 @@ from kdcache.train.data import TEMPERED_TAIL, Batch, batches, heldout_batches, t
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss
+from kdcache.train.objective import build_objectives, forward, stage_at
 from kdcache.train.pseudo_teachers import build_pseudo_teacher
 from kdcache.train.student import build_student
 
@@ -49,6 +50,8 @@ _RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "s
 
 # config.yaml's first line: the kdcache version that wrote it. A YAML comment, so the file stays a config that
 # `--config` accepts (unknown keys are refused) and the resume check, which compares the parsed configs, ignores it.
+_PROJ = "projections."  # checkpoint keys of the terms' projections (kept in the run, never in the exported student)
+
 _VERSION_LINE = re.compile(r"# written by kdcache (\S+)")
 
 
@@ -56,7 +59,7 @@ def alpha_at(cfg: TrainConfig, step: int) -> float:
     """KD weight at ``step``: constant, or moving from ``alpha`` to ``alpha_end`` (linear or cosine).
 
     A schedule lets the hard labels dominate early and the teacher late, or the reverse."""
-    if cfg.loss == "ce":
+    if cfg.loss in ("ce", "none"):
         return 0.0
     if cfg.alpha_schedule == "constant" or cfg.alpha_end is None:
         return cfg.alpha
@@ -109,12 +112,6 @@ def run_version(config_yaml: Path) -> str | None:
     with open(config_yaml) as f:
         m = _VERSION_LINE.match(f.readline())
     return m.group(1) if m else None
-
-
-def _forward_loss(model, batch: Batch, loss_fn, settings: LossSettings, autocast) -> tuple[torch.Tensor, dict]:
-    with autocast():
-        logits = selected_logits(model, batch.input_ids, batch.attention_mask, batch.select)
-    return loss_fn(logits, batch.targets, settings)
 
 
 @dataclasses.dataclass
@@ -176,32 +173,36 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     cache = open_cache(cfg.cache)
     if cache.manifest.status != "complete":
         log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
-    loss_spec = get_loss(cfg.loss)
-    if cfg.pseudo_teacher != "none" and loss_spec.needs != TOPK_SIGNALS:
+    loss_spec = get_loss(cfg.loss) if cfg.loss != "none" else None
+    if cfg.pseudo_teacher != "none" and (loss_spec is None or loss_spec.needs != TOPK_SIGNALS or cfg.stages):
         raise ConfigError(f"pseudo_teacher {cfg.pseudo_teacher} produces top-k targets; pair it with a divergence loss "
-                          f"(kd, fkl, rkl, jsd, skl, srkl, tv), not {cfg.loss!r}")
-    needs = () if cfg.pseudo_teacher != "none" else loss_spec.needs  # the pseudo-teacher supplies the top-k
-    missing = [c for c in needs if c not in cache.columns]
-    if missing:
-        flag = "--sampled-tokens N" if missing[0].startswith("sampled_") else "--top-k K"
-        raise ConfigError(f"loss {cfg.loss!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate {flag}`")
+                          f"(kd, fkl, rkl, jsd, skl, srkl, tv) and no stages, not loss {cfg.loss!r}" + (" with stages" if cfg.stages else ""))
+    for name in {cfg.loss, *(st.loss for st in cfg.stages if st.loss)} - {"none"}:
+        needs = () if cfg.pseudo_teacher != "none" else get_loss(name).needs  # the pseudo-teacher supplies the top-k
+        missing = [c for c in needs if c not in cache.columns]
+        if missing:
+            flag = "--sampled-tokens N" if missing[0].startswith("sampled_") else "--top-k K"
+            raise ConfigError(f"loss {name!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate {flag}`")
     eval_source = _open_eval_cache(cfg, cache)
     tail_index = _tail_mode(cfg, cache)
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
-    out, ckpt = _prepare_run_dir(cfg)
-
     model, tokenizer = build_student(cfg.student, cache, seed=cfg.seed)
+    objectives, projections = build_objectives(cfg, model, cache)  # every term's bad input is refused here, before the run dir
+    out, ckpt = _prepare_run_dir(cfg)
     model.to(device).train()
+    projections.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pseudo = build_pseudo_teacher(cfg, model)
-    optimizer = build_optimizer(model, cfg)
+    # the projections train with the student (after its parameters, so a run without terms has the same optimizer)
+    optimizer = build_optimizer(torch.nn.ModuleList([model, projections]) if len(projections) else model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, beta=cfg.beta, skew=cfg.skew, correct_prob=cfg.correct_prob)
 
     eval_batches = _eval_batches(cfg, cache, eval_source, pad_id)
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
-    reads = (*needs, *(TOPK_SIGNALS if cfg.pseudo_teacher == "peers" and cfg.peer_teacher_weight > 0 else ()),
+    reads = (*(c for obj in objectives for c in obj.needs.columns if cfg.pseudo_teacher == "none" or c not in TOPK_SIGNALS),
+             *(TOPK_SIGNALS if cfg.pseudo_teacher == "peers" and cfg.peer_teacher_weight > 0 else ()),
              *((TEMPERED_TAIL,) if tail_index is not None else ()), *((cfg.curriculum.by,) if cfg.curriculum.enabled else ()))
     curriculum = (Curriculum(cfg.curriculum, training_difficulties(cache, cfg.curriculum.by, is_heldout), cfg.steps)
                   if cfg.curriculum.enabled else None)
@@ -211,8 +212,11 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     step = 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        extra = state["extra_tensors"]
+        if len(projections):
+            projections.load_state_dict({k[len(_PROJ):]: v.to(device) for k, v in extra.items() if k.startswith(_PROJ)})
         if pseudo is not None:
-            pseudo.load_state_tensors(state["extra_tensors"])
+            pseudo.load_state_tensors({k: v for k, v in extra.items() if not k.startswith(_PROJ)})
         stream.load_state_dict(state["data"])
         step = state["step"]
         _truncate_metrics(out / "metrics.jsonl", step)
@@ -227,7 +231,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
         nonlocal saved
         saved = save_checkpoint(out, at, model, tokenizer, optimizer, scheduler,
                                 {"data": stream.state_dict(), "config_hash": json_hash(to_dict(cfg)), "kdcache_version": kdcache.__version__},
-                                cfg.keep_checkpoints, extra_tensors=pseudo.state_tensors() if pseudo is not None else None)
+                                cfg.keep_checkpoints, extra_tensors={**(pseudo.state_tensors() if pseudo is not None else {}),
+                                                                     **{_PROJ + k: v for k, v in projections.state_dict().items()}})
 
     with open(out / "metrics.jsonl", "a") as metrics_file, \
             tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress) as bar:
@@ -244,14 +249,17 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                     "lower --set eval_fraction=... or generate more rows"
                 ) from None
             total_tokens = sum(b.num_tokens for b in micro)
-            settings.alpha = alpha_at(cfg, step)
+            stage = stage_at(objectives, step)
+            settings.alpha = stage.alpha if stage.alpha is not None else alpha_at(cfg, step)
             for b in micro:
                 if pseudo is not None:  # targets from the student itself, computed before it reads the batch
                     b = dataclasses.replace(pseudo.student_batch(b, step), targets=pseudo.targets(model, b, autocast))
-                loss_sum, parts = _forward_loss(model, b, loss_spec.fn, settings, autocast)
+                loss_sum, parts = forward(model, b, stage, settings, autocast)
                 (loss_sum / max(total_tokens, 1)).backward()
                 for key, value in {**parts, "loss": loss_sum.detach(), "teacher_nll": b.teacher_nll_sum}.items():
                     sums[key] = sums.get(key, 0.0) + value  # tensors: no device sync until we log
+            for p in stage.frozen:  # AdamW skips a parameter without a gradient: no update, no decay, no moments
+                p.grad = None
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -267,6 +275,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - t0
                 row = {"step": step, "lr": scheduler.get_last_lr()[0], "alpha": settings.alpha, "tokens_per_s": tokens_since / elapsed}
+                if cfg.stages:
+                    row["stage"] = objectives.index(stage)
                 if curriculum is not None:
                     row["curriculum_competence"] = competence(cfg.curriculum, step - 1, cfg.steps)  # of the step just trained
                 row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
@@ -284,23 +294,25 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     final_dir = out / "final"
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    extras = pseudo.extra_students() if pseudo is not None else {}
+    extras = {f"peers/{n}": m for n, m in (pseudo.extra_students() if pseudo is not None else {}).items()}
+    extras.update({f"exits/{n}": m for obj in objectives for _, _, term in obj.terms for n, m in term.exports(model).items()})
     if saved is not None and checkpoint_step(saved) == step:
         link_tree(saved / "model", tmp)  # the same weights and tokenizer: hard links, not a second copy
     else:  # every run ends with a checkpoint of its last step; should a folder's name disagree, save from memory
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     for name, m in extras.items():
-        m.save_pretrained(tmp / "peers" / name, safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "peers" / name)
+        m.save_pretrained(tmp / name, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / name)
     fsync_tree(tmp)  # every file and folder on disk before final/ can name them (a power loss never leaves it empty)
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
     fsync_dir(out)
     if not final and eval_batches:
         final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
-    if extras and eval_batches:
-        final["peers"] = {name: evaluate(m, eval_batches, device, autocast) for name, m in extras.items()}
+    for name, m in extras.items() if eval_batches else ():
+        group, member = name.split("/")
+        final.setdefault(group, {})[member] = evaluate(m, eval_batches, device, autocast)
     (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
     return final
 
@@ -308,7 +320,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
 def _tail_mode(cfg: TrainConfig, cache: Cache) -> int | None:
     """Index of the stored exact tempered tail the run reads, or None (T = 1, renormalised top-k, pseudo-teacher
     targets, which carry their own exact tail, or the bucket-tempered approximation). Logged either way."""
-    if cfg.temperature == 1.0 or cfg.tail == "renormalize" or cfg.pseudo_teacher != "none" or get_loss(cfg.loss).needs != TOPK_SIGNALS:
+    if cfg.temperature == 1.0 or cfg.tail == "renormalize" or cfg.pseudo_teacher != "none" or cfg.loss == "none" or get_loss(cfg.loss).needs != TOPK_SIGNALS:
         return None
     index = tempered_tail_index(cache, cfg.temperature) if cfg.tempered_tail != "bucket" else None
     stored = cache.manifest.tail_temperatures
