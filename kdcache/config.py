@@ -214,10 +214,15 @@ def typed_sections(obj: Any) -> None:
     with a dict) become their dataclass, checked as a YAML file's would be. Call it in ``__post_init__``."""
     hints = get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, dict) and dataclasses.is_dataclass(hints[f.name]):
-            reject_unknown_keys(hints[f.name], value, f.name)
-            setattr(obj, f.name, from_dict(hints[f.name], value, f.name))
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if isinstance(value, dict) and dataclasses.is_dataclass(tp):
+            reject_unknown_keys(tp, value, f.name)
+            setattr(obj, f.name, from_dict(tp, value, f.name))
+        elif isinstance(value, list) and get_origin(tp) is list and dataclasses.is_dataclass(item := (get_args(tp) or (None,))[0]):
+            for i, v in enumerate(value):  # a list of sections (train.stages)
+                if isinstance(v, dict):
+                    reject_unknown_keys(item, v, f"{f.name}[{i}]")
+                    value[i] = from_dict(item, v, f"{f.name}[{i}]")
 
 
 def unknown_keys(cls: type, data: dict, where: str = "") -> list[str]:
@@ -230,6 +235,10 @@ def unknown_keys(cls: type, data: dict, where: str = "") -> list[str]:
         if key in names:
             if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
                 out.extend(unknown_keys(hints[key], value, f"{prefix}{key}"))
+            elif isinstance(value, list) and get_origin(hints[key]) is list and dataclasses.is_dataclass(item := get_args(hints[key])[0]):
+                for i, v in enumerate(value):
+                    if isinstance(v, dict):
+                        out.extend(unknown_keys(item, v, f"{prefix}{key}[{i}]"))
             continue
         close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
         if isinstance(value, dict) and value and all(k in names for k in value):

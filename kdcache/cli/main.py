@@ -372,7 +372,15 @@ def fields(command) -> None:
     from kdcache.train.config import TrainConfig
 
     cls = {"generate": GenerateConfig, "train": TrainConfig, "demo": DemoConfig, "born-again": BornAgainConfig}[command]
-    for name, default, help_text in field_docs(cls):
+    rows = field_docs(cls)
+    if command == "train":  # each loss term's own section, and a stage's keys
+        from kdcache.train.config import StageConfig
+        from kdcache.train.objective import TERMS
+
+        rows += field_docs(StageConfig, prefix="stages[i].")
+        for term in sorted(TERMS):
+            rows += field_docs(TERMS[term].config, prefix=f"terms.{term}.")
+    for name, default, help_text in rows:
         click.echo(f"{name:32s} {default:24s} {help_text}")
 
 

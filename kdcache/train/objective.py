@@ -93,7 +93,7 @@ def _objective(cfg, model, cache, projections, loss_name, alpha, terms, freeze, 
 
 def frozen_parameters(model: Any, patterns: list[str], where: str) -> list[torch.nn.Parameter]:
     """Parameters whose names match any glob pattern; a pattern that matches nothing is a typo, refused."""
-    named = list(model.named_parameters())
+    named = list(model.named_parameters(remove_duplicate=False))  # a tied lm_head.weight is named too
     frozen: dict[int, torch.nn.Parameter] = {}
     for pattern in patterns:
         hits = [p for n, p in named if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]

@@ -23,7 +23,6 @@ Add a term: a config dataclass (subclass :class:`TermConfig`), a build function 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -131,13 +130,6 @@ def term_config(name: str, section: Any, where: str) -> TermConfig:
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a weight or a mapping of that term's fields, got {section!r}")
     return from_dict(TERMS[name].config, section, where)
-
-
-def term_fields(name: str) -> list[tuple[str, Any, str]]:
-    """(field, default, help) of a term's section, for ``kdcache fields`` and docs."""
-    cfg = TERMS[name].config
-    return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),  # type: ignore[misc]
-             f.metadata.get("help", "")) for f in dataclasses.fields(cfg)]
 
 
 def stored_layers(manifest: Any, signal: str) -> list[int]:
