@@ -239,7 +239,7 @@ def born_again(cfg: BornAgainConfig, progress: bool = True) -> list[dict]:
             stage = "evaluate"
             own = _own_teacher_eval(cfg, g, final)
         except Interrupted as exc:
-            done = f"generations 0-{g - 1} are complete; " if g else ""
+            done = "" if not g else "generation 0 is complete; " if g == 1 else f"generations 0-{g - 1} are complete; "
             raise Interrupted(f"generation {g} ({stage}): {done}{exc}") from None
         tcfg = train_config(cfg, g)
         rows.append({
