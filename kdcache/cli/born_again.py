@@ -188,16 +188,17 @@ def _train(cfg: BornAgainConfig, g: int, manifest, progress: bool) -> dict:
     elif _run_complete(tcfg):
         log.info("generation %d: %s is complete; skipped", g, run)
         return json.loads((run / "final_metrics.json").read_text())
-    own.unlink(missing_ok=True)
     _write_json(stamp_path, stamp)  # before the first checkpoint, so a resumed run is known to belong to this cache
     try:
-        return train(tcfg, progress=progress)
+        final = train(tcfg, progress=progress)
     except CacheMismatchError as exc:  # the run holds another config
         if not cfg.overwrite:
             raise CacheMismatchError(f"generation {g}: {_with_our_flags(str(exc))}") from None
-    log.info("generation %d: retraining %s with the new settings (--set overwrite=true)", g, run)
-    shutil.rmtree(run)
-    return train(tcfg, progress=progress)
+        log.info("generation %d: retraining %s with the new settings (--set overwrite=true)", g, run)
+        shutil.rmtree(run)
+        final = train(tcfg, progress=progress)
+    own.unlink(missing_ok=True)  # the student may have changed: its own-teacher evaluation is redone
+    return final
 
 
 def _own_teacher_eval(cfg: BornAgainConfig, g: int, final: dict) -> dict:
