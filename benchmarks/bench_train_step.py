@@ -22,9 +22,9 @@ import torch
 from common import machine, synthetic_topk
 from kdcache.train.config import StudentConfig, TrainConfig
 from kdcache.train.data import Batch
-from kdcache.train.loop import _forward_loss
+from kdcache.train.objective import Objective, forward
 from kdcache.train.optim import build_optimizer
-from kdcache.train.losses import LossSettings, Targets, cross_entropy_loss, get_loss, sparse_kd_loss, teacher_buckets
+from kdcache.train.losses import LossSettings, LossSpec, Targets, cross_entropy_loss, get_loss, sparse_kd_loss, teacher_buckets
 
 
 def naive_kd(logits, targets: Targets, settings: LossSettings):
@@ -87,7 +87,7 @@ def main() -> None:
     for step in range(args.steps + 2):
         for name, (fn, settings) in variants.items():
             t0 = time.perf_counter()
-            loss, _ = _forward_loss(model, batch, fn, settings, nullctx)
+            loss, _ = forward(model, batch, Objective(name, LossSpec(fn, (), name), None, [], [], 0, 1), settings, nullctx)
             (loss / batch.num_tokens).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
