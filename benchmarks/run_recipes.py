@@ -44,7 +44,9 @@ from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.loop import train
 
 METHOD_KEYS = ("loss", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
-               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight", "curriculum")
+               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight", "curriculum",
+               "terms", "stages")
+TEACHER_SIGNALS = ("hidden_layers", "hidden_codec", "attention_layers")  # recipes that read the teacher's insides
 
 
 def column_bytes(cache_dir: Path) -> dict[str, int]:
@@ -76,6 +78,14 @@ def recipe_caches(name: str, recipe: dict, base: GenerateConfig, work: Path, arg
         m = generate(cont, progress=False)
         print(f"{name} cache: {m.num_rows} continuations, {m.num_tokens} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
         return [(name, cont.out, base.out)]
+    if any(k in gen for k in TEACHER_SIGNALS):  # the same rows with the teacher's hidden states / q/k/v; recipes asking alike share it
+        signals = {k: gen[k] for k in TEACHER_SIGNALS if k in gen}
+        tag = "-".join(f"{k.split('_')[0]}{''.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(signals.items()))
+        feat = dataclasses.replace(base, out=str(work / f"cache-{tag}"), sampled_tokens=0, **signals)
+        t0 = time.perf_counter()
+        m = generate(feat, progress=False)
+        print(f"{name} cache {feat.out}: {m.num_rows} rows, {time.perf_counter() - t0:.0f} s", flush=True)
+        return [(name, feat.out, base.out)]
     return [(name, base.out, "")]
 
 
@@ -111,7 +121,8 @@ def main() -> None:
     }
     print(json.dumps(bytes_info), flush=True)
     docs = {"ce-only": {"train": {"loss": "ce"}}, **{name: yaml.safe_load(recipe_path(name).read_text()) for name in list_recipes()}}
-    names = args.only.split(",") if args.only else list(docs)
+    # born-again trains several generations through its own command (`kdcache born-again`), not one row here
+    names = args.only.split(",") if args.only else [n for n in docs if "generations" not in docs[n]]
     unknown = [n for n in names if n not in docs]
     if unknown:
         raise SystemExit(f"unknown recipes {unknown}; valid: {', '.join(docs)}")

@@ -17,7 +17,7 @@ from kdcache.pipeline.recipes import list_recipes, recipe_path
 from kdcache.train.loop import alpha_at
 
 RECIPES = [recipe_path(name) for name in list_recipes()]
-TINY_STUDENT = {"student.hidden_size": 32, "student.num_layers": 1, "student.num_heads": 2, "student.num_kv_heads": 1, "student.intermediate_size": 64}
+TINY_STUDENT = {"student.hidden_size": 32, "student.num_layers": 2, "student.num_heads": 2, "student.num_kv_heads": 1, "student.intermediate_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,9 @@ def caches(tmp_path_factory):
 def test_recipe_runs_end_to_end(recipe, tiny_teacher, text_jsonl, tmp_path_factory, caches):
     data = yaml.safe_load(recipe.read_text())
     gen = build_config(GenerateConfig, recipe, {"teacher": str(tiny_teacher), "data.source": str(text_jsonl), "data.max_length": 48,
-                                                "data.max_rows": 40, "generation.max_new_tokens": 4, "out": "pending"}, section="generate")
+                                                "data.max_rows": 40, "generation.max_new_tokens": 4, "out": "pending",
+                                                # the tiny teacher has 2 blocks: its layers instead of a 30-block teacher's
+                                                **({"hidden_layers": [1, 2]} if data["generate"].get("hidden_layers") else {})}, section="generate")
     key = json.dumps({k: v for k, v in to_dict(gen).items() if k != "out"}, sort_keys=True)
     if key not in caches:  # recipes with the same generate settings share a cache, as users would
         gen.out = str(tmp_path_factory.mktemp("recipe_cache") / "cache")
@@ -38,11 +40,18 @@ def test_recipe_runs_end_to_end(recipe, tiny_teacher, text_jsonl, tmp_path_facto
     out = tmp_path_factory.mktemp("recipe_run") / recipe.stem
     cfg = build_config(TrainConfig, recipe, {"cache": caches[key], "out": str(out), "steps": 6, "batch_size": 4, "eval_fraction": 0.2,
                                              "eval_every": 0, "save_every": 0, "log_every": 1, "warmup_steps": 1, **TINY_STUDENT}, section="train")
+    if cfg.stages:  # the same stages, in 6 steps
+        cfg.stages[0].steps = 3
     final = train(cfg, progress=False)
     assert math.isfinite(final["eval_ppl"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     metric = {"kd": "kd"}.get(cfg.loss, cfg.loss)
-    assert all(math.isfinite(r[metric]) for r in rows if "loss" in r), f"{recipe.stem}: no {metric} metric"
+    stages = cfg.stages or [type("Stage", (), {"loss": "", "terms": None})()]
+    for r in (r for r in rows if "loss" in r):  # each logged row has its stage's logit loss and terms
+        stage = stages[r.get("stage", 0)]
+        expected = [stage.loss or metric] if (stage.loss or metric) != "none" else []
+        expected += list(cfg.terms if stage.terms is None else stage.terms)
+        assert expected and all(math.isfinite(r[m]) for m in expected), f"{recipe.stem}: no {expected} metric"
     assert data["train"]["loss"] == cfg.loss
     if gen.generation.enabled:  # sequence-level / response-based: trained on teacher continuations, loss on them only
         from kdcache.cache import open_cache
