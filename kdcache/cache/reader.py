@@ -5,6 +5,10 @@ taken ``window`` at a time and the rows inside a window permuted. Memory is boun
 the cache, and a position is just ``(epoch, window, offset)``: restoring it re-reads one window and
 re-derives the same permutation, so a resumed run sees exactly the examples it would have seen.
 
+Hidden states and q/k/v come back as float32 [rows, width] whatever their codec: int8 columns are
+dequantised with their ``<column>_scale`` column (read along when a column subset is asked for, not
+returned), and a hidden column asked for alone brings ``hidden_positions`` (which positions it holds).
+
 Integrity: damaged bytes raise a one-line :class:`CacheFormatError` (naming the cache, shard, row group
 and the fix) instead of returning changed values. Opening a cache checks that every listed shard exists
 with the size the manifest records. The first open of a shard compares its sha256 with the manifest
@@ -28,7 +32,7 @@ import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
 from kdcache.cache.manifest import Manifest, file_sha256, manifest_path, read_manifest, tokenizer_path
-from kdcache.cache.schema import build_schema, column_codecs
+from kdcache.cache.schema import HIDDEN_POSITIONS_COLUMN, build_schema, column_codecs, scale_columns
 from kdcache.errors import CacheFormatError
 
 Example = dict[str, Any]
@@ -44,15 +48,30 @@ _SECOND_DIM: dict[str, Callable[[Manifest], int]] = {
 }
 
 
+def _trailing_dims(manifest: Manifest) -> dict[str, int]:
+    """Columns stored as [rows, width]: name -> width, from the manifest's column shapes."""
+    out = {}
+    for sig in manifest.signals.values():
+        for name, col in sig.get("columns", {}).items():
+            shape = col.get("shape", [])
+            if len(shape) == 2 and isinstance(shape[1], int):
+                out[name] = int(shape[1])
+    return out
+
+
 class RowGroupBlock:
-    """One decoded row group: for list columns flat values + offsets, for scalars an array."""
+    """One decoded row group: for list columns flat values + offsets, for scalars an array.
+
+    Columns of a scaled codec (int8) are dequantised with their ``<name>_scale`` column over the whole row
+    group at once; the scale column itself is consumed (examples hold the float32 values only)."""
 
     def __init__(self, table: pa.Table, manifest: Manifest, codecs: dict, footer_values: dict[str, int] | None = None):
         self.num_rows = table.num_rows
         self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.scalars: dict[str, Any] = {}
         self.second_dim: dict[str, int] = {}
-        hidden = manifest.signals.get("hidden") or {}
+        widths = _trailing_dims(manifest)
+        scaled = scale_columns(manifest.signals)
         for name in table.column_names:
             col = table.column(name).combine_chunks()
             if pa.types.is_list(col.type):
@@ -60,19 +79,36 @@ class RowGroupBlock:
                 if footer_values is not None:
                     check_value_count(name, col, footer_values, offsets)
                 values = col.values.to_numpy(zero_copy_only=False)
-                if name in codecs:
+                if name in codecs and not codecs[name].scaled:
                     values = codecs[name].decode(values)
                 self.lists[name] = (offsets, values)
                 if name in _SECOND_DIM:
                     self.second_dim[name] = _SECOND_DIM[name](manifest)
-                elif name.startswith("hidden_"):
-                    self.second_dim[name] = int(hidden["size"])
+                elif name in widths:
+                    self.second_dim[name] = widths[name]
+            elif name in scaled and pa.types.is_binary(col.type):  # int8 blobs: one per example, decoded below
+                if footer_values is not None:
+                    check_value_count(name, col, footer_values)
+                offsets = binary_offsets(col)
+                data = np.frombuffer(col.buffers()[2] or b"", dtype=np.int8)[offsets[0] : offsets[-1]]
+                self.lists[name] = (offsets - offsets[0], data)
+                self.second_dim[name] = widths[name]
             elif pa.types.is_string(col.type):
                 self.scalars[name] = col.to_pylist()
             else:
                 self.scalars[name] = col.to_numpy(zero_copy_only=False)
                 if footer_values is not None:
                     check_value_count(name, col, footer_values)
+        for name, scale_name in scaled.items():
+            if name not in self.lists:
+                continue
+            if scale_name not in self.lists:
+                raise DamagedShard(f"column {name} is stored as int8 but its scale column {scale_name} was not read")
+            (offsets, q), (scale_offsets, scale) = self.lists[name], self.lists.pop(scale_name)
+            width = widths[name]
+            if q.size != scale.size * width or not np.array_equal(offsets, scale_offsets * width):
+                raise DamagedShard(f"column {name} holds {q.size} values, its scale column {scale_name} {scale.size} rows of {width}")
+            self.lists[name] = (offsets, codecs[name].decode_rows(q.reshape(-1, width), scale).reshape(-1))
 
     def example(self, i: int) -> Example:
         ex: Example = {}
@@ -84,6 +120,11 @@ class RowGroupBlock:
             v = values[i]
             ex[name] = v.item() if isinstance(v, np.generic) else v
         return ex
+
+
+def binary_offsets(col: pa.Array) -> np.ndarray:
+    """A binary array's int64 byte offsets (len + 1), from its offsets buffer (pyarrow has no ``.offsets`` for it)."""
+    return np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1].astype(np.int64)
 
 
 class DamagedShard(Exception):
@@ -196,6 +237,8 @@ class Cache:
         self.verify_sha256 = verify_sha256
         self._codecs = {name: get_codec(c) for name, c in column_codecs(self.manifest.signals).items()}
         self._schema = build_schema(self.manifest.signals)
+        self._scales = scale_columns(self.manifest.signals)
+        self._positions = HIDDEN_POSITIONS_COLUMN in (self.manifest.signals.get("hidden") or {}).get("columns", {})
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._hashed: set[int] = set()
         self.row_groups = [
@@ -280,9 +323,20 @@ class Cache:
             self._files.popitem(last=False)
         return f
 
+    def _with_companions(self, columns: list[str] | None) -> list[str] | None:
+        """What decoding ``columns`` needs besides them: an int8 column's scale column, and a hidden column's
+        ``hidden_positions`` (which rows it holds)."""
+        if columns is None:
+            return None
+        extra = [self._scales[c] for c in columns if c in self._scales]
+        if self._positions and any(c.startswith("hidden_") for c in columns):
+            extra.append(HIDDEN_POSITIONS_COLUMN)
+        return [*columns, *(c for c in dict.fromkeys(extra) if c not in columns)]
+
     def read_block(self, row_group: int, columns: list[str] | None = None) -> RowGroupBlock:
         shard_index, group_index, rows = self.row_groups[row_group]
         f = self._file(shard_index)
+        columns = self._with_companions(columns)
         try:
             table = f.read_row_group(group_index, columns=columns)
             if table.num_rows != rows:

@@ -21,7 +21,14 @@ num_loss_tokens    int32                      number of loss-mask targets
 sampled_ids        list<int32> [sum sizes]    (RS-KD) unique tokens drawn from the teacher, per position
 sampled_weights    list<codec> [sum sizes]    (RS-KD) their importance weights: count/N * p/q
 sampled_sizes      list<uint16> [T-1]         (RS-KD) unique draws at each position
-hidden_<L>         list<codec> [T*H]          (optional) hidden state after layer L, row-major
+hidden_<L>         list<codec> [P*D]          (optional) hidden state after layer L, row-major: P = T stored
+                                              positions (or those in hidden_positions), D = H (or the
+                                              projected width signals.hidden.project_dim: h @ P, see hidden.py)
+hidden_<L>_scale   list<float32> [P]          (codec int8) each stored token's scale: value = int8 * scale; with
+                                              int8, hidden_<L> itself is binary: one blob of P*D int8 bytes
+hidden_positions   list<int32> [P]            (positions other than all) the token positions stored, ascending
+qkv_<L>            list<codec> [T*(dq+dk+dv)] (optional) block L's pre-RoPE q|k|v projections per token
+qkv_<L>_scale      list<float32> [T]          (codec int8) each token's scale of qkv_<L>
 prompt_length      int32                      (generation) tokens of the prompt before the continuation
 sample_index       int32                      (generation) which of the n samples for the prompt
 =================  =========================  ======================================================
@@ -35,6 +42,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from kdcache.cache.codecs import get_codec
+from kdcache.cache.hidden import parse_positions
 from kdcache.cache.manifest import FORMAT_VERSION
 
 BASE_COLUMNS = ("example_id", "input_ids", "loss_mask")
@@ -45,8 +53,28 @@ STATS_COLUMNS = ("teacher_nll", "teacher_entropy", "num_loss_tokens")
 GENERATION_COLUMNS = ("prompt_length", "sample_index")
 
 
+HIDDEN_POSITIONS_COLUMN = "hidden_positions"
+
+
 def hidden_column(layer: int) -> str:
     return f"hidden_{layer}"
+
+
+def qkv_column(layer: int) -> str:
+    return f"qkv_{layer}"
+
+
+def _coded_columns(name: str, rows: str, width: int, codec: str) -> dict:
+    """A [rows, width] float column through ``codec``; a scaled codec adds its ``<name>_scale`` column after it."""
+    c = get_codec(codec)
+    cols = {name: {"shape": [rows, width], "dtype": str(c.arrow_type), "codec": c.name}}
+    if c.scaled:
+        # One binary blob per example: Parquet has no 8-bit physical type and stores list<int8> as INT32
+        # (zstd then leaves ~1.4 bytes per value at D = 192); the blob is exactly one byte per value.
+        cols[name]["layout"] = "binary"
+        cols[name]["scale_column"] = f"{name}_scale"
+        cols[f"{name}_scale"] = {"shape": [rows], "dtype": "float32", "codec": "plain", "scale_of": name}
+    return cols
 
 
 def make_signals(
@@ -60,8 +88,17 @@ def make_signals(
     sampled_draws: int = 0,
     proposal_temperature: float = 1.0,
     tail_temperatures: list[float] | tuple[float, ...] = (),
+    hidden_project_dim: int = 0,
+    hidden_project_seed: int = 0,
+    hidden_positions: str = "all",
+    hidden_positions_seed: int = 0,
+    attention: dict | None = None,
 ) -> dict:
-    """The manifest's description of what a cache stores, with shapes, dtypes and codecs."""
+    """The manifest's description of what a cache stores, with shapes, dtypes and codecs.
+
+    ``attention``: the qkv signal, ``{"layers", "sizes": [dq, dk, dv], "num_heads", "num_kv_heads", "head_dim"}``
+    (None: not stored). Keys describing the hidden projection and positions appear only when they are not the
+    defaults (full width, all positions), so a cache without them has the same signals as before they existed."""
     lp = get_codec(logprob_codec)
     signals: dict = {"stats": {"columns": {c: {"shape": [], "dtype": "int32" if c == "num_loss_tokens" else "float32"} for c in STATS_COLUMNS}}}
     if top_k:
@@ -92,14 +129,36 @@ def make_signals(
             },
         }
     if hidden_layers:
-        hc = get_codec(hidden_codec)
-        signals["hidden"] = {
-            "layers": list(hidden_layers),
-            "size": hidden_size,
-            "columns": {
-                hidden_column(layer): {"shape": ["T", hidden_size], "dtype": str(hc.arrow_type), "codec": hc.name}
-                for layer in hidden_layers
-            },
+        kind, _ = parse_positions(hidden_positions)
+        width = hidden_project_dim or hidden_size
+        rows = "T" if kind == "all" else "P"
+        columns: dict = {}
+        if kind != "all":
+            columns[HIDDEN_POSITIONS_COLUMN] = {"shape": ["P"], "dtype": "int32", "codec": "plain"}
+        for layer in hidden_layers:
+            columns.update(_coded_columns(hidden_column(layer), rows, width, hidden_codec))
+        signals["hidden"] = {"layers": list(hidden_layers), "size": width}
+        if hidden_project_dim:
+            signals["hidden"].update(
+                width=hidden_size, project_dim=hidden_project_dim, project_seed=hidden_project_seed,
+                projection="h @ P, P = kdcache.cache.hidden.orthogonal_projection(width, project_dim, project_seed)",
+            )
+        if kind != "all":
+            signals["hidden"]["positions"] = hidden_positions
+            if kind == "fraction":
+                signals["hidden"]["positions_seed"] = hidden_positions_seed
+        signals["hidden"]["columns"] = columns
+    if attention:
+        sizes = [int(x) for x in attention["sizes"]]
+        columns = {}
+        for layer in attention["layers"]:
+            columns.update(_coded_columns(qkv_column(layer), "T", sum(sizes), hidden_codec))
+        signals["qkv"] = {
+            "layers": list(attention["layers"]), "sizes": sizes, "num_heads": int(attention["num_heads"]),
+            "num_kv_heads": int(attention["num_kv_heads"]), "head_dim": int(attention["head_dim"]),
+            "tensor": "pre-RoPE q/k/v projections of block L (outputs of self_attn.q_proj, k_proj, v_proj), "
+                      "concatenated q|k|v per token",
+            "columns": columns,
         }
     if generation:
         signals["generation"] = {"columns": {c: {"shape": [], "dtype": "int32"} for c in GENERATION_COLUMNS}}
@@ -133,13 +192,22 @@ def build_schema(signals: dict) -> pa.Schema:
         pa.field("teacher_entropy", pa.float32(), nullable=False),
         pa.field("num_loss_tokens", pa.int32(), nullable=False),
     ]
-    hidden = signals.get("hidden")
-    if hidden:
-        for name, col in hidden["columns"].items():
-            fields.append(pa.field(name, pa.list_(get_codec(col["codec"]).arrow_type), nullable=False))
+    for sig in ("hidden", "qkv"):
+        for name, col in (signals.get(sig) or {}).get("columns", {}).items():
+            if col.get("layout") == "binary":
+                fields.append(pa.field(name, pa.binary(), nullable=False))
+                continue
+            value_type = pa.type_for_alias(col["dtype"]) if col["codec"] == "plain" else get_codec(col["codec"]).arrow_type
+            fields.append(pa.field(name, pa.list_(value_type), nullable=False))
     if "generation" in signals:
         fields += [pa.field(c, pa.int32(), nullable=False) for c in GENERATION_COLUMNS]
     return pa.schema(fields, metadata={b"kdcache.format_version": str(FORMAT_VERSION).encode()})
+
+
+def scale_columns(signals: dict) -> dict[str, str]:
+    """Column -> its per-row scale column, for every column stored with a scaled codec (int8)."""
+    return {name: col["scale_column"] for sig in signals.values() for name, col in sig.get("columns", {}).items()
+            if "scale_column" in col}
 
 
 def column_codecs(signals: dict) -> dict[str, str]:

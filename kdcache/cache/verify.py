@@ -3,7 +3,8 @@
 Every listed shard must exist with the recorded size and sha256 (the check that covers every byte),
 open as Parquet with a footer that matches the manifest (schema = the manifest's signals, rows per row
 group, rows and tokens per shard). ``deep=True`` also decodes every row group, all columns, with page
-CRCs verified, and checks each row: list lengths consistent with T, k, H and the sampled sizes, the
+CRCs verified, and checks each row: list lengths consistent with T, k, H, the stored hidden positions
+(``hidden_positions``: inside [0, T), ascending) and the sampled sizes, the
 loss mask and ``num_loss_tokens``, token ids inside the vocabulary, and the shard's token total.
 
 A damaged shard cannot be regenerated on its own (a resume only appends after the last committed
@@ -23,6 +24,7 @@ from kdcache.cache.manifest import Manifest, ShardInfo, file_sha256, read_manife
 from kdcache.cache.reader import (
     READ_ERRORS,
     DamagedShard,
+    binary_offsets,
     check_footer,
     footer_value_counts,
     locate_damage,
@@ -198,6 +200,11 @@ def _check_rows(table: pa.Table, manifest: Manifest, footer_values: dict[str, in
             offsets_of[name] = offsets
             lengths[name] = np.diff(offsets)
             values[name] = col.values.to_numpy(zero_copy_only=False)
+        elif pa.types.is_binary(col.type):  # an int8 blob per row: its length in bytes is its number of values
+            check_value_count(name, col, footer_values)
+            offsets = binary_offsets(col)
+            offsets_of[name] = offsets
+            lengths[name] = np.diff(offsets)
         else:
             check_value_count(name, col, footer_values)
             values[name] = col.to_numpy(zero_copy_only=False)
@@ -216,6 +223,16 @@ def _check_rows(table: pa.Table, manifest: Manifest, footer_values: dict[str, in
         cs = np.concatenate([[0], np.cumsum(values["sampled_sizes"].astype(np.int64))])
         o = offsets_of["sampled_sizes"]
         dims["sum(sizes)"] = cs[o[1:]] - cs[o[:-1]]
+    if "hidden_positions" in lengths:
+        P = lengths["hidden_positions"]
+        dims["P"] = P
+        pos = values["hidden_positions"].astype(np.int64)
+        starts = offsets_of["hidden_positions"][:-1]
+        row_of = np.repeat(np.arange(n), P)
+        first = np.zeros(pos.size, dtype=bool)
+        first[starts[P > 0]] = True
+        bad = (pos < 0) | (pos >= np.repeat(T, P)) | (~first & (np.diff(pos, prepend=-1) <= 0))
+        bad_row(np.isin(np.arange(n), row_of[bad]), "hidden_positions outside [0, T) or not strictly ascending")
     for name, shape in _column_shapes(manifest).items():
         if name not in lengths:
             continue

@@ -54,7 +54,7 @@ from kdcache.cache.manifest import (
     tokenizer_path,
     write_atomic,
 )
-from kdcache.cache.schema import build_schema, column_codecs
+from kdcache.cache.schema import build_schema, column_codecs, scale_columns
 from kdcache.errors import CacheFormatError, CacheLockedError, CacheMismatchError, KDCacheError, OutOfSpaceError
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,9 @@ class CacheWriter:
         self.schema = build_schema(signals)
         self._codecs = {name: get_codec(c) for name, c in column_codecs(signals).items()}
         self._list_cols = [f.name for f in self.schema if pa.types.is_list(f.type)]
+        self._scale_cols = scale_columns(signals)  # int8 column -> its per-token scale column (filled with it)
+        self._widths = {name: int(col["shape"][-1]) for sig in signals.values() for name, col in sig.get("columns", {}).items()
+                        if name in self._scale_cols}
         self.shard_tokens = shard_tokens
         self.row_group_tokens = min(row_group_tokens, shard_tokens)  # a shard holds at least one row group
         self.commit_seconds = commit_seconds
@@ -427,9 +430,22 @@ class CacheWriter:
     def to_record_batch(self, examples: Sequence[Mapping[str, Any]]) -> pa.RecordBatch:
         """Vectorised conversion: one concatenation per column, offsets from lengths."""
         arrays = []
+        scales: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scale column -> (offsets, values), made with its column
         for field in self.schema:
             name = field.name
-            if name in self._list_cols:
+            if name in scales:
+                offsets, flat = scales.pop(name)
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field.type.value_type)))
+            elif name in self._scale_cols:  # int8: one binary blob per example, its per-token scales alongside
+                parts = [np.asarray(ex[name], dtype=np.float32).reshape(-1) for ex in examples]
+                offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+                np.cumsum([p.size for p in parts], out=offsets[1:])
+                width = self._widths[name]
+                flat = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+                q, scale = self._codecs[name].encode_rows(flat.reshape(-1, width))
+                scales[self._scale_cols[name]] = (offsets // width, scale)
+                arrays.append(pa.Array.from_buffers(pa.binary(), len(parts), [None, pa.py_buffer(offsets), pa.py_buffer(q.tobytes())]))
+            elif name in self._list_cols:
                 parts = [np.asarray(ex[name]).reshape(-1) for ex in examples]
                 lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
                 offsets = np.zeros(len(parts) + 1, dtype=np.int32)
