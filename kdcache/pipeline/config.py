@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kdcache.cache.hidden import parse_positions
 from kdcache.config import NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, show, typed_sections
 from kdcache.errors import ConfigError
 from kdcache.locations import check_location, check_model_folder
@@ -97,8 +98,24 @@ class GenerateConfig:
         "an approximation. Needs the full logits (transformers backend).", default_factory=list, valid=POSITIVE)
     logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
     hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
-    hidden_codec: Literal["fp16", "bf16", "fp32"] = doc(
-        "How hidden states are stored: fp16 (relative error <= 2^-11, overflows above 65,504), bf16 (<= 2^-8, fp32's range), fp32.", "fp16")
+    hidden_codec: Literal["fp16", "bf16", "fp32", "int8"] = doc(
+        "How hidden states (and attention_layers' q/k/v) are stored: fp16 (relative error <= 2^-11, overflows above "
+        "65,504), bf16 (<= 2^-8, fp32's range), fp32, int8 (one float32 scale per token, max|x|/127: error <= max|x|/254 "
+        "of the token; D + 4 bytes per token instead of 2D).", "fp16")
+    hidden_project_dim: int = doc(
+        "Store hidden states projected to this width: h @ P with P a fixed [H, D] matrix with orthonormal columns, "
+        "rebuilt from the manifest by kdcache.cache.hidden.orthogonal_projection(H, D, hidden_project_seed); applied "
+        "before hidden_codec. Must be smaller than the teacher's hidden size. 0: full width.", 0, valid=NON_NEGATIVE)
+    hidden_project_seed: int = doc("Seed of the projection matrix of hidden_project_dim.", 0)
+    hidden_positions: str = doc(
+        "Token positions whose hidden states are stored: all, stride:N (positions 0, N, 2N, ...) or fraction:F "
+        "(max(1, round(F*T)) positions per example, drawn from seed and the example id); the kept positions are stored "
+        "in the hidden_positions column.", "all")
+    attention_layers: list[int] = doc(
+        "Decoder blocks (1..num_layers, -1 the last) whose pre-RoPE query/key/value projections (self_attn.q_proj, "
+        "k_proj, v_proj outputs) to store per token as qkv_<L>, for MiniLMv2-style relation KD: 2*(dq+dk+dv) B/token "
+        "per block in fp16/bf16 (SmolLM2-135M: 1,920), whatever the sequence length. Stored with hidden_codec.",
+        default_factory=list)
     device: str = doc("auto (cuda if available), cpu, cuda, cuda:N.", "auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
     batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096, valid=at_least(2))
@@ -106,7 +123,7 @@ class GenerateConfig:
     allow_pickle_weights: bool = doc(
         "Allow teacher weights stored as pickle (pytorch_model.bin, .pt), which can run code when loaded; off: "
         "safetensors only (GGUF files are not pickle and always load).", False)
-    seed: int = doc("Seed for sampled generation (each input row gets its own seed derived from it).", 0)
+    seed: int = doc("Seed for sampled generation (each input row gets its own seed derived from it) and for hidden_positions=fraction:F.", 0)
     shard_tokens: int = doc(
         "Tokens per Parquet shard (a file; the unit a resume keeps). Shards and row groups end at whole input rows.", 4_000_000, valid=POSITIVE)
     row_group_tokens: int = doc(
@@ -129,6 +146,11 @@ class GenerateConfig:
             raise ConfigError(f"tail_temperatures must be distinct, got {show(self.tail_temperatures)}")
         if self.tail_temperatures and not self.top_k:
             raise ConfigError("tail_temperatures describe the mass outside the top-k; pass --top-k K with them")
+        parse_positions(self.hidden_positions)
+        if not self.hidden_layers and (self.hidden_project_dim or parse_positions(self.hidden_positions)[0] != "all"):
+            raise ConfigError("hidden_project_dim and hidden_positions choose how hidden states are stored; pass --hidden-layers L,... with them")
+        if 0 in self.attention_layers:
+            raise ConfigError("attention_layers are decoder blocks 1..num_layers (or -1 for the last); 0, the embeddings, has no attention")
 
     def validate(self) -> None:
         if not self.teacher:

@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
 from kdcache.cache.writer import install_tokenizer
-from kdcache.cache.schema import SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
+from kdcache.cache.hidden import orthogonal_projection, parse_positions, select_positions
+from kdcache.cache.schema import HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
 from kdcache.config import plural, to_dict
 from kdcache.errors import CacheFormatError, ConfigError, DataError, Interrupted
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows, resolve_format
-from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_layers
+from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_blocks, resolve_layers
 from kdcache.pipeline.teachers.sampling import SparseSampling
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,40 @@ def tokenizer_record(tokenizer, vocab_size: int) -> dict:
     }
 
 
-def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
+@dataclasses.dataclass
+class _Stored:
+    """What of the teacher's hidden states and attention each example stores (from the config, checked)."""
+
+    layers: list[int]
+    positions: str = "all"
+    seed: int = 0
+    projection: np.ndarray | None = None  # [H, D], or None: full width
+    attention: dict | None = None  # describe_attention() of the chosen blocks, or None
+
+    @property
+    def qkv_layers(self) -> list[int]:
+        return list(self.attention["layers"]) if self.attention else []
+
+
+def _stored(cfg: GenerateConfig, teacher: Teacher) -> _Stored:
+    """Everything about hidden states and attention that can be refused without the weights, refused here."""
+    layers = resolve_layers(cfg.hidden_layers, teacher.num_layers)
+    projection = None
+    if cfg.hidden_project_dim:
+        H = teacher.hidden_size
+        if cfg.hidden_project_dim >= H:
+            raise ConfigError(
+                f"hidden_project_dim {cfg.hidden_project_dim} must be smaller than the teacher's hidden size {H} "
+                f"(a projection to {H} or more stores nothing less); pass --set hidden_project_dim=D with D < {H}, or 0 for full width")
+        projection = orthogonal_projection(H, cfg.hidden_project_dim, cfg.hidden_project_seed)
+    blocks = resolve_blocks(cfg.attention_layers, teacher.num_layers)
+    attention = teacher.describe_attention(blocks) if blocks else None
+    return _Stored(layers, cfg.hidden_positions, cfg.seed, projection, attention)
+
+
+def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: _Stored | None = None) -> dict:
+    stored = stored or _Stored(layers)
+    positions = parse_positions(cfg.hidden_positions)[0]
     gen = to_dict(cfg.generation)
     if cfg.generation.do_sample:
         gen["sampler"] = teacher.sampler
@@ -57,6 +91,11 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int]) -> dict:
             "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
             **({"hidden_tensors": teacher.describe_layers(layers)} if layers else {}),
             **({"tail_temperatures": [float(t) for t in cfg.tail_temperatures]} if cfg.tail_temperatures else {}),
+            **({"hidden_project_dim": cfg.hidden_project_dim, "hidden_project_seed": cfg.hidden_project_seed}
+               if layers and cfg.hidden_project_dim else {}),
+            **({"hidden_positions": cfg.hidden_positions} if layers and positions != "all" else {}),
+            **({"hidden_positions_seed": cfg.seed} if layers and positions == "fraction" else {}),
+            **({"attention_layers": stored.qkv_layers, "attention_tensors": stored.attention} if stored.attention else {}),
             **({"sampled_tokens": cfg.sampled_tokens, "proposal_temperature": cfg.proposal_temperature} if cfg.sampled_tokens else {}),
         },
         "generation": gen if cfg.generation.enabled else {"enabled": False},
@@ -152,17 +191,21 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         log.warning("the %s engine takes at most %d tokens per sequence; rows longer than that are %s (data.truncation)",
                     cfg.backend, limit, "truncated" if cfg.data.truncation == "truncate" else "skipped and counted")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=limit))
-    layers = resolve_layers(cfg.hidden_layers, teacher.num_layers)
+    stored = _stored(cfg, teacher)
+    layers = stored.layers
     signals = make_signals(
         cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled,
         sampled_draws=cfg.sampled_tokens, proposal_temperature=cfg.proposal_temperature, tail_temperatures=cfg.tail_temperatures,
+        hidden_project_dim=cfg.hidden_project_dim, hidden_project_seed=cfg.hidden_project_seed,
+        hidden_positions=cfg.hidden_positions, hidden_positions_seed=cfg.seed, attention=stored.attention,
     )
+    teacher.attention_layers = tuple(stored.qkv_layers)
     tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
     tokenize.resolve_format(first)
 
     out = Path(cfg.out)
     writer = CacheWriter(
-        out, _settings(cfg, teacher, layers), signals, overwrite=cfg.overwrite, shard_tokens=cfg.shard_tokens,
+        out, _settings(cfg, teacher, layers, stored), signals, overwrite=cfg.overwrite, shard_tokens=cfg.shard_tokens,
         row_group_tokens=cfg.row_group_tokens, commit_seconds=cfg.commit_seconds, compression_level=cfg.compression_level,
         created_by="kdcache generate",
     )
@@ -172,7 +215,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         return writer.manifest
     try:
         _save_tokenizer(teacher.tokenizer, out)
-        manifest = _run(cfg, teacher, layers, writer, first, rows, tokenize, progress)
+        manifest = _run(cfg, teacher, stored, writer, first, rows, tokenize, progress)
     except BaseException:
         # Nothing committed in a directory this run created: leave no half-made cache behind (under the lock).
         writer.abort(discard_new=True)
@@ -180,7 +223,8 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
     return manifest
 
 
-def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokenize, progress) -> Manifest:
+def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, rows, tokenize, progress) -> Manifest:
+    layers = stored.layers
     start = writer.resume_input_row
     if start:
         log.info("resuming after input row %d", start)
@@ -219,7 +263,7 @@ def _run(cfg, teacher: Teacher, layers, writer: CacheWriter, first, rows, tokeni
     sampling = SparseSampling(cfg.sampled_tokens, cfg.proposal_temperature) if cfg.sampled_tokens else None
     for result in teacher.run(requests(), cfg.top_k, layers, sampling):
         batch, done = pending.popleft()
-        examples = _batch_examples(cfg, batch, done, result, layers)
+        examples = _batch_examples(cfg, batch, done, result, stored)
         for i, item in batch:
             if isinstance(item, BadRow):
                 writer.count(f"bad_rows.{item.reason}")
@@ -261,28 +305,28 @@ def _row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % 2**63
 
 
-def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, layers) -> dict[int, list[dict]]:
+def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, stored: _Stored) -> dict[int, list[dict]]:
     """Cache examples per input row of one batch; rows missing from the result had no room to generate."""
     examples: dict[int, list[dict]] = {}
     if not cfg.generation.enabled:
         items = dict(batch)
         for (i, _), s in zip(done, result):
             t = items[i]
-            examples[i] = [_example(str(i), t.input_ids, t.loss_mask, s, layers)]
+            examples[i] = [_example(str(i), t.input_ids, t.loss_mask, s, stored)]
         return examples
     for (i, plen), samples in zip(done, result):
         exs = examples.setdefault(i, [])
         for j, (seq, s) in enumerate(samples):
             mask = np.zeros(len(seq) - 1, dtype=bool)
             mask[plen - 1 :] = True
-            ex = _example(f"{i}#g{j}", seq, mask, s, layers)
+            ex = _example(f"{i}#g{j}", seq, mask, s, stored)
             ex["prompt_length"] = plen
             ex["sample_index"] = j
             exs.append(ex)
     return examples
 
 
-def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: dict, layers: list[int]) -> dict:
+def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: dict, stored: _Stored) -> dict:
     m = loss_mask
     n = int(m.sum())
     ex = {
@@ -294,6 +338,15 @@ def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: d
         "teacher_entropy": float(s["entropy"][m].mean()) if n else float("nan"),
         "num_loss_tokens": n,
     }
-    for layer in layers:
-        ex[f"hidden_{layer}"] = s[f"hidden_{layer}"]
+    positions = None
+    if stored.layers and stored.positions != "all":
+        positions = select_positions(stored.positions, len(input_ids), stored.seed, example_id)
+        ex[HIDDEN_POSITIONS_COLUMN] = positions
+    for layer in stored.layers:
+        h = s[f"hidden_{layer}"]
+        if positions is not None:
+            h = h[positions]
+        ex[f"hidden_{layer}"] = h @ stored.projection if stored.projection is not None else h
+    for block in stored.qkv_layers:
+        ex[f"qkv_{block}"] = s[f"qkv_{block}"]
     return ex

@@ -9,7 +9,8 @@ from kdcache.pipeline.teachers.base import (
     Teacher,
     build_teacher,
     register_backend,
+    resolve_blocks,
     resolve_layers,
 )
 
-__all__ = ["BACKENDS", "GenerateRequest", "Request", "ScoreRequest", "Teacher", "build_teacher", "register_backend", "resolve_layers"]
+__all__ = ["BACKENDS", "GenerateRequest", "Request", "ScoreRequest", "Teacher", "build_teacher", "register_backend", "resolve_blocks", "resolve_layers"]

@@ -8,6 +8,7 @@ tokens, all numpy:
 - ``tail_logprob`` [T-1] float32: log of the mass outside the top-k (-inf when k equals the vocab)
 - ``target_logprob`` [T-1] and ``entropy`` [T-1] float32
 - ``hidden_<L>`` [T, H] float32 for each requested layer
+- ``qkv_<L>`` [T, dq+dk+dv] float32 for each block in ``Teacher.attention_layers`` (pre-RoPE q|k|v projections)
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class Teacher(ABC):
     sampler: str = "engine"
     #: Whether ``load()`` may draw progress bars (generate sets it from its ``progress``; ``--quiet`` turns it off).
     progress: bool = True
+    #: Decoder blocks (1..num_layers) whose q/k/v projections ``score`` also returns as ``qkv_<L>``; generate
+    #: sets it (after ``describe_attention`` accepted them) before ``load()``.
+    attention_layers: tuple[int, ...] = ()
+
+    def describe_attention(self, blocks: list[int]) -> dict:
+        """``{"sizes": [dq, dk, dv], "num_heads", "num_kv_heads", "head_dim"}`` of the chosen blocks, without the
+        weights; a one-line ConfigError when this backend or model cannot provide them."""
+        raise ConfigError(f"the {type(self).__name__} backend cannot store attention_layers; use --backend transformers")
 
     @abstractmethod
     def identity(self) -> dict:
@@ -177,5 +186,16 @@ def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
         idx = layer + num_layers + 1 if layer < 0 else layer
         if not 0 <= idx <= num_layers:
             raise ConfigError(f"hidden layer {layer} out of range: the teacher has layers 0..{num_layers} (or -1..-{num_layers + 1})")
+        out.append(idx)
+    return sorted(set(out))
+
+
+def resolve_blocks(blocks: list[int], num_layers: int) -> list[int]:
+    """Decoder block numbers in [1, num_layers] (-1 the last), for attention_layers."""
+    out = []
+    for b in blocks:
+        idx = b + num_layers + 1 if b < 0 else b
+        if not 1 <= idx <= num_layers:
+            raise ConfigError(f"attention layer {b} out of range: the teacher has blocks 1..{num_layers} (or -1..-{num_layers})")
         out.append(idx)
     return sorted(set(out))

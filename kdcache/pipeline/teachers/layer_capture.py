@@ -65,3 +65,53 @@ def hooks_match(model: Any, modules: list[Any], device: Any) -> bool:
     with torch.inference_mode(), capture(modules, layers) as got:
         ref = model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states
     return len(ref) == len(modules) and all(torch.equal(got[i], ref[i]) for i in layers)
+
+
+# -- attention: pre-RoPE q/k/v projections of chosen blocks
+#
+# Why q/k/v and not attention maps: MiniLMv2-style relation KD needs, per block, softmax(q q^T), softmax(k k^T)
+# and softmax(v v^T) over a sequence, all of which a trainer rebuilds from the per-token projections. Those cost
+# 2*(dq+dk+dv) B/token/block in fp16/bf16 (SmolLM2-135M: 576+192+192 -> 1,920 B) whatever the sequence length,
+# while the attention maps themselves would be num_heads*T*2 B/token (9*128*2 = 2,304 B at T = 128), growing with T.
+# RoPE is applied to q and k inside the attention's forward, after these projections, so the stored tensors are
+# position-free; a trainer that wants the rotated ones applies the teacher's RoPE (its config is in the manifest).
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def attention_modules(model: Any, blocks: list[int]) -> dict[int, tuple[Any, Any, Any]] | str:
+    """{block: (q_proj, k_proj, v_proj)} for blocks numbered 1..n, or a one-line reason they cannot be hooked."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        return f"{type(model).__name__} has no decoder.layers"
+    out = {}
+    for b in blocks:
+        attn = getattr(layers[b - 1], "self_attn", None)
+        mods = tuple(getattr(attn, name, None) for name in QKV)
+        if attn is None or any(m is None for m in mods):
+            return f"block {b} of {type(model).__name__} has no self_attn.q_proj/k_proj/v_proj (fused or other attention)"
+        out[b] = mods
+    return out
+
+
+@contextlib.contextmanager
+def capture_qkv(modules: dict[int, tuple[Any, Any, Any]]) -> Iterator[dict[int, torch.Tensor]]:
+    """Hooks on the chosen blocks' q/k/v projections for one forward; after it, {block: [B, T, dq+dk+dv]}."""
+    parts: dict[int, list] = {b: [None, None, None] for b in modules}
+    out: dict[int, torch.Tensor] = {}
+
+    def keep(block: int, j: int):
+        def hook(module, args, output):
+            parts[block][j] = output
+        return hook
+
+    handles = [m.register_forward_hook(keep(b, j)) for b, mods in modules.items() for j, m in enumerate(mods)]
+    try:
+        yield out
+        for b, (q, k, v) in parts.items():
+            if q is not None:
+                out[b] = torch.cat([q, k, v], dim=-1)
+    finally:
+        for h in handles:
+            h.remove()

@@ -21,7 +21,7 @@ from kdcache.fingerprint import json_hash, tree_fingerprint
 from kdcache.modeling import resolve_device, selected_features, tempered_tail_logprob
 from kdcache.weights import load_error, refuse_pickle_only
 from kdcache.pipeline.teachers.base import Teacher, register_backend
-from kdcache.pipeline.teachers.layer_capture import capture, hooks_match, layer_modules
+from kdcache.pipeline.teachers.layer_capture import attention_modules, capture, capture_qkv, hooks_match, layer_modules
 from kdcache.pipeline.teachers.sampling import (
     SparseSampling, draw_next_tokens, row_uniforms, sample_seed, sample_sparse, sequence_uniforms, split_by_sequence,
 )
@@ -137,6 +137,36 @@ class TransformersTeacher(Teacher):
     def hidden_size(self) -> int:
         return int(self.config.get_text_config().hidden_size)
 
+    def describe_attention(self, blocks: list[int]) -> dict:
+        """Shapes of the chosen blocks' q/k/v projections from a weightless (meta-device) copy of the model, so a
+        model without ``self_attn.q_proj/k_proj/v_proj`` is refused before its weights load."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot build {self.model_name} to find its attention projections ({' '.join(str(exc).split())[:160]}); "
+                              "drop attention_layers") from None
+        mods = attention_modules(skeleton, blocks)
+        if isinstance(mods, str):
+            raise ConfigError(f"attention_layers need Llama-style attention: {mods}; drop attention_layers for this teacher")
+        q, k, v = (int(m.weight.shape[0]) for m in mods[blocks[0]])
+        text = self.config.get_text_config()
+        heads = int(text.num_attention_heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or q // heads)
+        return {"layers": list(blocks), "sizes": [q, k, v], "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+    def _attention_capture(self):
+        """Hooks on the q/k/v projections of ``attention_layers`` (none: a capture that records nothing)."""
+        if not self.attention_layers:
+            return capture_qkv({})
+        mods = attention_modules(self.model, list(self.attention_layers))
+        if isinstance(mods, str):  # describe_attention checked the same structure before loading
+            raise ConfigError(f"attention_layers need Llama-style attention: {mods}; drop attention_layers for this teacher")
+        return capture_qkv(mods)
+
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -194,9 +224,10 @@ class TransformersTeacher(Teacher):
         ids, attn, valid, lens = self._pad(sequences)
         B = len(sequences)
         targets = ids[:, 1:][valid]
-        (feats, head, out), hidden = self._with_layers(
-            lambda all_layers: selected_features(self.model, ids, attn, valid, output_hidden_states=all_layers),
-            hidden_layers, hidden_of=lambda r: r[2].hidden_states)
+        with self._attention_capture() as qkv:
+            (feats, head, out), hidden = self._with_layers(
+                lambda all_layers: selected_features(self.model, ids, attn, valid, output_hidden_states=all_layers),
+                hidden_layers, hidden_of=lambda r: r[2].hidden_states)
         del out  # under output_hidden_states it holds every layer; only the chosen ones are kept
         V = self.vocab_size
         k = min(top_k, V)
@@ -238,25 +269,29 @@ class TransformersTeacher(Teacher):
                 r.update(sampled_ids=s_ids, sampled_weights=s_w, sampled_sizes=s_n)
         if hidden:
             self._add_hidden(results, hidden, lens)
+        if qkv:
+            self._add_hidden(results, qkv, lens, "qkv")
         return results
 
     @staticmethod
-    def _add_hidden(results: list[dict], hidden: dict[int, torch.Tensor], lens: torch.Tensor) -> None:
+    def _add_hidden(results: list[dict], hidden: dict[int, torch.Tensor], lens: torch.Tensor, prefix: str = "hidden") -> None:
         for layer, tensor in hidden.items():
             hs = tensor.float().cpu().numpy()
             for i, n in enumerate(lens.tolist()):
-                results[i][f"hidden_{layer}"] = hs[i, :n]
+                results[i][f"{prefix}_{layer}"] = hs[i, :n]
 
     @torch.inference_mode()
     def hidden_states(self, sequences: list[np.ndarray], layers: list[int]) -> list[dict[str, np.ndarray]]:
-        """Only the chosen layers' hidden states (no logits): the second pass behind engines that cannot
-        return hidden states themselves."""
+        """Only the chosen layers' hidden states and ``attention_layers``' q/k/v (no logits): the second pass
+        behind engines that cannot return them themselves."""
         assert self.model is not None, "call load() first"
         ids, attn, _, lens = self._pad(sequences)
-        _, hidden = self._with_layers(
-            lambda all_layers: self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=all_layers), layers)
+        with self._attention_capture() as qkv:
+            _, hidden = self._with_layers(
+                lambda all_layers: self.model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=all_layers), layers)
         results: list[dict] = [{} for _ in sequences]
         self._add_hidden(results, hidden, lens)
+        self._add_hidden(results, qkv, lens, "qkv")
         return results
 
     # -- generation

@@ -12,7 +12,8 @@ results come back in submission order, so host memory is bounded by that window,
 
 Hidden states: vLLM's own extraction route needs a GPU KV-connector setup and does not run on CPU
 builds, so chosen layers come from a second, transformers prefill pass over the same tokens (the
-teacher's weights are loaded twice; lower ``vllm.gpu_memory_utilization`` to leave room).
+teacher's weights are loaded twice; lower ``vllm.gpu_memory_utilization`` to leave room). The q/k/v projections
+of ``attention_layers`` come from the same pass.
 """
 
 from __future__ import annotations
@@ -170,6 +171,17 @@ class VLLMTeacher(Teacher):
     def max_sequence_length(self) -> int | None:
         return self.max_model_len - 1
 
+    @property
+    def attention_layers(self) -> tuple[int, ...]:  # computed by the transformers pass, like hidden states
+        return self.hf.attention_layers
+
+    @attention_layers.setter
+    def attention_layers(self, blocks) -> None:
+        self.hf.attention_layers = tuple(blocks)
+
+    def describe_attention(self, blocks: list[int]) -> dict:
+        return self.hf.describe_attention(blocks)
+
     # -- engine
     def load(self) -> None:
         if self.llm is not None:
@@ -271,7 +283,7 @@ class VLLMTeacher(Teacher):
         assert self.llm is not None, "call load() first"
         assert sampling is None, "refused in __init__"
         assert top_k == self.top_k, "the engine's max_logprobs was set from another k"
-        if hidden_layers:
+        if hidden_layers or self.attention_layers:
             self._load_hidden()
         engine = self.llm.llm_engine
         window: deque[tuple[Request, list[str]]] = deque()
@@ -309,7 +321,7 @@ class VLLMTeacher(Teacher):
         k, V = self.top_k, self.vocab_size
         if isinstance(req, ScoreRequest):
             results = [topk_stats(*flat_to_arrays(o.prompt_logprobs, k, skip_first=True), V) for o in outs]
-            if layers:
+            if layers or self.attention_layers:
                 for r, h in zip(results, self.hf.hidden_states(req.sequences, layers)):
                     r.update(h)
             return results
@@ -324,7 +336,7 @@ class VLLMTeacher(Teacher):
                 seq = np.concatenate([np.asarray(prompt), np.asarray(c.token_ids)]).astype(np.int32)
                 samples.append((seq, topk_stats(np.concatenate([p_ids, g_ids]), np.concatenate([p_lps, g_lps]), V)))
             per_prompt.append(samples)
-        if layers:
+        if layers or self.attention_layers:
             flat = [s for samples in per_prompt for s in samples]
             for (seq, r), h in zip(flat, self.hf.hidden_states([seq for seq, _ in flat], layers)):
                 r.update(h)
