@@ -234,3 +234,21 @@ def test_the_cli_takes_terms_and_reports_a_bad_one_in_one_line(hidden_cache, tmp
     assert "hidden" in train_rows(tmp_path / "run")[-1]
     bad = CliRunner().invoke(main, [*args[:4], str(tmp_path / "bad"), *args[5:], "--set", "terms.hidden.mapping=[[1,9]]"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
+
+
+@pytest.mark.parametrize("kw", [dict(hidden_positions="stride:3"), dict(hidden_positions="fraction:0.3", hidden_codec="int8", hidden_project_dim=8)])
+def test_batches_place_a_subset_of_positions_where_the_cache_says(tiny_teacher, text_jsonl, tmp_path, kw):
+    """Stored positions (and only those) are marked and hold the stored rows; a run on such a cache trains."""
+    from kdcache.pipeline.config import DataConfig, GenerateConfig
+    from kdcache.pipeline.generate import generate
+    from kdcache.train.data import collate
+
+    cache = tmp_path / "cache"
+    generate(GenerateConfig(teacher=str(tiny_teacher), out=str(cache), top_k=8, hidden_layers=[2], data=DataConfig(source=str(text_jsonl), max_length=64, max_rows=12), **kw), progress=False)
+    examples = list(open_cache(cache).stream(columns=["example_id", "input_ids", "loss_mask", "hidden_2", "hidden_positions"]))[:5]
+    batch = collate(examples)
+    for i, ex in enumerate(examples):
+        assert np.flatnonzero(batch.signals["hidden_mask"][i].numpy()).tolist() == list(ex["hidden_positions"])
+        np.testing.assert_array_equal(batch.signals["hidden_2"][i][batch.signals["hidden_mask"][i]].numpy(), ex["hidden_2"])
+    train(_cfg(cache, tmp_path / "run", steps=3, eval_fraction=0.0, terms={"hidden": 1.0}), progress=False)
+    assert np.isfinite(train_rows(tmp_path / "run")[-1]["hidden"])
