@@ -46,7 +46,7 @@ from kdcache.train.loop import train
 METHOD_KEYS = ("loss", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
                "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight", "curriculum",
                "terms", "stages")
-TEACHER_SIGNALS = ("hidden_layers", "hidden_codec", "attention_layers")  # recipes that read the teacher's insides
+TEACHER_SIGNALS = ("hidden_layers", "hidden_codec", "attention_layers", "hidden_project_dim", "hidden_positions")  # recipes that read the teacher's insides
 
 
 def column_bytes(cache_dir: Path) -> dict[str, int]:
@@ -79,8 +79,8 @@ def recipe_caches(name: str, recipe: dict, base: GenerateConfig, work: Path, arg
         print(f"{name} cache: {m.num_rows} continuations, {m.num_tokens} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
         return [(name, cont.out, base.out)]
     if any(k in gen for k in TEACHER_SIGNALS):  # the same rows with the teacher's hidden states / q/k/v; recipes asking alike share it
-        signals = {k: gen[k] for k in TEACHER_SIGNALS if k in gen}
-        tag = "-".join(f"{k.split('_')[0]}{''.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(signals.items()))
+        signals = {**{k: gen[k] for k in TEACHER_SIGNALS if k in gen}, **args.generate_overrides}  # e.g. another hidden codec
+        tag = "-".join(f"{k.split('_')[0]}{''.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(signals.items())).replace(":", "")
         feat = dataclasses.replace(base, out=str(work / f"cache-{tag}"), sampled_tokens=0, **signals)
         t0 = time.perf_counter()
         m = generate(feat, progress=False)
@@ -99,9 +99,12 @@ def main() -> None:
                     help="task-specific recipes: rows per teacher batch x 128 (decoding is memory-bound: bigger batches, same cost per step)")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds per row (mean and spread reported)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="train field override for every row, key=value (YAML value)")
+    ap.add_argument("--generate-set", dest="generate_overrides", action="append", default=[],
+                    help="teacher-signal recipes: a generate field for their cache, key=value (e.g. hidden_codec=int8); use with --tag")
     ap.add_argument("--tag", default="", help="suffix for the row names of this invocation (use with --set)")
     ap.add_argument("--teacher-b-steps", type=int, default=16, help="ensemble: fine-tuning steps (x 8 docstrings) of the second teacher")
     args = ap.parse_args()
+    args.generate_overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.generate_overrides)}
     work = Path(args.work)
     demo = DemoConfig()
     sampled = yaml.safe_load(recipe_path("rs-kd").read_text())["generate"]
