@@ -86,9 +86,9 @@ class BornAgainConfig:
         for section, keys in _PLACED.items():
             given = [k for k in keys if getattr(getattr(self, section), k) != getattr(defaults[section], k)]
             if given:
-                fix = "--set overwrite=true" if given[0] == "overwrite" else f"--out WORK (set: {section}.{given[0]})"
+                fix = "--set overwrite=true" if given[0] == "overwrite" else "--out WORK"
                 raise ConfigError(f"born-again sets {', '.join(f'{section}.{k}' for k in given)} for each generation (under WORK/gen-<g>/); "
-                                  f"drop it from the config and use {fix}")
+                                  f"drop {'it' if len(given) == 1 else 'them'} from the config and use {fix}")
 
     def validate(self) -> None:
         """What can be checked before anything heavy loads: generation 0's stages as they will run."""
