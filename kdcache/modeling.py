@@ -8,7 +8,7 @@ head (soft-capping, logit scaling) take the full forward so the numbers stay exa
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -44,6 +44,44 @@ def decoder_layer_modules(model: Any) -> list[Any] | None:
     if decoder is None or blocks is None or embed is None or norm is None or len(blocks) == 0:
         return None
     return [embed, *list(blocks)[:-1], norm]
+
+
+QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def attention_modules(model: Any, blocks: list[int]) -> dict[int, tuple[Any, Any, Any]] | str:
+    """{block: (q_proj, k_proj, v_proj)} for blocks numbered 1..n, or a one-line reason they cannot be hooked."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        return f"{type(model).__name__} has no decoder.layers"
+    out = {}
+    for b in blocks:
+        attn = getattr(layers[b - 1], "self_attn", None)
+        mods = tuple(getattr(attn, name, None) for name in QKV_PROJECTIONS)
+        if attn is None or any(m is None for m in mods):
+            return f"block {b} of {type(model).__name__} has no self_attn.q_proj/k_proj/v_proj (fused or other attention)"
+        out[b] = mods
+    return out
+
+
+@contextlib.contextmanager
+def output_hooks(modules: dict[Any, Any]) -> Iterator[dict[Any, torch.Tensor]]:
+    """Forward hooks on ``{key: module}`` for the forwards inside the block; yields {key: the module's output}
+    (its first element when it returns a tuple), filled as they run. Removed on exit, whatever happens."""
+    out: dict[Any, torch.Tensor] = {}
+
+    def keep(key: Any):
+        def hook(module, args, output):
+            out[key] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    handles = [module.register_forward_hook(keep(key)) for key, module in modules.items()]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def has_plain_head(model: Any) -> bool:

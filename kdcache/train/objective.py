@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.modeling import decoder_layer_modules, selected_logits
+from kdcache.modeling import attention_modules, decoder_layer_modules, output_hooks, selected_logits
 from kdcache.train.exits import build_exits
 from kdcache.train.features import build_hidden
 from kdcache.train.relations import build_attention
@@ -114,34 +114,27 @@ def stage_at(objectives: list[Objective], step: int) -> Objective:
 
 @contextlib.contextmanager
 def taps(model: Any, needs: Needs) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, list]]]:
-    """Forward hooks on exactly the modules a term reads; yields ({layer: [B, T, H]}, {block: [q, k, v]})."""
+    """Forward hooks on exactly the modules a term reads; yields ({layer: [B, T, H]}, {block: (q, k, v)})."""
+    hooked: dict[tuple[str, int, int], Any] = {}
+    if needs.hidden:
+        modules = decoder_layer_modules(model)
+        if modules is None:
+            raise ConfigError("hidden-state terms need a decoder laid out as embed_tokens/layers/norm (e.g. student.arch llama)")
+        hooked.update({("hidden", layer, 0): modules[layer] for layer in needs.hidden})
+    if needs.qkv:
+        blocks = attention_modules(model, list(needs.qkv))
+        if isinstance(blocks, str):
+            raise ConfigError(f"the attention term needs the student's q/k/v projections: {blocks}; use a student.arch llama student")
+        hooked.update({("qkv", b, j): m for b, mods in blocks.items() for j, m in enumerate(mods)})
     hidden: dict[int, torch.Tensor] = {}
     qkv: dict[int, list] = {}
-    handles = []
-
-    def keep(store: dict, key: int, slot: int | None = None):
-        def hook(module, args, output):
-            value = output[0] if isinstance(output, (tuple, list)) else output
-            if slot is None:
-                store[key] = value
-            else:
-                store.setdefault(key, [None, None, None])[slot] = value
-        return hook
-
-    try:
-        if needs.hidden:
-            modules = decoder_layer_modules(model)
-            if modules is None:
-                raise ConfigError("hidden-state terms need a decoder laid out as embed_tokens/layers/norm (e.g. student.arch llama)")
-            handles += [modules[layer].register_forward_hook(keep(hidden, layer)) for layer in needs.hidden]
-        blocks = model.get_decoder().layers if needs.qkv else []
-        for block in needs.qkv:
-            attn = blocks[block - 1].self_attn
-            handles += [getattr(attn, name).register_forward_hook(keep(qkv, block, i)) for i, name in enumerate(("q_proj", "k_proj", "v_proj"))]
+    with output_hooks(hooked) as got:
         yield hidden, qkv
-    finally:
-        for h in handles:
-            h.remove()
+    for (kind, index, j), value in got.items():
+        if kind == "hidden":
+            hidden[index] = value
+        else:
+            qkv.setdefault(index, [None, None, None])[j] = value
 
 
 def forward(model: Any, batch: Batch, objective: Objective, settings: LossSettings, autocast) -> tuple[torch.Tensor, dict]:

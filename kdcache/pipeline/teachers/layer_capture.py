@@ -17,18 +17,9 @@ from typing import Any, Iterator
 
 import torch
 
+from kdcache.modeling import attention_modules, decoder_layer_modules as layer_modules, output_hooks  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
-
-
-def layer_modules(model: Any) -> list[Any] | None:
-    """The n + 1 modules whose outputs are ``hidden_states[0..n]``, or None when the layout is not the usual one."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    blocks = getattr(decoder, "layers", None)
-    embed = getattr(decoder, "embed_tokens", None)
-    norm = getattr(decoder, "norm", None)
-    if decoder is None or blocks is None or embed is None or norm is None or len(blocks) == 0:
-        return None
-    return [embed, *list(blocks)[:-1], norm]
 
 
 def describe(layer: int, num_layers: int) -> str:
@@ -43,19 +34,8 @@ def describe(layer: int, num_layers: int) -> str:
 @contextlib.contextmanager
 def capture(modules: list[Any], layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Hooks on the chosen layers' modules for one forward; yields {layer: [B, T, H]} filled by it."""
-    out: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int):
-        def hook(module, args, output):
-            out[layer] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
-
-    handles = [modules[layer].register_forward_hook(keep(layer)) for layer in layers]
-    try:
+    with output_hooks({layer: modules[layer] for layer in layers}) as out:
         yield out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def hooks_match(model: Any, modules: list[Any], device: Any) -> bool:
@@ -76,42 +56,12 @@ def hooks_match(model: Any, modules: list[Any], device: Any) -> bool:
 # RoPE is applied to q and k inside the attention's forward, after these projections, so the stored tensors are
 # position-free; a trainer that wants the rotated ones applies the teacher's RoPE (its config is in the manifest).
 
-QKV = ("q_proj", "k_proj", "v_proj")
-
-
-def attention_modules(model: Any, blocks: list[int]) -> dict[int, tuple[Any, Any, Any]] | str:
-    """{block: (q_proj, k_proj, v_proj)} for blocks numbered 1..n, or a one-line reason they cannot be hooked."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        return f"{type(model).__name__} has no decoder.layers"
-    out = {}
-    for b in blocks:
-        attn = getattr(layers[b - 1], "self_attn", None)
-        mods = tuple(getattr(attn, name, None) for name in QKV)
-        if attn is None or any(m is None for m in mods):
-            return f"block {b} of {type(model).__name__} has no self_attn.q_proj/k_proj/v_proj (fused or other attention)"
-        out[b] = mods
-    return out
-
-
 @contextlib.contextmanager
 def capture_qkv(modules: dict[int, tuple[Any, Any, Any]]) -> Iterator[dict[int, torch.Tensor]]:
     """Hooks on the chosen blocks' q/k/v projections for one forward; after it, {block: [B, T, dq+dk+dv]}."""
-    parts: dict[int, list] = {b: [None, None, None] for b in modules}
     out: dict[int, torch.Tensor] = {}
-
-    def keep(block: int, j: int):
-        def hook(module, args, output):
-            parts[block][j] = output
-        return hook
-
-    handles = [m.register_forward_hook(keep(b, j)) for b, mods in modules.items() for j, m in enumerate(mods)]
-    try:
+    with output_hooks({(b, j): m for b, mods in modules.items() for j, m in enumerate(mods)}) as parts:
         yield out
-        for b, (q, k, v) in parts.items():
-            if q is not None:
-                out[b] = torch.cat([q, k, v], dim=-1)
-    finally:
-        for h in handles:
-            h.remove()
+    for b in modules:
+        if (b, 0) in parts:
+            out[b] = torch.cat([parts[(b, j)] for j in range(3)], dim=-1)
