@@ -14,7 +14,6 @@ step on batches collated beforehand and kept in memory.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -23,8 +22,8 @@ from types import SimpleNamespace
 
 import torch
 
-from common import machine, synthetic_topk
-from kdcache.train.config import StudentConfig, TrainConfig
+from common import demo_student, machine, step_arguments, synthetic_topk
+from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch
 from kdcache.train.losses import LossSettings, Targets, get_loss
 from kdcache.train.objective import TERMS, Objective, forward
@@ -68,20 +67,10 @@ def timed_step(model, opt, batch, obj, settings) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--length", type=int, default=128)
-    ap.add_argument("--k", type=int, default=64)
+    ap = step_arguments(__doc__)
     ap.add_argument("--cache", default="", help="a cache with hidden layers: time the real data path against in-memory batches")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    s = StudentConfig()
-    cfg = LlamaConfig(vocab_size=49_152, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
-                      num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model, s = demo_student()
     projections = torch.nn.ModuleDict()
     variants = {
         "kd": objective(model, projections, "kd", {}),

@@ -11,7 +11,6 @@ gradient buys.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -19,8 +18,8 @@ import time
 
 import torch
 
-from common import machine, synthetic_topk
-from kdcache.train.config import StudentConfig, TrainConfig
+from common import demo_student, machine, step_arguments, synthetic_topk
+from kdcache.train.config import TrainConfig
 from kdcache.train.data import Batch
 from kdcache.train.objective import Objective, forward
 from kdcache.train.optim import build_optimizer
@@ -57,20 +56,10 @@ def make_batch(batch: int, length: int, k: int, vocab: int = 49_152) -> Batch:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--length", type=int, default=128)
-    ap.add_argument("--k", type=int, default=64)
+    ap = step_arguments(__doc__)
     ap.add_argument("--divergences", default="fkl,rkl,jsd", help="generic divergence losses to time too (comma-separated)")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    s = StudentConfig()
-    cfg = LlamaConfig(vocab_size=49_152, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
-                      num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model, s = demo_student()
     opt = build_optimizer(model, TrainConfig(cache="x", out="x"))
     batch = make_batch(args.batch, args.length, args.k)
     variants = {

@@ -23,6 +23,31 @@ def pin_one_core() -> None:
         pass
 
 
+def step_arguments(doc: str):
+    """The arguments every train-step benchmark takes: steps timed, batch shape, k."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--k", type=int, default=64)
+    return ap
+
+
+def demo_student(vocab: int = 49_152):
+    """The demo's student (StudentConfig's defaults: Llama, hidden 128, 4 blocks), freshly initialised with seed 0."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kdcache.train.config import StudentConfig
+
+    s = StudentConfig()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
+                      num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg), s
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 

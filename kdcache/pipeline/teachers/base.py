@@ -179,23 +179,22 @@ def build_teacher(cfg: Any) -> Teacher:
     return BACKENDS[cfg.backend](cfg)
 
 
-def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
-    """Layer indices in [0, num_layers]: 0 is the embedding output, negatives count from the end."""
+def _resolve(indices: list[int], num_layers: int, first: int, what: str, unit: str) -> list[int]:
+    """Indices in [first, num_layers], negatives counting from the end (-1 the last), sorted and unique."""
     out = []
-    for layer in layers:
-        idx = layer + num_layers + 1 if layer < 0 else layer
-        if not 0 <= idx <= num_layers:
-            raise ConfigError(f"hidden layer {layer} out of range: the teacher has layers 0..{num_layers} (or -1..-{num_layers + 1})")
+    for i in indices:
+        idx = i + num_layers + 1 if i < 0 else i
+        if not first <= idx <= num_layers:
+            raise ConfigError(f"{what} {i} out of range: the teacher has {unit} {first}..{num_layers} (or -1..-{num_layers + 1 - first})")
         out.append(idx)
     return sorted(set(out))
+
+
+def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
+    """Layer indices in [0, num_layers]: 0 is the embedding output, negatives count from the end."""
+    return _resolve(layers, num_layers, 0, "hidden layer", "layers")
 
 
 def resolve_blocks(blocks: list[int], num_layers: int) -> list[int]:
     """Decoder block numbers in [1, num_layers] (-1 the last), for attention_layers."""
-    out = []
-    for b in blocks:
-        idx = b + num_layers + 1 if b < 0 else b
-        if not 1 <= idx <= num_layers:
-            raise ConfigError(f"attention layer {b} out of range: the teacher has blocks 1..{num_layers} (or -1..-{num_layers})")
-        out.append(idx)
-    return sorted(set(out))
+    return _resolve(blocks, num_layers, 1, "attention layer", "blocks")
