@@ -133,7 +133,7 @@ def data_path(args, model, projections) -> dict:
             t_live.append(t_read + t_step)
             t_mem.append(t_m)
     live_s, mem_s = statistics.median(t_live), statistics.median(t_mem)
-    return {"cache": args.cache, "layers": cache.manifest.signals["hidden"]["layers"], "codec": cache.manifest.signals["hidden"].get("codec"),
+    return {"cache": args.cache, "layers": cache.manifest.signals["hidden"]["layers"], "codec": sorted({c["codec"] for c in cache.manifest.signals["hidden"]["columns"].values()}),
             "median_step_from_cache_s": round(live_s, 4), "median_step_in_memory_s": round(mem_s, 4), "ratio": round(live_s / mem_s, 3)}
 
 
