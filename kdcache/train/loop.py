@@ -48,10 +48,10 @@ _RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.json
 # Fields that may change between a run and its resumption without changing what is being trained.
 _RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples", "eval_cache")
 
-# config.yaml's first line: the kdcache version that wrote it. A YAML comment, so the file stays a config that
-# `--config` accepts (unknown keys are refused) and the resume check, which compares the parsed configs, ignores it.
 _PROJ = "projections."  # checkpoint keys of the terms' projections (kept in the run, never in the exported student)
 
+# config.yaml's first line: the kdcache version that wrote it. A YAML comment, so the file stays a config that
+# `--config` accepts (unknown keys are refused) and the resume check, which compares the parsed configs, ignores it.
 _VERSION_LINE = re.compile(r"# written by kdcache (\S+)")
 
 
