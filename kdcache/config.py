@@ -219,10 +219,13 @@ def typed_sections(obj: Any) -> None:
             reject_unknown_keys(tp, value, f.name)
             setattr(obj, f.name, from_dict(tp, value, f.name))
         elif isinstance(value, list) and get_origin(tp) is list and dataclasses.is_dataclass(item := (get_args(tp) or (None,))[0]):
-            for i, v in enumerate(value):  # a list of sections (train.stages)
+            typed = []  # a list of sections (train.stages), as a new list: the caller's stays as given
+            for i, v in enumerate(value):
                 if isinstance(v, dict):
                     reject_unknown_keys(item, v, f"{f.name}[{i}]")
-                    value[i] = from_dict(item, v, f"{f.name}[{i}]")
+                    v = from_dict(item, v, f"{f.name}[{i}]")
+                typed.append(v)
+            setattr(obj, f.name, typed)
 
 
 def unknown_keys(cls: type, data: dict, where: str = "") -> list[str]:

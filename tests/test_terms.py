@@ -252,3 +252,14 @@ def test_batches_place_a_subset_of_positions_where_the_cache_says(tiny_teacher, 
         np.testing.assert_array_equal(batch.signals["hidden_2"][i][batch.signals["hidden_mask"][i]].numpy(), ex["hidden_2"])
     train(_cfg(cache, tmp_path / "run", steps=3, eval_fraction=0.0, terms={"hidden": 1.0}), progress=False)
     assert np.isfinite(train_rows(tmp_path / "run")[-1]["hidden"])
+
+
+def test_stages_given_as_mappings_are_typed_without_touching_the_callers_list():
+    from kdcache.train.config import StageConfig, TrainConfig
+
+    given = [{"steps": 3, "freeze": ["lm_head"]}, {}]
+    cfg = TrainConfig(stages=given)
+    assert cfg.stages == [StageConfig(steps=3, freeze=["lm_head"]), StageConfig()]
+    assert given == [{"steps": 3, "freeze": ["lm_head"]}, {}]
+    with pytest.raises(ConfigError, match=r"stages\[1\].stpes \(did you mean stages\[1\].steps\?\)"):
+        TrainConfig(stages=[{}, {"stpes": 2}])
