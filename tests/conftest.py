@@ -100,3 +100,12 @@ def tiny_cache(tiny_teacher, text_jsonl, tmp_path_factory) -> Path:
     generate(GenerateConfig(teacher=str(tiny_teacher), out=str(out), top_k=8, row_group_tokens=256, shard_tokens=1024,
                             data=DataConfig(source=str(text_jsonl), max_length=64)), progress=False)
     return out
+
+
+def sigint_as_in_a_terminal() -> None:
+    """In the child: SIGINT at its default, as under a terminal. A shell without job control starts background
+    commands with SIGINT ignored (a CI runner's `cmd &`), which Python then keeps, and the test would send Ctrl-C
+    to a process that cannot hear it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

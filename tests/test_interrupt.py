@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import _sentences
+from conftest import _sentences, sigint_as_in_a_terminal
 from kdcache.cache import MANIFEST_NAME, CacheWriter, make_signals, open_cache, read_manifest
 from kdcache.errors import ConfigError, KDCacheError
 from kdcache.pipeline.config import DataConfig, GenerateConfig
@@ -100,7 +100,7 @@ def test_sigint_keeps_committed_shards_reports_them_and_the_rerun_equals_an_unin
     delay = random.Random(seed).uniform(0.0, 0.3)
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(command(tiny_teacher, long_jsonl, out, 0.1), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         wait_until(proc, lambda: listed_shards(out) >= 1, "the first shard was committed")
         time.sleep(delay)
@@ -142,7 +142,7 @@ def test_sigint_keeps_committed_shards_reports_them_and_the_rerun_equals_an_unin
 def test_a_stop_before_any_commit_says_nothing_was_kept_and_leaves_no_folder(tiny_teacher, long_jsonl, tmp_path, sig):
     out = tmp_path / "fresh"
     proc = subprocess.Popen(command(tiny_teacher, long_jsonl, out, 1000), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         # A row group in flight: the teacher is working, nothing is committed (1000 s, 4M tokens).
         wait_until(proc, lambda: out.is_dir() and any(p.name.endswith(".parquet.tmp") for p in out.iterdir()), "a row group was written")

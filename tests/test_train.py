@@ -27,7 +27,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import CHAT_TEMPLATE, WORDS, build_tiny_llama, build_tiny_tokenizer
+from conftest import CHAT_TEMPLATE, WORDS, build_tiny_llama, build_tiny_tokenizer, sigint_as_in_a_terminal
 from kdcache.cache import MANIFEST_NAME, holdout_fraction_filter, open_cache
 from kdcache.config import build_config, to_dict
 from kdcache.errors import CacheMismatchError, ConfigError
@@ -521,7 +521,7 @@ def test_interrupt_signal_says_which_checkpoint_is_kept_and_the_rerun_resumes_fr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     latest = out / "checkpoints" / "latest"
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 180
     while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
