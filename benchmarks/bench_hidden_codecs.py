@@ -21,28 +21,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from common import machine
+from common import column_bytes, machine
 from kdcache.cache import open_cache
 from kdcache.cache.hidden import orthogonal_projection
 from kdcache.pipeline.config import DataConfig, GenerateConfig
 from kdcache.pipeline.generate import generate
 from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.pipeline.teachers import build_teacher
-
-
-def column_bytes(cache_dir: Path) -> dict[str, int]:
-    """zstd-compressed bytes per column over all shards and row groups."""
-    total: dict[str, int] = {}
-    for f in sorted(cache_dir.glob("part-*.parquet")):
-        md = pq.ParquetFile(f).metadata
-        for rg in range(md.num_row_groups):
-            for c in range(md.num_columns):
-                col = md.row_group(rg).column(c)
-                name = col.path_in_schema.split(".")[0]
-                total[name] = total.get(name, 0) + col.total_compressed_size
-    return total
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
-"""Helpers shared by the benchmarks: synthetic teacher outputs and one-core pinning."""
+"""Helpers shared by the benchmarks: synthetic teacher outputs, one-core pinning, the demo student, cache column sizes."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,3 +94,18 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def column_bytes(cache_dir: Path) -> dict[str, int]:
+    """zstd-compressed bytes per column over all shards and row groups."""
+    import pyarrow.parquet
+
+    total: dict[str, int] = {}
+    for f in sorted(cache_dir.glob("part-*.parquet")):
+        md = pyarrow.parquet.ParquetFile(f).metadata
+        for rg in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                col = md.row_group(rg).column(c)
+                name = col.path_in_schema.split(".")[0]
+                total[name] = total.get(name, 0) + col.total_compressed_size
+    return total

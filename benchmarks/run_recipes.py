@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import yaml
 
+from common import column_bytes
 from domain_teacher import domain_teacher
 from kdcache.cache import open_cache
 from kdcache.cache.combine import combine_caches
@@ -47,18 +47,6 @@ METHOD_KEYS = ("loss", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", 
                "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight", "curriculum",
                "terms", "stages")
 TEACHER_SIGNALS = ("hidden_layers", "hidden_codec", "attention_layers", "hidden_project_dim", "hidden_positions")  # recipes that read the teacher's insides
-
-
-def column_bytes(cache_dir: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for shard in sorted(cache_dir.glob("part-*.parquet")):
-        md = pq.ParquetFile(shard).metadata
-        for rg in range(md.num_row_groups):
-            for c in range(md.num_columns):
-                col = md.row_group(rg).column(c)
-                name = col.path_in_schema.split(".")[0]
-                out[name] = out.get(name, 0) + col.total_compressed_size
-    return out
 
 
 def recipe_caches(name: str, recipe: dict, base: GenerateConfig, work: Path, args: argparse.Namespace, eval_fraction: float) -> list[tuple[str, str, str]]:
