@@ -114,9 +114,11 @@ def _position_signals(examples: list[dict], lens: np.ndarray, T: int) -> dict[st
             dense = np.zeros((len(examples), T, values.shape[-1]), dtype=np.float32)
             dense[rows, cols] = values
             out[c] = torch.from_numpy(dense)
-    for c in (c for c in first if _QKV.fullmatch(c)):
+    qkv = [c for c in first if _QKV.fullmatch(c)]
+    if qkv:  # every position of every example, the same for all blocks
         rows = np.repeat(np.arange(len(examples)), lens)
         cols = np.concatenate([np.arange(n) for n in lens])
+    for c in qkv:
         values = np.concatenate([ex[c] for ex in examples])
         dense = np.zeros((len(examples), T, values.shape[-1]), dtype=np.float32)
         dense[rows, cols] = values
