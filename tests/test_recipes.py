@@ -31,7 +31,9 @@ def test_recipe_runs_end_to_end(recipe, tiny_teacher, text_jsonl, tmp_path_facto
     gen = build_config(GenerateConfig, recipe, {"teacher": str(tiny_teacher), "data.source": str(text_jsonl), "data.max_length": 48,
                                                 "data.max_rows": 40, "generation.max_new_tokens": 4, "out": "pending",
                                                 # the tiny teacher has 2 blocks: its layers instead of a 30-block teacher's
-                                                **({"hidden_layers": [1, 2]} if data["generate"].get("hidden_layers") else {})}, section="generate")
+                                                **({"hidden_layers": [1, 2]} if data["generate"].get("hidden_layers") else {}),
+                                                # the test rows have only `text`: a fixed context instead of one from their fields
+                                                **({"context": "notes on the list :"} if data["generate"].get("context") else {})}, section="generate")
     key = json.dumps({k: v for k, v in to_dict(gen).items() if k != "out"}, sort_keys=True)
     if key not in caches:  # recipes with the same generate settings share a cache, as users would
         gen.out = str(tmp_path_factory.mktemp("recipe_cache") / "cache")

@@ -31,6 +31,8 @@ qkv_<L>            list<codec> [T*(dq+dk+dv)] (optional) block L's pre-RoPE q|k|
 qkv_<L>_scale      list<float32> [T]          (codec int8) each token's scale of qkv_<L>
 prompt_length      int32                      (generation) tokens of the prompt before the continuation
 sample_index       int32                      (generation) which of the n samples for the prompt
+context_tokens     int32                      (context) teacher tokens read before input_ids: row position t of
+                                              every column above is teacher position context_tokens + t
 =================  =========================  ======================================================
 
 Flattened 2-D columns keep reads fast (one contiguous buffer per row group); the manifest gives k and H.
@@ -51,6 +53,7 @@ TEMPERED_TAIL_COLUMN = "tail_logprob_tempered"
 SAMPLED_COLUMNS = ("sampled_ids", "sampled_weights", "sampled_sizes")
 STATS_COLUMNS = ("teacher_nll", "teacher_entropy", "num_loss_tokens")
 GENERATION_COLUMNS = ("prompt_length", "sample_index")
+CONTEXT_COLUMN = "context_tokens"
 
 
 HIDDEN_POSITIONS_COLUMN = "hidden_positions"
@@ -93,11 +96,13 @@ def make_signals(
     hidden_positions: str = "all",
     hidden_positions_seed: int = 0,
     attention: dict | None = None,
+    context: dict | None = None,
 ) -> dict:
     """The manifest's description of what a cache stores, with shapes, dtypes and codecs.
 
     ``attention``: the qkv signal, ``{"layers", "sizes": [dq, dk, dv], "num_heads", "num_kv_heads", "head_dim"}``
-    (None: not stored). Keys describing the hidden projection and positions appear only when they are not the
+    (None: not stored). ``context``: the teacher-only context's settings (template, alignment), None without one.
+    Keys describing the hidden projection and positions appear only when they are not the
     defaults (full width, all positions), so a cache without them has the same signals as before they existed."""
     lp = get_codec(logprob_codec)
     signals: dict = {"stats": {"columns": {c: {"shape": [], "dtype": "int32" if c == "num_loss_tokens" else "float32"} for c in STATS_COLUMNS}}}
@@ -162,6 +167,8 @@ def make_signals(
         }
     if generation:
         signals["generation"] = {"columns": {c: {"shape": [], "dtype": "int32"} for c in GENERATION_COLUMNS}}
+    if context:
+        signals["context"] = {**context, "columns": {CONTEXT_COLUMN: {"shape": [], "dtype": "int32"}}}
     return signals
 
 
@@ -201,6 +208,8 @@ def build_schema(signals: dict) -> pa.Schema:
             fields.append(pa.field(name, pa.list_(value_type), nullable=False))
     if "generation" in signals:
         fields += [pa.field(c, pa.int32(), nullable=False) for c in GENERATION_COLUMNS]
+    if "context" in signals:
+        fields.append(pa.field(CONTEXT_COLUMN, pa.int32(), nullable=False))
     return pa.schema(fields, metadata={b"kdcache.format_version": str(FORMAT_VERSION).encode()})
 
 

@@ -163,6 +163,7 @@ def main(verbose: bool) -> None:
 @click.option("--sampled-tokens", type=int, help="RS-KD: tokens drawn per position from the teacher (0: off).")
 @click.option("--hidden-layers", help="Comma-separated layers to store, e.g. 6,12,-1.")
 @click.option("--tail-temperatures", help="KD temperatures to store the exact tail mass for, e.g. 2 or 2,4 (transformers backend).")
+@click.option("--context", help="Text the teacher reads before each row, the student never (context distillation); {field} fills a row field.")
 @click.option("--out", help="Cache directory.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing cache with other settings.")
 @click.option("--strict", is_flag=True, default=None, help="Fail on the first bad row.")

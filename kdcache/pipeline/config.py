@@ -116,6 +116,11 @@ class GenerateConfig:
         "k_proj, v_proj outputs) to store per token as qkv_<L>, for MiniLMv2-style relation KD: 2*(dq+dk+dv) B/token "
         "per block in fp16/bf16 (SmolLM2-135M: 1,920), whatever the sequence length. Stored with hidden_codec.",
         default_factory=list)
+    context: str = doc(
+        "Context distillation: text the teacher reads before each row and the student never sees (a system prompt, "
+        "few-shot examples, a document); {field} placeholders are filled from the row (e.g. 'Docs of {source}:\\n'). "
+        "The cache keeps the teacher's predictions at the row's own tokens only (offset per row in context_tokens). "
+        "Empty: off.", "")
     device: str = doc("auto (cuda if available), cpu, cuda, cuda:N.", "auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
     batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096, valid=at_least(2))
@@ -149,6 +154,13 @@ class GenerateConfig:
         parse_positions(self.hidden_positions)
         if not self.hidden_layers and (self.hidden_project_dim or parse_positions(self.hidden_positions)[0] != "all"):
             raise ConfigError("hidden_project_dim and hidden_positions choose how hidden states are stored; pass --hidden-layers L,... with them")
+        if self.context:
+            from kdcache.pipeline.context import placeholders
+
+            placeholders(self.context)  # a malformed template is refused here
+            if self.generation.enabled:
+                raise ConfigError("context with generation.enabled is not supported yet: the teacher would continue the "
+                                  "context too; generate continuations without --set context")
         if 0 in self.attention_layers:
             raise ConfigError("attention_layers are decoder blocks 1..num_layers (or -1 for the last); 0, the embeddings, has no attention")
 

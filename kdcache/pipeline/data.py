@@ -28,6 +28,7 @@ class Tokenized:
     loss_mask: np.ndarray  # [T-1] bool, target t+1 counts
     prompt: np.ndarray | None = None  # prompt tokens, for generation
     truncated: bool = False
+    context: np.ndarray | None = None  # teacher-only context tokens read before input_ids (context distillation)
 
 
 @dataclass

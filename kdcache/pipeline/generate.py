@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
 from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.hidden import orthogonal_projection, parse_positions, select_positions
-from kdcache.cache.schema import HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
+from kdcache.cache.schema import CONTEXT_COLUMN, HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
 from kdcache.config import plural, to_dict
 from kdcache.errors import CacheFormatError, ConfigError, DataError, Interrupted
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
+from kdcache.pipeline.context import TeacherContext, align, check_template, student_fields, teacher_sequence
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows, resolve_format
 from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_blocks, resolve_layers
 from kdcache.pipeline.teachers.sampling import SparseSampling
@@ -97,6 +98,7 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: 
             **({"hidden_positions_seed": cfg.seed} if layers and positions == "fraction" else {}),
             **({"attention_layers": stored.qkv_layers, "attention_tensors": stored.attention} if stored.attention else {}),
             **({"sampled_tokens": cfg.sampled_tokens, "proposal_temperature": cfg.proposal_temperature} if cfg.sampled_tokens else {}),
+            **({"context": cfg.context} if cfg.context else {}),
         },
         "generation": gen if cfg.generation.enabled else {"enabled": False},
         "seed": cfg.seed if (cfg.generation.enabled and cfg.generation.do_sample) or cfg.sampled_tokens else None,
@@ -117,7 +119,7 @@ def _batches(
     longest = good = total = 0
     for index, item in items:
         is_good = isinstance(item, Tokenized)
-        n = len(item.input_ids) if is_good else 0
+        n = len(item.input_ids) + (len(item.context) if item.context is not None else 0) if is_good else 0
         cost = max(longest, n) * (good + is_good) if padded else total + n
         if batch and (cost > batch_tokens or len(batch) >= max_rows):
             yield batch
@@ -173,7 +175,9 @@ def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, open
     first = next(rows, None)
     if first is None:
         raise DataError(f"dataset {cfg.data.source!r} is empty (no rows in split {cfg.data.split!r})")
-    resolve_format(cfg.data, first, prompts_only=cfg.generation.enabled)
+    fmt = resolve_format(cfg.data, first, prompts_only=cfg.generation.enabled)
+    if cfg.context:
+        check_template(cfg.context, first, student_fields(cfg.data, fmt))
     owned = teacher is None
     teacher = build_teacher(cfg) if owned else teacher
     try:
@@ -198,6 +202,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         sampled_draws=cfg.sampled_tokens, proposal_temperature=cfg.proposal_temperature, tail_temperatures=cfg.tail_temperatures,
         hidden_project_dim=cfg.hidden_project_dim, hidden_project_seed=cfg.hidden_project_seed,
         hidden_positions=cfg.hidden_positions, hidden_positions_seed=cfg.seed, attention=stored.attention,
+        context=TeacherContext.build(cfg.context, teacher.tokenizer).settings() if cfg.context else None,
     )
     teacher.attention_layers = tuple(stored.qkv_layers)
     tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
@@ -228,12 +233,16 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
     start = writer.resume_input_row
     if start:
         log.info("resuming after input row %d", start)
+    context = TeacherContext.build(cfg.context, teacher.tokenizer) if cfg.context else None
+    limit = teacher.max_sequence_length()
 
     def tokenized() -> Iterator[tuple[int, Tokenized | BadRow]]:
         for index, row in enumerate(itertools.chain([first], rows)):
             if index < start:
                 continue
             item = tokenize(row)
+            if context is not None and isinstance(item, Tokenized):
+                item = _with_context(item, context, row, limit)
             if isinstance(item, BadRow):
                 if cfg.data.strict:
                     raise DataError(f"bad row {index}: {item.detail} (reason {item.reason}); fix the row or drop --strict to skip and count it")
@@ -254,7 +263,7 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
                 yield GenerateRequest([p for _, p in fits], seeds, cfg.generation, cfg.data.max_length)
             else:
                 pending.append((batch, [(i, 0) for i, _ in good]))
-                yield ScoreRequest([t.input_ids for _, t in good], seeds=[_row_seed(cfg.seed, i) for i, _ in good])
+                yield ScoreRequest([_teacher_input(t, teacher)[0] for _, t in good], seeds=[_row_seed(cfg.seed, i) for i, _ in good])
 
     teacher.progress = progress
     teacher.load()
@@ -263,7 +272,7 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
     sampling = SparseSampling(cfg.sampled_tokens, cfg.proposal_temperature) if cfg.sampled_tokens else None
     for result in teacher.run(requests(), cfg.top_k, layers, sampling):
         batch, done = pending.popleft()
-        examples = _batch_examples(cfg, batch, done, result, stored)
+        examples = _batch_examples(cfg, batch, done, result, stored, teacher)
         for i, item in batch:
             if isinstance(item, BadRow):
                 writer.count(f"bad_rows.{item.reason}")
@@ -294,6 +303,22 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
     return manifest
 
 
+def _with_context(item: Tokenized, context: TeacherContext, row: dict, limit: int | None) -> Tokenized | BadRow:
+    ids = context.ids(row)
+    if ids is None:
+        return BadRow("missing_context_field", f"a field the context reads ({', '.join(context.fields)}) is missing or not text")
+    if limit is not None and len(ids) + len(item.input_ids) > limit:
+        return BadRow("context_too_long", f"context ({len(ids)} tokens) + row ({len(item.input_ids)}) > the engine's {limit}")
+    return dataclasses.replace(item, context=ids)
+
+
+def _teacher_input(t: Tokenized, teacher: Teacher) -> tuple[np.ndarray, int]:
+    """What the teacher scores for a row, and where the row's own tokens start in it."""
+    if t.context is None:
+        return t.input_ids, 0
+    return teacher_sequence(t.context, t.input_ids, getattr(teacher.tokenizer, "bos_token_id", None))
+
+
 def _prompt(t: Tokenized, prompt_tokens: int) -> np.ndarray:
     """What the teacher continues: the row's own prompt, else the start of its text."""
     if t.prompt is not None and len(t.prompt):
@@ -305,14 +330,20 @@ def _row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % 2**63
 
 
-def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, stored: _Stored) -> dict[int, list[dict]]:
+def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, stored: _Stored, teacher: Teacher) -> dict[int, list[dict]]:
     """Cache examples per input row of one batch; rows missing from the result had no room to generate."""
     examples: dict[int, list[dict]] = {}
     if not cfg.generation.enabled:
         items = dict(batch)
         for (i, _), s in zip(done, result):
             t = items[i]
-            examples[i] = [_example(str(i), t.input_ids, t.loss_mask, s, stored)]
+            if t.context is None:
+                examples[i] = [_example(str(i), t.input_ids, t.loss_mask, s, stored)]
+                continue
+            offset = _teacher_input(t, teacher)[1]
+            ex = _example(str(i), t.input_ids, t.loss_mask, align(s, offset, len(t.input_ids)), stored)
+            ex[CONTEXT_COLUMN] = offset
+            examples[i] = [ex]
         return examples
     for (i, plen), samples in zip(done, result):
         exs = examples.setdefault(i, [])
