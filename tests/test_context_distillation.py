@@ -84,9 +84,11 @@ def test_cache_rows_are_the_prompted_teachers_forward_at_the_students_tokens(tin
     assert verify_cache(tmp_path / "c", deep=True).ok
 
 
-def test_another_context_is_another_cache(tiny_teacher, topic_jsonl, tmp_path):
+def test_another_context_is_another_cache_and_inspect_names_it(tiny_teacher, topic_jsonl, tmp_path):
     out = tmp_path / "c"
     generate(make_cfg(tiny_teacher, out, topic_jsonl, top_k=4, context=CONTEXT), progress=False)
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and f"context      the teacher read {CONTEXT!r}" in r.output and "context: context_tokens" in r.output, r.output
     generate(make_cfg(tiny_teacher, out, topic_jsonl, top_k=4, context=CONTEXT), progress=False)  # complete: no work
     with pytest.raises(CacheMismatchError):
         generate(make_cfg(tiny_teacher, out, topic_jsonl, top_k=4, context="other {topic}"), progress=False)

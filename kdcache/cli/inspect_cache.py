@@ -47,6 +47,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "teacher_nll_per_example": dist(nll),
         "teacher_entropy_per_example": dist(ent),
         "stats": m.stats,
+        "context": m.signals.get("context", {}).get("template"),
         "_arrays": {"teacher_nll": nll, "teacher_entropy": ent},
     }
 
@@ -109,6 +110,8 @@ def format_summary(s: dict[str, Any]) -> str:
         "signals      " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["signals"].items()),
         f"top-k        {s['top_k']}",
     ]
+    if s["context"]:
+        lines.append(f"context      the teacher read {s['context']!r} before each row (the student does not; offsets in context_tokens)")
     if s["tail_at_temperature"]:
         lines.append(f"tail at T!=1 {s['tail_at_temperature']}")
     if s["teacher_ppl"] is not None:
