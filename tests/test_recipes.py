@@ -16,7 +16,8 @@ from kdcache.train import TrainConfig, train
 from kdcache.pipeline.recipes import list_recipes, recipe_path
 from kdcache.train.loop import alpha_at
 
-RECIPES = [recipe_path(name) for name in list_recipes()]
+# recipes for `kdcache train` (cross-task-kd trains with `kdcache classify`: tests/test_cross_task.py)
+RECIPES = [p for p in (recipe_path(name) for name in list_recipes()) if "train" in yaml.safe_load(p.read_text())]
 TINY_STUDENT = {"student.hidden_size": 32, "student.num_layers": 2, "student.num_heads": 2, "student.num_kv_heads": 1, "student.intermediate_size": 64}
 
 

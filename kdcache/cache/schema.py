@@ -31,6 +31,9 @@ qkv_<L>            list<codec> [T*(dq+dk+dv)] (optional) block L's pre-RoPE q|k|
 qkv_<L>_scale      list<float32> [T]          (codec int8) each token's scale of qkv_<L>
 prompt_length      int32                      (generation) tokens of the prompt before the continuation
 sample_index       int32                      (generation) which of the n samples for the prompt
+pooled_<L>         list<float32> [D]          (optional) one vector per example: hidden_states[L] pooled over the row's
+                                              tokens (signals.pooled.pooling: mean or last), D = the teacher's width
+<field>            string/int64/double/bool   (optional) dataset fields kept as they are (signals.fields), e.g. a label
 context_tokens     int32                      (context) teacher tokens read before input_ids: row position t of
                                               every column above is teacher position context_tokens + t
 =================  =========================  ======================================================
@@ -54,6 +57,12 @@ SAMPLED_COLUMNS = ("sampled_ids", "sampled_weights", "sampled_sizes")
 STATS_COLUMNS = ("teacher_nll", "teacher_entropy", "num_loss_tokens")
 GENERATION_COLUMNS = ("prompt_length", "sample_index")
 CONTEXT_COLUMN = "context_tokens"
+#: Arrow types of kept dataset fields, by the Python type of the first row's value (bool before int: a bool is an int).
+FIELD_TYPES = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+
+
+def pooled_column(layer: int) -> str:
+    return f"pooled_{layer}"
 
 
 HIDDEN_POSITIONS_COLUMN = "hidden_positions"
@@ -97,11 +106,15 @@ def make_signals(
     hidden_positions_seed: int = 0,
     attention: dict | None = None,
     context: dict | None = None,
+    pooled: dict | None = None,
+    fields: dict[str, str] | None = None,
 ) -> dict:
     """The manifest's description of what a cache stores, with shapes, dtypes and codecs.
 
     ``attention``: the qkv signal, ``{"layers", "sizes": [dq, dk, dv], "num_heads", "num_kv_heads", "head_dim"}``
     (None: not stored). ``context``: the teacher-only context's settings (template, alignment), None without one.
+    ``pooled``: ``{"layers", "pooling", "size"}`` of example-level embeddings; ``fields``: kept dataset field -> its
+    type name in FIELD_TYPES.
     Keys describing the hidden projection and positions appear only when they are not the
     defaults (full width, all positions), so a cache without them has the same signals as before they existed."""
     lp = get_codec(logprob_codec)
@@ -169,6 +182,14 @@ def make_signals(
         signals["generation"] = {"columns": {c: {"shape": [], "dtype": "int32"} for c in GENERATION_COLUMNS}}
     if context:
         signals["context"] = {**context, "columns": {CONTEXT_COLUMN: {"shape": [], "dtype": "int32"}}}
+    if pooled:
+        signals["pooled"] = {
+            "layers": list(pooled["layers"]), "pooling": pooled["pooling"], "size": int(pooled["size"]),
+            "tensor": f"hidden_states[L] ({pooled['pooling']} over the row's tokens), float32",
+            "columns": {pooled_column(layer): {"shape": [int(pooled["size"])], "dtype": "float32", "codec": "plain"} for layer in pooled["layers"]},
+        }
+    if fields:
+        signals["fields"] = {"columns": {name: {"shape": [], "dtype": kind} for name, kind in fields.items()}}
     return signals
 
 
@@ -210,6 +231,10 @@ def build_schema(signals: dict) -> pa.Schema:
         fields += [pa.field(c, pa.int32(), nullable=False) for c in GENERATION_COLUMNS]
     if "context" in signals:
         fields.append(pa.field(CONTEXT_COLUMN, pa.int32(), nullable=False))
+    for name in (signals.get("pooled") or {}).get("columns", {}):
+        fields.append(pa.field(name, pa.list_(pa.float32()), nullable=False))
+    for name, col in (signals.get("fields") or {}).get("columns", {}).items():
+        fields.append(pa.field(name, FIELD_TYPES[col["dtype"]], nullable=False))
     return pa.schema(fields, metadata={b"kdcache.format_version": str(FORMAT_VERSION).encode()})
 
 

@@ -78,11 +78,22 @@ class _LossOption(click.Option):
         return super().get_help_record(ctx)
 
 
+_SECTIONS = {"generate": "generate", "train": "train", "classify": "classify"}  # section -> the command that reads it
+
+
 def _section(path: str | None, name: str) -> str | None:
-    """Use the ``name:`` section when the YAML file has one, else the whole file."""
+    """Use the ``name:`` section when the YAML file has one, else the whole file (a file of other commands'
+    sections only is refused: it is not meant for this command)."""
     if path is None:
         return None
-    return name if name in load_yaml(path) else None
+    data = load_yaml(path)
+    if name in data:
+        return name
+    others = [s for s in _SECTIONS if s in data and s != name]
+    if others:
+        raise KDCacheError(f"{path} has no {name}: section (it has {', '.join(others)}); run it with "
+                           + " / ".join(f"`kdcache {_SECTIONS[s]}`" for s in others))
+    return None
 
 
 def _config_path(config_path: str | None, recipe: str | None) -> str | None:
@@ -240,6 +251,31 @@ def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device, al
     metrics = _run(evaluate_student, cache, student, eval_fraction=eval_fraction, max_examples=max_examples, batch_size=batch_size, device=device,
                    allow_pickle_weights=allow_pickle_weights)
     click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML config (a `classify:` section is used if present).")
+@click.option("--recipe", help="A shipped recipe by name, e.g. cross-task-kd (`kdcache recipes` lists them); instead of --config.")
+@click.option("--cache", help="Cache directory (with a kept label field and, for the teacher, pooled embeddings).")
+@click.option("--label-field", help="Cache column with each row's class.")
+@click.option("--teacher-weight", type=float, help="Weight of the teacher-embedding term (0: the same student without the teacher).")
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option("--out", help="Run directory.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the latest checkpoint even with a changed config.")
+@click.option("--overwrite", is_flag=True, default=None, help="Start over in --out.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@click.option("--set", "overrides", multiple=True, help=_set_help("student.hidden_size=64", "classify"))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def classify(config_path, recipe, overrides, quiet, **flags) -> None:
+    """Train a classifier student on a label the cache keeps, guided by the teacher's embeddings (cross-task KD)."""
+    from kdcache.train.classify import ClassifyConfig
+
+    config_path = _run(_config_path, config_path, recipe)
+    cfg = _run(lambda: build_config(ClassifyConfig, config_path, _flag_values(flags), list(overrides), section=_section(config_path, "classify")))
+    _run(cfg.validate)
+    from kdcache.train.classify import train_classifier
+
+    click.echo(json.dumps(_run(train_classifier, cfg, progress=not quiet), indent=2))
 
 
 @main.command()

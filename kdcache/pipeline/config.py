@@ -17,7 +17,8 @@ from kdcache.pipeline.corpus import EMBEDDED_PREFIX
 class DataConfig:
     source: str = doc(
         "Dataset: a local .jsonl/.json/.parquet/.csv/.txt file, a hub dataset name, or embedded:stdlib-docs "
-        "(Python standard library docstrings, on every machine).",
+        "(Python standard library docstrings, on every machine; fields text, source, module) or embedded:stdlib-modules (those "
+        "of its 8 largest modules, interleaved: a classification set labelled by `module`).",
         "embedded:stdlib-docs",
     )
     split: str = doc("Split to read (hub datasets and local files alike).", "train")
@@ -116,6 +117,15 @@ class GenerateConfig:
         "k_proj, v_proj outputs) to store per token as qkv_<L>, for MiniLMv2-style relation KD: 2*(dq+dk+dv) B/token "
         "per block in fp16/bf16 (SmolLM2-135M: 1,920), whatever the sequence length. Stored with hidden_codec.",
         default_factory=list)
+    pooled_layers: list[int] = doc(
+        "Example-level teacher embeddings: for each layer L (hidden_layers numbering), one float32 vector per example, "
+        "the `pooling` of hidden_states[L] over the row's tokens (column pooled_<L>), e.g. [-1] for the final normed state; "
+        "what cross-task and cross-modal students learn from. Independent of hidden_layers (per-token states).", default_factory=list)
+    pooling: Literal["mean", "last"] = doc("How pooled_layers pool a row's tokens: mean over all of them, or the last token's state.", "mean")
+    keep_fields: list[str] = doc(
+        "Dataset fields copied into the cache as one column each (scalars: text, integer, float, bool), e.g. a label "
+        "[module] for a classifier student or the path of a paired image; typed by the first row, a row of another type "
+        "is a counted bad row.", default_factory=list)
     context: str = doc(
         "Context distillation: text the teacher reads before each row and the student never sees (a system prompt, "
         "few-shot examples, a document); {field} placeholders are filled from the row (e.g. 'Docs of {source}:\\n'). "
@@ -145,8 +155,8 @@ class GenerateConfig:
     def __post_init__(self):
         typed_sections(self)
         check_fields(self)
-        if self.top_k == 0 and self.sampled_tokens == 0:
-            raise ConfigError("nothing to store: pass --top-k K and/or --sampled-tokens N")
+        if self.top_k == 0 and self.sampled_tokens == 0 and not self.pooled_layers:
+            raise ConfigError("nothing to store: pass --top-k K, --sampled-tokens N and/or --set pooled_layers=[L]")
         if len(set(self.tail_temperatures)) != len(self.tail_temperatures):
             raise ConfigError(f"tail_temperatures must be distinct, got {show(self.tail_temperatures)}")
         if self.tail_temperatures and not self.top_k:

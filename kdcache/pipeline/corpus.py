@@ -1,19 +1,23 @@
 """Real English prose that every machine has without a download: the Python standard library's docstrings.
 
 Parsed with ``ast`` (nothing is imported or executed), in sorted file order, so the corpus is the same
-on every machine with the same Python version.
+on every machine with the same Python version. Each row says where it comes from (``source``, and
+``module``: the top-level module or package), a label that needs no annotator: ``stdlib-modules`` is the
+docstrings of the MODULES largest modules, interleaved so any prefix of it is close to balanced, for
+classifiers (which module does this docstring document?).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_DATASETS = ("stdlib-docs",)
+MODULES = 8  # classes of stdlib-modules
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__", "ensurepip", "pydoc_data"}
 
 
@@ -39,4 +43,22 @@ def stdlib_docstrings(min_chars: int = 300, max_chars: int = 4000) -> Iterator[d
                 continue
             seen.add(text)
             name = getattr(node, "name", "<module>")
-            yield {"text": text[:max_chars], "source": f"{rel.as_posix()}:{name}"}
+            yield {"text": text[:max_chars], "source": f"{rel.as_posix()}:{name}", "module": rel.parts[0].removesuffix(".py")}
+
+
+def stdlib_modules(classes: int = MODULES) -> Iterator[dict]:
+    """Docstrings of the ``classes`` modules with the most of them, round-robin over the modules (each module's
+    rows in a fixed pseudo-random order), so the first N rows hold about N / classes of each."""
+    by_module: dict[str, list[dict]] = {}
+    for row in stdlib_docstrings():
+        by_module.setdefault(row["module"], []).append(row)
+    largest = sorted(by_module, key=lambda m: (-len(by_module[m]), m))[:classes]
+    queues = [sorted(by_module[m], key=lambda r: hashlib.sha256(r["source"].encode()).hexdigest()) for m in sorted(largest)]
+    for i in range(max(len(q) for q in queues)):
+        for q in queues:
+            if i < len(q):
+                yield q[i]
+
+
+EMBEDDED_ROWS = {"stdlib-docs": stdlib_docstrings, "stdlib-modules": stdlib_modules}
+EMBEDDED_DATASETS = tuple(EMBEDDED_ROWS)

@@ -17,7 +17,7 @@ import numpy as np
 from kdcache.errors import DataError
 from kdcache.fingerprint import json_hash, tree_fingerprint
 from kdcache.pipeline.config import DataConfig
-from kdcache.pipeline.corpus import EMBEDDED_DATASETS, EMBEDDED_PREFIX, stdlib_docstrings
+from kdcache.pipeline.corpus import EMBEDDED_DATASETS, EMBEDDED_PREFIX, EMBEDDED_ROWS
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -29,6 +29,7 @@ class Tokenized:
     prompt: np.ndarray | None = None  # prompt tokens, for generation
     truncated: bool = False
     context: np.ndarray | None = None  # teacher-only context tokens read before input_ids (context distillation)
+    fields: dict | None = None  # kept dataset fields (keep_fields), copied into the cache as they are
 
 
 @dataclass
@@ -64,7 +65,7 @@ def iter_rows(cfg: DataConfig) -> Iterator[dict]:
         name = src[len(EMBEDDED_PREFIX) :]
         if name not in EMBEDDED_DATASETS:
             raise DataError(f"unknown embedded dataset {name!r}; available: {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_DATASETS)}")
-        rows: Iterator[dict] = stdlib_docstrings()
+        rows: Iterator[dict] = EMBEDDED_ROWS[name]()
     else:
         rows = _load_datasets(src, cfg.split, cfg.revision)
     if cfg.max_rows is not None:

@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
 from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.hidden import orthogonal_projection, parse_positions, select_positions
-from kdcache.cache.schema import CONTEXT_COLUMN, HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
+from kdcache.cache.schema import CONTEXT_COLUMN, HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS, pooled_column
 from kdcache.config import plural, to_dict
 from kdcache.errors import CacheFormatError, ConfigError, DataError, Interrupted
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.context import TeacherContext, align, check_template, student_fields, teacher_sequence
+from kdcache.pipeline.fields import field_value, kept_field_types
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows, resolve_format
 from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_blocks, resolve_layers
 from kdcache.pipeline.teachers.sampling import SparseSampling
@@ -55,10 +56,17 @@ class _Stored:
     seed: int = 0
     projection: np.ndarray | None = None  # [H, D], or None: full width
     attention: dict | None = None  # describe_attention() of the chosen blocks, or None
+    pooled: list[int] = dataclasses.field(default_factory=list)  # layers pooled into one vector per example
+    pooling: str = "mean"
 
     @property
     def qkv_layers(self) -> list[int]:
         return list(self.attention["layers"]) if self.attention else []
+
+    @property
+    def captured(self) -> list[int]:
+        """Layers the teacher must return per token: the stored ones and the pooled ones."""
+        return sorted(set(self.layers) | set(self.pooled))
 
 
 def _stored(cfg: GenerateConfig, teacher: Teacher) -> _Stored:
@@ -74,7 +82,8 @@ def _stored(cfg: GenerateConfig, teacher: Teacher) -> _Stored:
         projection = orthogonal_projection(H, cfg.hidden_project_dim, cfg.hidden_project_seed)
     blocks = resolve_blocks(cfg.attention_layers, teacher.num_layers)
     attention = teacher.describe_attention(blocks) if blocks else None
-    return _Stored(layers, cfg.hidden_positions, cfg.seed, projection, attention)
+    pooled = resolve_layers(cfg.pooled_layers, teacher.num_layers)
+    return _Stored(layers, cfg.hidden_positions, cfg.seed, projection, attention, pooled, cfg.pooling)
 
 
 def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: _Stored | None = None) -> dict:
@@ -99,6 +108,8 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: 
             **({"attention_layers": stored.qkv_layers, "attention_tensors": stored.attention} if stored.attention else {}),
             **({"sampled_tokens": cfg.sampled_tokens, "proposal_temperature": cfg.proposal_temperature} if cfg.sampled_tokens else {}),
             **({"context": cfg.context} if cfg.context else {}),
+            **({"pooled_layers": stored.pooled, "pooling": cfg.pooling} if stored.pooled else {}),
+            **({"keep_fields": list(cfg.keep_fields)} if cfg.keep_fields else {}),
         },
         "generation": gen if cfg.generation.enabled else {"enabled": False},
         "seed": cfg.seed if (cfg.generation.enabled and cfg.generation.do_sample) or cfg.sampled_tokens else None,
@@ -178,6 +189,7 @@ def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, open
     fmt = resolve_format(cfg.data, first, prompts_only=cfg.generation.enabled)
     if cfg.context:
         check_template(cfg.context, first, student_fields(cfg.data, fmt))
+    kept_field_types(cfg.keep_fields, first)
     owned = teacher is None
     teacher = build_teacher(cfg) if owned else teacher
     try:
@@ -203,6 +215,8 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         hidden_project_dim=cfg.hidden_project_dim, hidden_project_seed=cfg.hidden_project_seed,
         hidden_positions=cfg.hidden_positions, hidden_positions_seed=cfg.seed, attention=stored.attention,
         context=TeacherContext.build(cfg.context, teacher.tokenizer).settings() if cfg.context else None,
+        pooled={"layers": stored.pooled, "pooling": stored.pooling, "size": teacher.hidden_size} if stored.pooled else None,
+        fields=kept_field_types(cfg.keep_fields, first),
     )
     teacher.attention_layers = tuple(stored.qkv_layers)
     tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
@@ -235,6 +249,7 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
         log.info("resuming after input row %d", start)
     context = TeacherContext.build(cfg.context, teacher.tokenizer) if cfg.context else None
     limit = teacher.max_sequence_length()
+    kept = kept_field_types(cfg.keep_fields, first)
 
     def tokenized() -> Iterator[tuple[int, Tokenized | BadRow]]:
         for index, row in enumerate(itertools.chain([first], rows)):
@@ -243,6 +258,11 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
             item = tokenize(row)
             if context is not None and isinstance(item, Tokenized):
                 item = _with_context(item, context, row, limit)
+            if kept and isinstance(item, Tokenized):
+                values = {name: field_value(row, name, kind) for name, kind in kept.items()}
+                bad = [name for name, v in values.items() if v is None]
+                item = BadRow("wrong_field_type", f"kept field {bad[0]!r} is missing or not {kept[bad[0]]}") if bad else \
+                    dataclasses.replace(item, fields=values)
             if isinstance(item, BadRow):
                 if cfg.data.strict:
                     raise DataError(f"bad row {index}: {item.detail} (reason {item.reason}); fix the row or drop --strict to skip and count it")
@@ -270,7 +290,7 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
     bar = tqdm(total=cfg.data.max_rows, initial=start, unit="row", desc="generate", disable=not progress)
     tokens = 0
     sampling = SparseSampling(cfg.sampled_tokens, cfg.proposal_temperature) if cfg.sampled_tokens else None
-    for result in teacher.run(requests(), cfg.top_k, layers, sampling):
+    for result in teacher.run(requests(), cfg.top_k, stored.captured, sampling):
         batch, done = pending.popleft()
         examples = _batch_examples(cfg, batch, done, result, stored, teacher)
         for i, item in batch:
@@ -338,13 +358,14 @@ def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, store
         for (i, _), s in zip(done, result):
             t = items[i]
             if t.context is None:
-                examples[i] = [_example(str(i), t.input_ids, t.loss_mask, s, stored)]
-                continue
-            offset = _teacher_input(t, teacher)[1]
-            ex = _example(str(i), t.input_ids, t.loss_mask, align(s, offset, len(t.input_ids)), stored)
-            ex[CONTEXT_COLUMN] = offset
-            examples[i] = [ex]
+                ex = _example(str(i), t.input_ids, t.loss_mask, s, stored)
+            else:
+                offset = _teacher_input(t, teacher)[1]
+                ex = _example(str(i), t.input_ids, t.loss_mask, align(s, offset, len(t.input_ids)), stored)
+                ex[CONTEXT_COLUMN] = offset
+            examples[i] = [{**ex, **(t.fields or {})}]
         return examples
+    items_fields = {i: t.fields for i, t in batch if isinstance(t, Tokenized)}
     for (i, plen), samples in zip(done, result):
         exs = examples.setdefault(i, [])
         for j, (seq, s) in enumerate(samples):
@@ -353,7 +374,7 @@ def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, store
             ex = _example(f"{i}#g{j}", seq, mask, s, stored)
             ex["prompt_length"] = plen
             ex["sample_index"] = j
-            exs.append(ex)
+            exs.append({**ex, **(items_fields.get(i) or {})})
     return examples
 
 
@@ -380,4 +401,7 @@ def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: d
         ex[f"hidden_{layer}"] = h @ stored.projection if stored.projection is not None else h
     for block in stored.qkv_layers:
         ex[f"qkv_{block}"] = s[f"qkv_{block}"]
+    for layer in stored.pooled:
+        h = s[f"hidden_{layer}"]
+        ex[pooled_column(layer)] = (h.astype(np.float64).mean(axis=0) if stored.pooling == "mean" else h[-1]).astype(np.float32)
     return ex

@@ -34,7 +34,7 @@ class HiddenConfig(TermConfig):
                                                 "not in the exported student); none: widths must be equal.", "linear")
 
 
-def _distance(metric: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def feature_distance(metric: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-token distance [P] between mapped student states and teacher states [P, H]."""
     if metric == "mse":
         return (s - t).pow(2).mean(-1)
@@ -58,7 +58,7 @@ class HiddenTerm(Term):
             student = out.hidden[s][mask].float()
             proj = self._proj[(s, t)]
             mapped = proj(student) if proj is not None else student
-            total = total + _distance(self.cfg.metric, mapped, batch.signals[f"hidden_{t}"][mask]).sum()
+            total = total + feature_distance(self.cfg.metric, mapped, batch.signals[f"hidden_{t}"][mask]).sum()
         total = total / len(self.pairs)
         return total, {"hidden": total.detach()}
 

@@ -39,7 +39,7 @@ def _llama(cfg: StudentConfig, vocab_size: int, tokenizer: Any):
 STUDENT_ARCHS: dict[str, Callable[[StudentConfig, int, Any], Any]] = {"llama": _llama}
 
 
-def _load_tokenizer(path: str, trust_remote_code: bool):
+def load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
@@ -56,7 +56,7 @@ def build_student(cfg: StudentConfig, cache: Cache, seed: int = 0) -> tuple[Any,
         check_model_folder(cfg.path, "student", "--student")
         if not cfg.allow_pickle_weights:
             refuse_pickle_only(Path(cfg.path).expanduser(), "student", "student.allow_pickle_weights")
-        tokenizer = _load_tokenizer(cfg.path, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.path, cfg.trust_remote_code)
         _check_tokenizer(tokenizer, cache, cfg.path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -71,7 +71,7 @@ def build_student(cfg: StudentConfig, cache: Cache, seed: int = 0) -> tuple[Any,
         tok_path = cfg.tokenizer or cache.tokenizer_dir
         if tok_path is None:
             raise ConfigError(f"cache {cache.path} stores no tokenizer; set student.tokenizer to the teacher's tokenizer folder")
-        tokenizer = _load_tokenizer(str(tok_path), cfg.trust_remote_code)
+        tokenizer = load_tokenizer(str(tok_path), cfg.trust_remote_code)
         _check_tokenizer(tokenizer, cache, str(tok_path))
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(STUDENT_ARCHS[cfg.arch](cfg, cache.manifest.vocab_size, tokenizer))
