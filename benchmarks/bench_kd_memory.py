@@ -20,7 +20,6 @@ CHILD = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from kdcache.train.divergences import DIVERGENCES, bucket_log_probs
-from kdcache.train.losses import LossSettings
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -34,8 +33,8 @@ t = torch.log_softmax(torch.randn(n, vocab, generator=g), -1)
 vals, ids = t.topk(64, -1)
 tail = torch.log(-torch.expm1(torch.logsumexp(vals, -1)))
 del t
-div = DIVERGENCES[name][0]
-p = LossSettings(beta=0.5, skew=0.1)
+div = DIVERGENCES[name].fn
+p = DIVERGENCES[name].config() if DIVERGENCES[name].config else None  # its default parameters (losses.<name>)
 before = status("VmRSS")
 # reset the high-water mark so the peak below is the loss's
 open("/proc/self/clear_refs", "w").write("5")

@@ -3,7 +3,7 @@
 One teacher pass (the demo's: SmolLM2-135M-Instruct over 300 stdlib docstrings, 128 tokens) writes a
 cache with both signals the recipes read (top-64 + tail, and RS-KD draws); each student then trains with
 the demo's settings (steps, student, data order, init, eval split) and the recipe's method keys (loss,
-alpha and its schedule, temperature, tail, beta, skew, pseudo-teacher settings, student dropout). Bytes per token are reported per signal from
+alpha and its schedule, temperature, tail, the losses' and pseudo-teachers' own sections, student dropout). Bytes per token are reported per signal from
 the Parquet column sizes, so the RS-KD figure is what a sampled-only cache would hold.
 
 Recipes that need another cache get it from the same 300 rows: the task-specific ones (sequence-level,
@@ -24,6 +24,7 @@ field in every row of this invocation (e.g. to compare candidate defaults) and `
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -36,16 +37,17 @@ from common import column_bytes
 from domain_teacher import domain_teacher
 from kdcache.cache import open_cache
 from kdcache.cache.combine import combine_caches
+from kdcache.config import set_dotted
 from kdcache.pipeline.config import GenerateConfig, GenerationConfig
 from kdcache.cli.demo import DemoConfig
 from kdcache.pipeline.generate import generate
 from kdcache.pipeline.recipes import list_recipes, recipe_path
 from kdcache.pipeline.smollm2 import smollm2_gguf
+from kdcache.train.config import LEGACY_KEYS, TrainConfig
 from kdcache.train.loop import train
 
-METHOD_KEYS = ("loss", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", "temperature", "tail", "beta", "skew", "correct_prob",
-               "pseudo_teacher", "ema_decay", "augment_prob", "pseudo_top_k", "num_peers", "peer_teacher_weight", "curriculum",
-               "terms", "stages")
+METHOD_KEYS = ("loss", "losses", "alpha", "tempered_tail", "alpha_schedule", "alpha_end", "temperature", "tail",
+               "pseudo_teacher", "pseudo_teachers", "curriculum", "terms", "stages", *LEGACY_KEYS)  # old flat keys: moved below
 TEACHER_SIGNALS = ("hidden_layers", "hidden_codec", "attention_layers", "hidden_project_dim", "hidden_positions")  # recipes that read the teacher's insides
 
 
@@ -123,7 +125,10 @@ def main() -> None:
     for name in names:  # in the order given
         method = {k: v for k, v in docs[name]["train"].items() if k in METHOD_KEYS or k == "student"}
         student = dataclasses.replace(demo.train.student, **method.get("student", {}))  # e.g. dropout for the dropout teacher
-        keys = {**{k: v for k, v in method.items() if k != "student"}, **overrides}
+        keys = copy.deepcopy({k: v for k, v in method.items() if k != "student"})
+        for k, v in overrides.items():  # --set losses.jsd.beta=0.3 goes into its section
+            set_dotted(keys, k, v)
+        keys = TrainConfig.upgrade_keys(keys)  # flat keys of earlier versions (--set beta=...) into their sections
         for row, cache, eval_cache in recipe_caches(name, docs[name], gen, work, args, demo.train.eval_fraction):
             row = row + (f"+{args.tag}" if args.tag else "")
             for seed in seeds:

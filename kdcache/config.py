@@ -183,6 +183,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build ``cls`` from a mapping, converting types and rejecting unknown keys."""
     hints = get_type_hints(cls)
+    data = upgraded(cls, data, where)  # old key names a config still accepts, at every level (idempotent)
     if not where:  # the root call checks every level at once, so all typos are reported together
         reject_unknown_keys(cls, data)
     kwargs = {}
@@ -199,6 +200,77 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise (exc.under(where) if where else exc) from None
     except TypeError as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def upgraded(cls: type, data: dict, where: str = "", warn: bool = True) -> dict:
+    """``data`` with the keys a config class renamed moved to their new place, at every level of sections.
+
+    A config class that renamed keys has a ``upgrade_keys(data, where, warn) -> dict`` staticmethod returning a
+    new mapping (the caller's is not changed). Sections are upgraded after their enclosing level, so a key
+    moved into a section is seen there."""
+    hook = getattr(cls, "upgrade_keys", None)
+    if hook is not None:
+        data = hook(data, where, warn)
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    out = None
+    for key, value in data.items():
+        if key not in names:
+            continue
+        tp = hints[key]
+        new = value
+        if isinstance(value, dict) and dataclasses.is_dataclass(tp):
+            new = upgraded(tp, value, f"{prefix}{key}", warn)
+        elif isinstance(value, list) and get_origin(tp) is list and dataclasses.is_dataclass(item := (get_args(tp) or (None,))[0]):
+            new = [upgraded(item, v, f"{prefix}{key}[{i}]", warn) if isinstance(v, dict) else v for i, v in enumerate(value)]
+            new = value if all(a is b for a, b in zip(new, value)) else new
+        if new is not value:
+            out = dict(data) if out is None else out
+            out[key] = new
+    return data if out is None else out
+
+
+@dataclasses.dataclass
+class Section:
+    """Base of a component's own typed config section (a loss's, a pseudo-teacher's): a dataclass whose
+    ``valid=`` ranges are checked when it is built, from a config file or from Python."""
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def section_config(kind: str, registry: dict[str, type], name: str, section: Any, where: str) -> Any:
+    """The section of the registered component ``name`` (a key of ``registry``, whose values are config
+    dataclasses) as its dataclass, converted and range-checked; ``where`` is its full key (``losses.jsd``).
+    Unknown names and keys are refused with the likely intended one."""
+    check_section_names(kind, registry, {name: section}, where.rsplit(".", 1)[0] if "." in where else "")
+    cls = registry[name]
+    if section is None:
+        section = {}
+    if isinstance(section, cls):
+        return section
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping of that {kind}'s fields, got {show(section)}"
+                          + (f" (e.g. --set {where}.{dataclasses.fields(cls)[-1].name}=...)" if dataclasses.fields(cls) else ""))
+    reject_unknown_keys(cls, section, where)
+    return from_dict(cls, section, where)
+
+
+def check_section_names(kind: str, registry: dict[str, type], sections: Any, where: str, keys: bool = False) -> None:
+    """Every name in ``sections`` (a mapping, the config key ``where``) is in ``registry``; with ``keys`` also
+    every key of each section is a field of its config (values are not converted or range-checked)."""
+    if not isinstance(sections, dict):
+        raise ConfigError(f"{where} must be a mapping of {kind} names to their sections, got {show(sections)}")
+    prefix = f"{where}." if where else ""
+    for name, section in sections.items():
+        if name not in registry:
+            close = difflib.get_close_matches(str(name), list(registry), n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            kinds = kind + ("es" if kind.endswith("s") else "s")
+            raise ConfigError(f"unknown {kind} {prefix}{name}; {hint}valid {kinds}: {', '.join(sorted(registry))}")
+        if keys and isinstance(section, dict):
+            reject_unknown_keys(registry[name], section, f"{prefix}{name}")
 
 
 def reject_unknown_keys(cls: type, data: dict, where: str = "") -> None:

@@ -11,8 +11,8 @@ import torch
 
 from kdcache.errors import ConfigError
 from kdcache.train.config import TrainConfig
-from kdcache.train.divergences import DIVERGENCES, bucket_log_probs, dense_divergence, gather_log_probs
-from kdcache.train.losses import LossSettings, Targets, get_loss
+from kdcache.train.divergences import DIVERGENCES, JSDConfig, SkewConfig, bucket_log_probs, dense_divergence, gather_log_probs
+from kdcache.train.losses import LossSettings, Targets, VirtualTeacherConfig, get_loss, loss_options
 
 NAMES = sorted(DIVERGENCES)
 
@@ -61,12 +61,14 @@ def _dense_definition(name, teacher_logits, student_logits, tau, p):
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 def test_full_vocab_equals_dense_value_and_gradient(name, tau, tail):
     teacher, student, tg = _case()
-    settings = LossSettings(temperature=tau, alpha=1.0, tail=tail, beta=0.3, skew=0.2)
+    p = SimpleNamespace(beta=0.3, skew=0.2)
+    settings = LossSettings(temperature=tau, alpha=1.0, tail=tail,
+                            options={"jsd": JSDConfig(beta=p.beta), "skl": SkewConfig(skew=p.skew), "srkl": SkewConfig(skew=p.skew)})
     z = student.clone().requires_grad_(True)
     loss, metrics = get_loss(name).fn(z, tg, settings)
     loss.backward()
     z_ref = student.clone().requires_grad_(True)
-    ref = _dense_definition(name, teacher, z_ref, tau, settings)
+    ref = _dense_definition(name, teacher, z_ref, tau, p)
     ref.backward()
     # float64 on both sides (the logits are float64): agreement to ~1e-12 relative; 1e-6 / 1e-5 leave room for
     # the log/exp round trips of the bucket path and are far below any formula error (O(1) relative).
@@ -74,7 +76,7 @@ def test_full_vocab_equals_dense_value_and_gradient(name, tau, tail):
     assert torch.allclose(z.grad, z_ref.grad, rtol=1e-5, atol=1e-8)
     assert torch.allclose(metrics[name], ref)
     # the library's dense helper (used by other checks) agrees with the definitions too
-    assert torch.allclose(dense_divergence(name, teacher, student, tau, settings), ref.detach(), rtol=1e-9)
+    assert torch.allclose(dense_divergence(name, teacher, student, tau, p), ref.detach(), rtol=1e-9)
 
 
 def _dense_tempered_tail(teacher_logits, ids, tau):
@@ -129,7 +131,7 @@ def test_gather_log_probs_gradcheck_and_chunk_invariance():
 
 def test_properties_of_the_divergences():
     teacher, student, tg = _case(k=8, seed=4)
-    settings = LossSettings(alpha=1.0, beta=0.5, skew=0.1)
+    settings = LossSettings(alpha=1.0)  # every loss at its defaults (beta 0.5, skew 0.1)
     # Zero when the student equals the teacher (on full distributions), positive otherwise.
     _, _, tg_full = _case(seed=4)
     for name in NAMES:
@@ -167,8 +169,8 @@ def test_alpha_mixes_hard_labels(tau):
 
 
 def test_bad_settings_and_names():
-    with pytest.raises(ConfigError, match="beta must be in"):
-        TrainConfig(loss="jsd", beta=1.5)
+    with pytest.raises(ConfigError, match="losses.jsd.beta must be in"):
+        loss_options(TrainConfig(loss="jsd", losses={"jsd": {"beta": 1.5}}))
     with pytest.raises(ConfigError, match="valid losses: .*fkl.*jsd.*rkl.*skl.*srkl.*tv"):
         get_loss("kl-divergence")
     with pytest.raises(ConfigError, match="needs the cache's topk signal"):
@@ -179,7 +181,7 @@ def test_bad_settings_and_names():
 @pytest.mark.parametrize("alpha", [1.0, 0.4])
 def test_virtual_teacher_equals_dense_reference(tau, alpha):
     _, student, tg = _case(n=9, V=23, seed=6)
-    settings = LossSettings(temperature=tau, alpha=alpha, correct_prob=0.8)
+    settings = LossSettings(temperature=tau, alpha=alpha, options={"tfkd": VirtualTeacherConfig(correct_prob=0.8)})
     z = student.clone().requires_grad_(True)
     loss, metrics = get_loss("tfkd").fn(z, tg, settings)
     loss.backward()

@@ -30,7 +30,7 @@ def test_topk_targets_match_a_cache_row():
 
 
 def test_ema_update_and_augmentation(tiny_cache):
-    cfg = make_cfg(tiny_cache, "unused", pseudo_teacher="ema", ema_decay=0.9, augment_prob=0.3)
+    cfg = make_cfg(tiny_cache, "unused", pseudo_teacher="ema", pseudo_teachers={"ema": {"decay": 0.9}, "augment": {"prob": 0.3}})
     model, _ = build_student(cfg.student, open_cache(tiny_cache), seed=0)
     ema = EMATeacher(cfg, model)
     before = [p.detach().clone() for p in ema.ema.parameters()]
@@ -52,7 +52,8 @@ def test_ema_update_and_augmentation(tiny_cache):
 
 @pytest.mark.parametrize("kind", ["ema", "augment"])
 def test_pseudo_teacher_trains_and_resumes_exactly(kind, tiny_cache, tmp_path):
-    common = dict(steps=6, save_every=3, loss="jsd", alpha=0.5, min_lr_ratio=1.0, warmup_steps=4, pseudo_teacher=kind, ema_decay=0.5)
+    common = dict(steps=6, save_every=3, loss="jsd", alpha=0.5, min_lr_ratio=1.0, warmup_steps=4, pseudo_teacher=kind,
+                  pseudo_teachers={"ema": {"decay": 0.5}})
     a, b = tmp_path / "a", tmp_path / "b"
     final_a = train(make_cfg(tiny_cache, a, **common), progress=False)
     train(make_cfg(tiny_cache, b, **{**common, "steps": 3}), progress=False)
@@ -71,8 +72,9 @@ def test_pseudo_teacher_trains_and_resumes_exactly(kind, tiny_cache, tmp_path):
 def test_pseudo_teacher_needs_a_divergence_loss(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="pair it with a divergence loss"):
         train(make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="ema", loss="ce"), progress=False)
-    with pytest.raises(ConfigError, match="ema_decay must be in"):
-        make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="ema", ema_decay=1.5)
+    with pytest.raises(ConfigError, match="pseudo_teachers.ema.decay must be in"):
+        train(make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="ema", pseudo_teachers={"ema": {"decay": 1.5}}), progress=False)
+    assert not (tmp_path / "r").exists()
 
 
 def test_peers_train_together_from_one_read_and_resume_exactly(tiny_cache, tmp_path, monkeypatch):
@@ -81,7 +83,8 @@ def test_peers_train_together_from_one_read_and_resume_exactly(tiny_cache, tmp_p
     reads = []
     original = Cache.read_block
     monkeypatch.setattr(Cache, "read_block", lambda self, g, columns=None: reads.append(g) or original(self, g, columns))
-    common = dict(steps=6, save_every=3, loss="kd", alpha=0.5, min_lr_ratio=1.0, warmup_steps=4, pseudo_teacher="peers", num_peers=3)
+    common = dict(steps=6, save_every=3, loss="kd", alpha=0.5, min_lr_ratio=1.0, warmup_steps=4, pseudo_teacher="peers",
+                  pseudo_teachers={"peers": {"count": 3}})
     a, b = tmp_path / "a", tmp_path / "b"
     train(make_cfg(tiny_cache, tmp_path / "solo", steps=6, loss="kd"), progress=False)
     single_reads, reads[:] = list(reads), []
@@ -129,7 +132,7 @@ def test_dropout_teacher_needs_dropout_and_resumes_exactly(tiny_cache, tmp_path)
 def test_peers_can_mix_in_the_cached_teacher(tiny_cache, tmp_path):
     from kdcache.train.pseudo_teachers import PeerTeacher
 
-    cfg = make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="peers", peer_teacher_weight=1.0, loss="kd")
+    cfg = make_cfg(tiny_cache, tmp_path / "r", pseudo_teacher="peers", pseudo_teachers={"peers": {"teacher_weight": 1.0}}, loss="kd")
     cache = open_cache(tiny_cache)
     model, _ = build_student(cfg.student, cache, seed=0)
     peers = PeerTeacher(cfg, model)
@@ -139,5 +142,6 @@ def test_peers_can_mix_in_the_cached_teacher(tiny_cache, tmp_path):
     # weight 1: the target is the cached teacher (its top-k first, then the evenly spread tail)
     assert torch.equal(t.topk_ids[:, :k].sort(-1).values, batch.targets.topk_ids.sort(-1).values)
     assert torch.allclose(t.topk_logprobs[:, :k], batch.targets.topk_logprobs.float(), atol=1e-3)  # fp16 cache, renormalised
-    final = train(make_cfg(tiny_cache, tmp_path / "mix", steps=3, pseudo_teacher="peers", peer_teacher_weight=0.5, loss="jsd"), progress=False)
+    final = train(make_cfg(tiny_cache, tmp_path / "mix", steps=3, pseudo_teacher="peers",
+                                   pseudo_teachers={"peers": {"teacher_weight": 0.5}}, loss="jsd"), progress=False)
     assert math.isfinite(final["eval_ppl"])

@@ -410,15 +410,22 @@ def fields(command) -> None:
 
     cls = {"generate": GenerateConfig, "train": TrainConfig, "demo": DemoConfig, "born-again": BornAgainConfig}[command]
     rows = field_docs(cls)
-    if command == "train":  # each loss term's own section, and a stage's keys
+    if command == "train":  # each loss's, pseudo-teacher's and loss term's own section, and a stage's keys
         from kdcache.train.config import StageConfig
+        from kdcache.train.losses import LOSSES
         from kdcache.train.objective import TERMS
+        from kdcache.train.pseudo_teachers import PSEUDO_TEACHERS
 
         rows += field_docs(StageConfig, prefix="stages[i].")
+        for loss in sorted(LOSSES):
+            rows += field_docs(LOSSES[loss].config, prefix=f"losses.{loss}.")
+        for name in sorted(PSEUDO_TEACHERS):
+            rows += field_docs(PSEUDO_TEACHERS[name].config, prefix=f"pseudo_teachers.{name}.")
         for term in sorted(TERMS):
             rows += field_docs(TERMS[term].config, prefix=f"terms.{term}.")
+    width = max(32, *(len(name) + 1 for name, _, _ in rows))
     for name, default, help_text in rows:
-        click.echo(f"{name:32s} {default:24s} {help_text}")
+        click.echo(f"{name:{width}s} {default:24s} {help_text}")
 
 
 if __name__ == "__main__":  # pragma: no cover

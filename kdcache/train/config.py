@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, typed_sections
+from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, show, typed_sections
 from kdcache.errors import ConfigError
 from kdcache.locations import check_model_folder
 from kdcache.train.curriculum import CurriculumConfig
+
+log = logging.getLogger(__name__)
+
+# Flat keys of earlier versions, each now in the section of the one loss or pseudo-teacher it belonged to. Still
+# accepted in YAML and --set (and read from the config.yaml of a run they wrote), with one warning naming the new key.
+# {pseudo_teacher} is the run's pseudo-teacher (with none the key never had an effect and is dropped).
+LEGACY_KEYS: dict[str, tuple[str, ...]] = {
+    "beta": ("losses.jsd.beta",),
+    "skew": ("losses.skl.skew", "losses.srkl.skew"),
+    "correct_prob": ("losses.tfkd.correct_prob",),
+    "ema_decay": ("pseudo_teachers.ema.decay",),
+    "augment_prob": ("pseudo_teachers.augment.prob",),
+    "num_peers": ("pseudo_teachers.peers.count",),
+    "peer_teacher_weight": ("pseudo_teachers.peers.teacher_weight",),
+    "pseudo_top_k": ("pseudo_teachers.{pseudo_teacher}.top_k",),
+}
 
 
 @dataclass
@@ -74,21 +91,21 @@ class TrainConfig:
         "k+1 buckets of both sides as if they were k+1 tokens (a consistent approximation); auto: exact when the "
         "cache has it, else bucket. Both keep the teacher as the optimum. Pseudo-teachers compute the exact tail themselves "
         "unless this is bucket.", "auto")
-    beta: float = doc("Mixture weight of the generalized JSD (loss jsd): M = beta*teacher + (1-beta)*student.", 0.5, valid=Valid(0, 1, lo_open=True, hi_open=True))
-    pseudo_teacher: Literal["none", "ema", "augment", "dropout", "peers"] = doc(
-        "Teacher-free targets from the student itself: ema (a moving average of its weights), augment (its own "
-        "predictions on clean tokens teach it on corrupted ones), dropout (its own predictions under another "
-        "dropout mask; needs student.attention_dropout > 0), peers (num_peers students trained together, each "
-        "taught by the pooled prediction of the others). Replaces the cache's top-k; any divergence loss.", "none")
-    num_peers: int = doc("pseudo_teacher peers: students trained together (the run's student included).", 2, valid=at_least(2))
-    peer_teacher_weight: float = doc(
-        "pseudo_teacher peers: weight of the cached teacher in each student's target (0: peers only; >0 mixes the "
-        "cache's top-k, its tail spread evenly over the other tokens, with the peers' pooled prediction).", 0.0, valid=FRACTION)
-    ema_decay: float = doc("pseudo_teacher ema: weight of the old average per step.", 0.99, valid=Valid(0, 1, hi_open=True))
-    augment_prob: float = doc("pseudo_teacher augment: probability of replacing each input token with a random one.", 0.1, valid=Valid(0, 1, lo_open=True, hi_open=True))
-    pseudo_top_k: int = doc("Top-k kept from a pseudo-teacher's predictions (plus the tail mass), as in a cache.", 64, valid=POSITIVE)
-    correct_prob: float = doc("Virtual teacher of loss tfkd: probability on the label (the rest is spread uniformly).", 0.9, valid=Valid(0, 1, lo_open=True, hi_open=True))
-    skew: float = doc("Skew of skl/srkl: the student (skl) or teacher (srkl) is mixed with this much of the other side.", 0.1, valid=Valid(0, 1, hi_open=True))
+    losses: dict = doc(
+        "Parameters of the logit losses, one section per loss name (each loss's keys are its own, registry in "
+        "kdcache.train.losses), e.g. {jsd: {beta: 0.3}} or --set losses.jsd.beta=0.3; only the sections of the losses the "
+        "run uses (loss, stages[i].loss) are parsed and range-checked, the others' names and keys are checked. "
+        "`kdcache fields train` lists every loss's keys.", default_factory=dict)
+    pseudo_teacher: str = doc(
+        "Teacher-free targets from the student itself (registry in kdcache.train.pseudo_teachers): ema (a moving average "
+        "of its weights), augment (its own predictions on clean tokens teach it on corrupted ones), dropout (its own "
+        "predictions under another dropout mask; needs student.attention_dropout > 0), peers (pseudo_teachers.peers.count "
+        "students trained together, each taught by the pooled prediction of the others); none: the cache's teacher. "
+        "Replaces the cache's top-k; any divergence loss.", "none")
+    pseudo_teachers: dict = doc(
+        "Parameters of the pseudo-teachers, one section per name: ema {decay}, augment {prob}, peers {count, teacher_weight}, "
+        "and top_k in each; e.g. {ema: {decay: 0.999}} or --set pseudo_teachers.ema.decay=0.999; only the section of the "
+        "run's pseudo_teacher is parsed and range-checked, the others' names and keys are checked.", default_factory=dict)
     curriculum: CurriculumConfig = doc(
         "Curriculum by the teacher's per-example difficulty (curriculum.by=teacher_nll): the easiest fraction first, "
         "growing by a pacing function to every example (kdcache/train/curriculum.py).", default_factory=CurriculumConfig)
@@ -118,9 +135,58 @@ class TrainConfig:
     resume: bool = doc("Continue from the latest checkpoint in `out` even if the config changed (e.g. more steps).", False)
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
 
+    @staticmethod
+    def upgrade_keys(data: dict, where: str = "", warn: bool = True) -> dict:
+        """``data`` (a train section) with the flat keys of earlier versions moved into their sections (LEGACY_KEYS).
+        Giving an old key and its new one with different values is refused."""
+        old = [k for k in LEGACY_KEYS if k in data]
+        if not old:
+            return data
+        prefix = f"{where}." if where else ""
+        out = {k: v for k, v in data.items() if k not in LEGACY_KEYS}
+        for top in ("losses", "pseudo_teachers"):  # copies: the caller's mapping is left as it was
+            if isinstance(out.get(top), dict):
+                out[top] = {name: dict(sec) if isinstance(sec, dict) else sec for name, sec in out[top].items()}
+        pseudo = str(data.get("pseudo_teacher", "none"))
+        moved = []
+        for key in old:
+            targets = [t.format(pseudo_teacher=pseudo) for t in LEGACY_KEYS[key] if pseudo != "none" or "{" not in t]
+            moved.append(f"{prefix}{key} is deprecated: use {' and '.join(prefix + t for t in LEGACY_KEYS[key])}"
+                         .replace("{pseudo_teacher}", pseudo if pseudo != "none" else "NAME")
+                         + ("" if targets else f" (it has no effect with {prefix}pseudo_teacher none)"))
+            for target in targets:
+                top, name, field = target.split(".")
+                sections = out.setdefault(top, {})
+                if not isinstance(sections, dict) or not isinstance(sections.setdefault(name, {}), dict):
+                    raise ConfigError(f"{prefix}{top}.{name} must be a mapping of its keys (e.g. {prefix}{target}), "
+                                      f"got {show(sections.get(name) if isinstance(sections, dict) else sections)}")
+                section = sections[name]
+                if field in section and section[field] != data[key]:
+                    raise ConfigError(f"{prefix}{key} ({show(data[key])}) and {prefix}{target} ({show(section[field])}) disagree; "
+                                      f"{prefix}{key} is deprecated: drop it and keep {prefix}{target}")
+                section[field] = data[key]
+        if warn:
+            log.warning("; ".join(moved))
+        return out
+
+    def used_losses(self) -> list[str]:
+        """The logit losses this run computes: its ``loss`` and every stage's, in order (none excluded)."""
+        names = [self.loss, *(st.loss for st in self.stages if st.loss)]
+        return [n for i, n in enumerate(names) if n != "none" and n not in names[:i]]
+
     def __post_init__(self):
         typed_sections(self)
         check_fields(self)
+        # the sections' names, keys and values are checked by their registries, which import torch, when the run
+        # starts (kdcache.train.losses.loss_options, kdcache.train.pseudo_teachers.pseudo_teacher_options)
+        for key in ("losses", "pseudo_teachers"):
+            sections = getattr(self, key)
+            if not isinstance(sections, dict):
+                raise ConfigError(f"{key} must be a mapping of names to their sections, got {show(sections)}")
+            for name, sec in sections.items():
+                if not (sec is None or isinstance(sec, dict) or hasattr(sec, "__dataclass_fields__")):
+                    raise ConfigError(f"{key}.{name} must be a mapping of its keys, got {show(sec)} (e.g. --set {key}.{name}.KEY=VALUE; "
+                                      "`kdcache fields train` lists them)")
         if self.alpha_schedule != "constant" and self.alpha_end is None:
             raise ConfigError(f"alpha_schedule {self.alpha_schedule} needs alpha_end (the value at the last step): --set alpha_end=0.3")
         if self.resume and self.overwrite:
@@ -133,3 +199,4 @@ class TrainConfig:
             raise ConfigError("no run directory given; pass --out DIR")
         if self.student.path:
             check_model_folder(self.student.path, "student", "--student")
+

@@ -16,17 +16,37 @@ Conventions (teacher T, student S, both at temperature tau, loss scaled by tau^2
   skl  = KL(T || skew T + (1-skew) S)                 skew KL (DistiLLM)
   srkl = KL(S || (1-skew) T + skew S)                 skew reverse KL (DistiLLM)
   tv   = 1/2 sum |T - S|
+
+A divergence with a parameter owns its config section (``JSDConfig``, ``SkewConfig`` below): the run's
+``losses.<name>`` (e.g. ``losses.jsd.beta``), which the divergence receives as its third argument.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import torch
 
+from kdcache.config import Section, Valid, doc
+
 CHUNK_ROWS = 64  # rows of [rows, vocab] fp32 temporaries at a time (64 x 49k fp32 = 12 MiB)
-MIN_TAIL = 1e-7  # floor on the student's tail mass: below fp32 resolution of 1 - sum(top-k)
+# Floor on the student's tail mass where it is not resolved: below it 1 - sum(top-k) is fp32 rounding. Where the
+# teacher's own tail is smaller, the student's is floored at the teacher's instead (see _student_tail).
+MIN_TAIL = 1e-7
+
+
+@dataclass
+class JSDConfig(Section):
+    beta: float = doc("Mixture weight of the generalized JSD: M = beta*teacher + (1-beta)*student (beta -> 0: forward-KL-like, "
+                      "-> 1: reverse-KL-like).", 0.5, valid=Valid(0, 1, lo_open=True, hi_open=True))
+
+
+@dataclass
+class SkewConfig(Section):
+    skew: float = doc("Skew: skl compares the teacher with skew*teacher + (1-skew)*student, srkl the student with "
+                      "(1-skew)*teacher + skew*student (0: plain forward / reverse KL).", 0.1, valid=Valid(0, 1, hi_open=True))
 
 
 def _chunks(n: int, rows: int):
@@ -119,11 +139,29 @@ def buckets(s_k: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.
     no_tail = torch.full_like(s_k[:, :1], -math.inf)
     if not has_tail:
         return t, torch.cat([torch.log_softmax(s_k / tau, dim=-1) if tempered else s_k, no_tail], dim=-1)
-    s_tail = torch.log((-torch.expm1(torch.logsumexp(s_k, dim=-1, keepdim=True))).clamp_min(MIN_TAIL))
+    # the teacher's tail at the student's temperature: exact at tau, else (bucket-tempered) at 1
+    s_tail = _student_tail(s_k, tail_logprob_t if tail_logprob_t is not None else tail_logprob)
     s = torch.cat([s_k, s_tail], dim=-1)
     if tempered:
         s = torch.log_softmax(s / tau, dim=-1)
     return t, torch.cat([s[:, :-1], torch.where(torch.isfinite(tail_logprob)[:, None], s[:, -1:], no_tail)], dim=-1)
+
+
+def _student_tail(s_k: torch.Tensor, teacher_tail: torch.Tensor) -> torch.Tensor:
+    """log of the student's mass outside the top-k, 1 - sum exp(s_k) [N, 1], from its log-probabilities there.
+
+    Below MIN_TAIL that difference is rounding in fp32, so it carries no gradient there (as a clamp at MIN_TAIL
+    would), and its value is floored at min(MIN_TAIL, the teacher's tail) per row, not at MIN_TAIL: a student
+    equal to a teacher whose tail is tinier keeps that tail, so it stays the exact optimum (a MIN_TAIL floor
+    put ~1e-7 of extra mass in the student's tail, which bucket tempering at T = 2 grows to ~3e-4). The floor
+    never reaches 0 (a teacher's -inf tail: no tail bucket, see :func:`buckets`), so the value and every
+    gradient stay finite."""
+    r = -torch.expm1(torch.logsumexp(s_k, dim=-1, keepdim=True))
+    teacher = teacher_tail.to(r.dtype)[:, None].exp()
+    floor = torch.where(torch.isfinite(teacher_tail)[:, None], teacher.clamp(min=torch.finfo(r.dtype).tiny, max=MIN_TAIL),
+                        torch.full_like(teacher, MIN_TAIL))
+    resolved = torch.log(r.clamp_min(MIN_TAIL))  # the gradient flows only here, where r >= MIN_TAIL
+    return torch.where(r >= MIN_TAIL, resolved, torch.log(torch.maximum(r.detach(), floor)))
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -166,19 +204,28 @@ def tv(t, s, p):
     return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
 
 
-Divergence = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]  # (teacher log-p, student log-p, settings) -> [N]
-DIVERGENCES: dict[str, tuple[Divergence, str]] = {
-    "fkl": (fkl, "forward KL(teacher || student): mode-covering, the classic soft-label KD"),
-    "rkl": (rkl, "reverse KL(student || teacher): mode-seeking, favours generation quality"),
-    "jsd": (jsd, "generalized Jensen-Shannon with weight beta (beta -> 0: forward-KL-like, 1: reverse-KL-like)"),
-    "skl": (skl, "skew KL(teacher || skew*teacher + (1-skew)*student): bounded, stable early in training"),
-    "srkl": (srkl, "skew reverse KL(student || (1-skew)*teacher + skew*student)"),
-    "tv": (tv, "total variation distance 1/2 sum |teacher - student|"),
+class DivergenceSpec(NamedTuple):
+    fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (teacher log-p, student log-p, options) -> [N]
+    help: str
+    config: type | None = None  # its config section (losses.<name>); None: no parameters
+
+
+DIVERGENCES: dict[str, DivergenceSpec] = {
+    "fkl": DivergenceSpec(fkl, "forward KL(teacher || student): mode-covering, the classic soft-label KD"),
+    "rkl": DivergenceSpec(rkl, "reverse KL(student || teacher): mode-seeking, favours generation quality"),
+    "jsd": DivergenceSpec(jsd, "generalized Jensen-Shannon with weight beta (beta -> 0: forward-KL-like, 1: reverse-KL-like)", JSDConfig),
+    "skl": DivergenceSpec(skl, "skew KL(teacher || skew*teacher + (1-skew)*student): bounded, stable early in training", SkewConfig),
+    "srkl": DivergenceSpec(srkl, "skew reverse KL(student || (1-skew)*teacher + skew*student)", SkewConfig),
+    "tv": DivergenceSpec(tv, "total variation distance 1/2 sum |teacher - student|"),
 }
 
 
-def dense_divergence(name: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float, settings) -> torch.Tensor:
-    """tau^2 * divergence summed over tokens, on full distributions: the reference for tests."""
+def dense_divergence(name: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: float, options: Any = None) -> torch.Tensor:
+    """tau^2 * divergence summed over tokens, on full distributions: the reference for tests. ``options`` are the
+    divergence's parameters (e.g. ``JSDConfig(beta=0.3)``, or any object with those attributes); None: its defaults."""
+    spec = DIVERGENCES[name]
+    if options is None and spec.config is not None:
+        options = spec.config()
     t = torch.log_softmax(teacher_logits.double() / tau, dim=-1)
     s = torch.log_softmax(student_logits.double() / tau, dim=-1)
-    return DIVERGENCES[name][0](t, s, settings).sum() * tau**2
+    return spec.fn(t, s, options).sum() * tau**2

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import kdcache
 from kdcache.cache import Cache, holdout_fraction_filter, open_cache, require_same_tokenizer
-from kdcache.config import to_dict
+from kdcache.config import from_dict, to_dict, upgraded
 from kdcache.errors import CacheMismatchError, ConfigError, DataError, Interrupted, KDCacheError
 from kdcache.fingerprint import json_hash
 from kdcache.modeling import autocast_for, resolve_device
@@ -35,9 +35,9 @@ from kdcache.train.curriculum import Curriculum, competence, training_difficulti
 from kdcache.train.data import TEMPERED_TAIL, Batch, batches, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
-from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss
+from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
-from kdcache.train.pseudo_teachers import build_pseudo_teacher
+from kdcache.train.pseudo_teachers import build_pseudo_teacher, pseudo_teacher_options
 from kdcache.train.student import build_student
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     ckpt = latest_checkpoint(out)
     saved = out / "config.yaml"
     if ckpt is not None and not cfg.resume and saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
-        new = to_dict(cfg)
+        old = _comparable(yaml.safe_load(saved.read_text()) or {})
+        new = _comparable(to_dict(cfg))
         strip = lambda d: {k: v for k, v in d.items() if k not in _RESUME_NEUTRAL}  # noqa: E731
         if strip(old) != strip(new):
             changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k))
@@ -105,6 +105,23 @@ def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
             log.info("resuming a run written by kdcache %s with kdcache %s", written_by or "(unknown version)", kdcache.__version__)
     saved.write_text(f"# written by kdcache {kdcache.__version__}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return out, ckpt
+
+
+def _comparable(data: dict) -> dict:
+    """A run's config as the resume check compares it, the saved one and the new one alike: the flat keys of
+    earlier versions moved into their sections (quietly: the run's own file), every field at its value or default,
+    and of ``losses`` and ``pseudo_teachers`` only the sections the run uses, in full (a section that is given
+    with a loss's defaults, or not at all, is the same run; the section of a loss it does not use changes
+    nothing). A config that no longer parses is compared as written."""
+    try:
+        parsed = from_dict(TrainConfig, upgraded(TrainConfig, data, warn=False))
+        out = to_dict(parsed)
+        out["losses"] = {name: to_dict(opts) for name, opts in loss_options(parsed).items()}
+        pseudo = pseudo_teacher_options(parsed)
+        out["pseudo_teachers"] = {parsed.pseudo_teacher: to_dict(pseudo)} if pseudo is not None else {}
+        return out
+    except KDCacheError:
+        return data
 
 
 def run_version(config_yaml: Path) -> str | None:
@@ -170,6 +187,9 @@ def _interrupt_message(cfg: TrainConfig, where: _Position) -> str:
 
 
 def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]:
+    # each loss's and pseudo-teacher's own section (losses.<name>, pseudo_teachers.<name>), checked by its registry
+    options = loss_options(cfg)
+    pseudo_teacher_options(cfg)
     cache = open_cache(cfg.cache)
     if cache.manifest.status != "complete":
         log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
@@ -197,12 +217,12 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     # the projections train with the student (after its parameters, so a run without terms has the same optimizer)
     optimizer = build_optimizer(torch.nn.ModuleList([model, projections]) if len(projections) else model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, beta=cfg.beta, skew=cfg.skew, correct_prob=cfg.correct_prob)
+    settings = LossSettings(cfg.temperature, alpha_at(cfg, 0), cfg.tail, options=options)  # every stage's loss's section
 
     eval_batches = _eval_batches(cfg, cache, eval_source, pad_id)
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
     reads = (*(c for obj in objectives for c in obj.needs.columns if cfg.pseudo_teacher == "none" or c not in TOPK_SIGNALS),
-             *(TOPK_SIGNALS if cfg.pseudo_teacher == "peers" and cfg.peer_teacher_weight > 0 else ()),
+             *(pseudo.reads if pseudo is not None else ()),
              *((TEMPERED_TAIL,) if tail_index is not None else ()), *((cfg.curriculum.by,) if cfg.curriculum.enabled else ()))
     curriculum = (Curriculum(cfg.curriculum, training_difficulties(cache, cfg.curriculum.by, is_heldout), cfg.steps)
                   if cfg.curriculum.enabled else None)

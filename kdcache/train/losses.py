@@ -19,17 +19,24 @@ With ``tail: renormalize`` the tail is dropped and both distributions are renorm
 (exact at every T). When k equals the vocabulary all of them reduce to dense KD. The fused ``kd`` loss has
 a hand-written gradient (derived in :class:`_SparseKD`), which makes a KD step cost about what a
 cross-entropy step costs instead of ~3x.
+
+Add a loss: one function registered with ``register_loss(name, needs, help, config=ItsConfig)``. A loss with
+parameters declares them in its own config dataclass (a :class:`~kdcache.config.Section` with ``doc(..., valid=...)``
+fields, next to the loss), which is the run's ``losses.<name>`` section: parsed and range-checked only when a
+run uses that loss, listed by ``kdcache fields train``, handed to the loss as ``settings.options_for(name)``.
+No field of :class:`~kdcache.train.config.TrainConfig` or of :class:`LossSettings` is needed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
+from kdcache.config import Section, Valid, check_section_names, doc, section_config
 from kdcache.errors import ConfigError
 from kdcache.train.divergences import DIVERGENCES, buckets, gather_log_probs, student_temperature, teacher_bucket_log_probs
 
@@ -48,13 +55,22 @@ class Targets:
 
 
 @dataclass
+class LossConfig(Section):
+    """A loss's config section; this one, the default, has no fields (the loss has no parameters)."""
+
+
+@dataclass
 class LossSettings:
     temperature: float = 1.0
     alpha: float = 0.5  # weight of the soft (KD) term; 1 - alpha goes to hard-label cross-entropy
     tail: Literal["bucket", "renormalize"] = "bucket"
-    beta: float = 0.5  # generalized JSD mixture weight
-    skew: float = 0.1  # skew (reverse) KL mixture weight
-    correct_prob: float = 0.9  # virtual teacher (tfkd): probability on the label
+    # each loss's parsed config section by loss name (a run's: loss_options(cfg)); a loss missing here runs at its defaults
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def options_for(self, name: str) -> Any:
+        """The parameters of loss ``name``: its section of ``options``, else its config's defaults."""
+        given = self.options.get(name)
+        return given if given is not None else LOSSES[name].config()
 
 
 def teacher_buckets(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, temperature: float, tail: str,
@@ -199,19 +215,32 @@ class LossSpec:
     fn: LossFn
     needs: tuple[str, ...]  # cache columns the loss reads beyond input_ids/loss_mask
     help: str
+    config: type = LossConfig  # its section of the run's `losses` (losses.<name>.*)
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, needs: tuple[str, ...], help: str) -> Callable[[LossFn], LossFn]:
+def register_loss(name: str, needs: tuple[str, ...], help: str, config: type = LossConfig) -> Callable[[LossFn], LossFn]:
+    """Register ``fn`` as loss ``name``; ``config`` is the dataclass of its parameters (the run's ``losses.<name>``
+    section, which the loss reads as ``settings.options_for(name)``)."""
     def deco(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = LossSpec(fn, needs, help)
+        LOSSES[name] = LossSpec(fn, needs, help, config)
         return fn
 
     return deco
+
+
+def loss_options(cfg: Any) -> dict[str, Any]:
+    """The parsed ``losses`` section of every loss the run uses (``loss`` and the stages'), by name; the sections of
+    other losses are checked for unknown loss names and keys only. For ``LossSettings(options=...)``."""
+    registry = {n: spec.config for n, spec in LOSSES.items()}
+    check_section_names("loss", registry, cfg.losses, "losses", keys=True)
+    # an unknown `loss` itself is reported by get_loss, where the run looks it up
+    return {name: section_config("loss", registry, name, cfg.losses.get(name), f"losses.{name}")
+            for name in cfg.used_losses() if name in LOSSES}
 
 
 register_loss("ce", (), "hard-label cross-entropy on the cached tokens (baseline, ignores the teacher)")(cross_entropy_loss)
@@ -256,14 +285,15 @@ def _divergence_loss(name: str) -> LossFn:
         s_k, label_lp = _gather_with_labels(logits, targets.topk_ids, targets, settings, tau_s)
         t, s = buckets(s_k, targets.topk_logprobs, targets.tail_logprob, settings.temperature, settings.tail, targets.tail_logprob_t,
                        has_tail=targets.topk_ids.shape[1] < logits.shape[1])
-        kd_sum = divergence(t, s, settings).sum() * settings.temperature**2
+        kd_sum = divergence(t, s, settings.options_for(name)).sum() * settings.temperature**2
         return _mix_hard_labels(name, kd_sum, label_lp, settings)
 
     return loss
 
 
-for _name, (_fn, _help) in DIVERGENCES.items():
-    register_loss(_name, TOPK_SIGNALS, f"alpha * T^2 * {_help} + (1 - alpha) * CE (chunked, autograd over buckets)")(_divergence_loss(_name))
+for _name, _spec in DIVERGENCES.items():
+    register_loss(_name, TOPK_SIGNALS, f"alpha * T^2 * {_spec.help} + (1 - alpha) * CE (chunked, autograd over buckets)",
+                  _spec.config or LossConfig)(_divergence_loss(_name))
 
 
 SAMPLED_SIGNALS = ("sampled_ids", "sampled_weights", "sampled_sizes")
@@ -281,14 +311,21 @@ def sampled_kd_loss(logits: torch.Tensor, targets: Targets, settings: LossSettin
     return _mix_hard_labels("rskd", kd_sum, label_lp, settings)
 
 
+@dataclass
+class VirtualTeacherConfig(Section):
+    correct_prob: float = doc("The virtual teacher's probability on the label (the rest is spread uniformly over the other tokens).",
+                              0.9, valid=Valid(0, 1, lo_open=True, hi_open=True))
+
+
 def virtual_teacher_loss(logits: torch.Tensor, targets: Targets, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Teacher-free KD with a virtual teacher (Tf-KD, Yuan et al. 2020): the target puts ``correct_prob``
-    on the label and spreads the rest uniformly; alpha * T^2 * KL(virtual_T || student_T) + (1 - alpha) * CE.
+    (losses.tfkd.correct_prob) on the label and spreads the rest uniformly; alpha * T^2 * KL(virtual_T || student_T)
+    + (1 - alpha) * CE.
 
     KL(u || s) = sum u log u - a' log s_label - b' sum_{j != label} log s_j, where a', b' are the tempered
     target's probabilities and sum_j log s_j = sum_j z_j / T - V * lse(z / T): no [N, V] target is built.
     """
-    tau, a = settings.temperature, settings.correct_prob
+    tau, a = settings.temperature, settings.options_for("tfkd").correct_prob
     z, labels = logits, targets.labels[:, None]
     V = z.shape[-1]
     # The virtual teacher at temperature tau: softmax of log-probabilities (log a, log((1-a)/(V-1))) / tau.
@@ -307,7 +344,7 @@ def virtual_teacher_loss(logits: torch.Tensor, targets: Targets, settings: LossS
 
 
 register_loss("tfkd", (), "teacher-free: alpha * T^2 * KL(virtual teacher || student) + (1 - alpha) * CE; the virtual "
-              "teacher puts correct_prob on the label, the rest uniform (Tf-KD)")(virtual_teacher_loss)
+              "teacher puts correct_prob on the label, the rest uniform (Tf-KD)", VirtualTeacherConfig)(virtual_teacher_loss)
 register_loss("rskd", SAMPLED_SIGNALS, "alpha * cross-entropy to the cached sampled sparse targets (unbiased KD) + (1 - alpha) * CE")(sampled_kd_loss)
 
 

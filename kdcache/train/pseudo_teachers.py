@@ -8,29 +8,34 @@ with it unchanged and the cache only has to hold tokens. Built in:
   its predictions are smoother than the student's and improve as it does. Its weights go into every
   checkpoint, so a resumed run continues bitwise.
 - ``augment``: the student's own predictions on the clean tokens teach the student reading a corrupted
-  copy (each input token replaced by a random one with probability ``augment_prob``): augmentation
-  consistency. The corruption is drawn from (seed, step), so a resumed run draws the same.
+  copy (each input token replaced by a random one with probability ``pseudo_teachers.augment.prob``):
+  augmentation consistency. The corruption is drawn from (seed, step), so a resumed run draws the same.
 - ``dropout``: the student's predictions under another dropout mask (self-distillation with dropout).
 - ``peers``: online / collaborative distillation, several students trained together from one data pass,
   each taught by the pooled prediction of the others, optionally mixed with the cached teacher
   (:class:`PeerTeacher`).
 
-Add one by subclassing :class:`PseudoTeacher` and registering it in ``PSEUDO_TEACHERS``.
+Each owns its config section, the run's ``pseudo_teachers.<name>`` (a :class:`PseudoTeacherConfig`
+subclass: ``top_k`` and its own keys), parsed and range-checked only when the run uses it. Add one: a
+:class:`PseudoTeacher` subclass decorated with ``@register_pseudo_teacher(name, ItsConfig, help)``; it reads
+its section as ``self.options``.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 
+from kdcache.config import FRACTION, POSITIVE, Section, Valid, at_least, check_section_names, doc, section_config
 from kdcache.errors import ConfigError
 from kdcache.modeling import selected_logits, tempered_tail_logprob
 from kdcache.train.data import Batch
-from kdcache.train.losses import LossSettings, Targets, get_loss
+from kdcache.train.losses import TOPK_SIGNALS, LossSettings, Targets, get_loss, loss_options
 from kdcache.train.optim import build_optimizer, lr_lambda  # the run's own recipe for each peer
 
 
@@ -53,9 +58,75 @@ def _logits(model: Any, batch: Batch, autocast) -> torch.Tensor:
         return selected_logits(model, batch.input_ids, batch.attention_mask, batch.select).float()
 
 
+@dataclass
+class PseudoTeacherConfig(Section):
+    """Every pseudo-teacher's section has ``top_k``; subclass it for one with parameters of its own."""
+
+    top_k: int = doc("Top-k kept from this pseudo-teacher's predictions (plus the tail mass), as in a cache.", 64, valid=POSITIVE)
+
+
+@dataclass
+class EMAConfig(PseudoTeacherConfig):
+    decay: float = doc("Weight of the old average per step (the moving average of the student's weights).", 0.99, valid=Valid(0, 1, hi_open=True))
+
+
+@dataclass
+class AugmentConfig(PseudoTeacherConfig):
+    prob: float = doc("Probability of replacing each input token of the student's copy with a random one.", 0.1,
+                      valid=Valid(0, 1, lo_open=True, hi_open=True))
+
+
+@dataclass
+class PeersConfig(PseudoTeacherConfig):
+    count: int = doc("Students trained together (the run's student included).", 2, valid=at_least(2))
+    teacher_weight: float = doc(
+        "Weight of the cached teacher in each student's target (0: peers only; >0 mixes the cache's top-k, its tail "
+        "spread evenly over the other tokens, with the peers' pooled prediction).", 0.0, valid=FRACTION)
+
+
+@dataclass(frozen=True)
+class PseudoTeacherSpec:
+    build: Callable[..., "PseudoTeacher"]
+    config: type
+    help: str
+
+
+PSEUDO_TEACHERS: dict[str, PseudoTeacherSpec] = {}
+
+
+def register_pseudo_teacher(name: str, config: type = PseudoTeacherConfig, help: str = "") -> Callable:
+    def deco(cls):
+        if name in PSEUDO_TEACHERS or name == "none":
+            raise ValueError(f"pseudo-teacher {name!r} registered twice")
+        PSEUDO_TEACHERS[name] = PseudoTeacherSpec(cls, config, help)
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def pseudo_teacher_options(cfg: Any, name: str | None = None) -> PseudoTeacherConfig | None:
+    """The parsed section of pseudo-teacher ``name`` (default: the run's; None for none). Every section in
+    ``pseudo_teachers`` is checked for unknown names and keys; only the used one's values are parsed."""
+    registry = {n: spec.config for n, spec in PSEUDO_TEACHERS.items()}
+    check_section_names("pseudo-teacher", registry, cfg.pseudo_teachers, "pseudo_teachers", keys=True)
+    name = cfg.pseudo_teacher if name is None else name
+    if name == "none":
+        return None
+    if name not in registry:
+        close = difflib.get_close_matches(str(name), list(registry), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown pseudo_teacher {name!r}; {hint}valid: none, {', '.join(sorted(registry))}")
+    return section_config("pseudo-teacher", registry, name, cfg.pseudo_teachers.get(name), f"pseudo_teachers.{name}")
+
+
 class PseudoTeacher:
+    name = ""  # set by register_pseudo_teacher
+    reads: tuple[str, ...] = ()  # cache columns this pseudo-teacher reads beyond the tokens
+
     def __init__(self, cfg: Any, model: Any):
         self.cfg = cfg
+        self.options = pseudo_teacher_options(cfg, self.name)  # its own section, pseudo_teachers.<name>
         # the exact tempered tail goes with the targets only where the loss uses it (tail bucket, T != 1)
         self.tail_temperature = cfg.temperature if cfg.tail == "bucket" and cfg.tempered_tail != "bucket" else 1.0
 
@@ -80,16 +151,17 @@ class PseudoTeacher:
         pass
 
 
+@register_pseudo_teacher("ema", EMAConfig, "a moving average of the student's weights")
 class EMATeacher(PseudoTeacher):
     def __init__(self, cfg: Any, model: Any):
         super().__init__(cfg, model)
-        self.decay = cfg.ema_decay
+        self.decay = self.options.decay
         self.ema = copy.deepcopy(model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
 
     def targets(self, model: Any, batch: Batch, autocast) -> Targets:
-        return topk_targets(_logits(self.ema, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.tail_temperature)
+        return topk_targets(_logits(self.ema, batch, autocast), batch.targets.labels, self.options.top_k, self.tail_temperature)
 
     @torch.no_grad()
     def after_step(self, model: Any) -> None:
@@ -106,11 +178,12 @@ class EMATeacher(PseudoTeacher):
                 p.copy_(tensors[f"ema.{i}"].to(p.device))
 
 
+@register_pseudo_teacher("augment", AugmentConfig, "the student on clean tokens teaches itself on corrupted ones")
 class AugmentTeacher(PseudoTeacher):
     def student_batch(self, batch: Batch, step: int) -> Batch:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         ids = batch.input_ids.cpu()
-        swap = (torch.rand(ids.shape, generator=g) < self.cfg.augment_prob) & batch.attention_mask.cpu().bool()
+        swap = (torch.rand(ids.shape, generator=g) < self.options.prob) & batch.attention_mask.cpu().bool()
         swap[:, 0] = False  # keep the first token: every position still has context to start from
         noise = torch.randint(0, self.vocab_size, ids.shape, generator=g)
         corrupted = torch.where(swap, noise, ids).to(batch.input_ids.device)
@@ -124,11 +197,12 @@ class AugmentTeacher(PseudoTeacher):
         was_training = model.training
         model.eval()
         try:
-            return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.tail_temperature)
+            return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.options.top_k, self.tail_temperature)
         finally:
             model.train(was_training)
 
 
+@register_pseudo_teacher("dropout", PseudoTeacherConfig, "the student's predictions under another dropout mask")
 class DropoutTeacher(PseudoTeacher):
     """The student's own predictions under another dropout mask teach it (self-distillation with dropout):
     a consistency target between two random sub-networks of the same model."""
@@ -139,11 +213,12 @@ class DropoutTeacher(PseudoTeacher):
             raise ConfigError("pseudo_teacher dropout needs a student with dropout; set --set student.attention_dropout=0.1")
 
     def targets(self, model: Any, batch: Batch, autocast) -> Targets:
-        return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.cfg.pseudo_top_k, self.tail_temperature)  # train mode: dropout on
+        return topk_targets(_logits(model, batch, autocast), batch.targets.labels, self.options.top_k, self.tail_temperature)  # train mode: dropout on
 
 
+@register_pseudo_teacher("peers", PeersConfig, "students trained together, each taught by the others' pooled prediction")
 class PeerTeacher(PseudoTeacher):
-    """Online / collaborative distillation: ``num_peers - 1`` more students of the same architecture (other
+    """Online / collaborative distillation: ``count - 1`` more students of the same architecture (other
     initial weights) train beside the run's student on the same batch, so one read of the cache feeds all
     of them. Each learns from the pooled prediction (mean probability) of all the others with the run's
     loss; the run's student is saved in ``final/``, the others in ``final/peers/peerN``. Peers' weights, optimizer moments and
@@ -153,9 +228,10 @@ class PeerTeacher(PseudoTeacher):
         super().__init__(cfg, model)
         if cfg.grad_accum != 1:
             raise ConfigError("pseudo_teacher peers steps each peer once per batch; use grad_accum 1")
+        self.reads = TOPK_SIGNALS if self.options.teacher_weight > 0 else ()  # the cached teacher mixed in
         device = next(model.parameters()).device
         self.peers, self.optimizers, self.schedulers = [], [], []
-        for i in range(1, cfg.num_peers):
+        for i in range(1, self.options.count):
             torch.manual_seed(cfg.seed + 7919 * i)
             peer = type(model)(model.config).to(device).train()
             opt = build_optimizer(peer, cfg)
@@ -163,22 +239,22 @@ class PeerTeacher(PseudoTeacher):
             self.optimizers.append(opt)
             self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         self.loss_fn = get_loss(cfg.loss).fn
-        self.settings = LossSettings(cfg.temperature, cfg.alpha, cfg.tail, beta=cfg.beta, skew=cfg.skew)
+        self.settings = LossSettings(cfg.temperature, cfg.alpha, cfg.tail, options=loss_options(cfg))
 
     def _pooled(self, logps: list[torch.Tensor], labels: torch.Tensor, cached: torch.Tensor | None) -> Targets:
         pooled = torch.logsumexp(torch.stack(logps), dim=0) - torch.log(torch.tensor(float(len(logps))))
         if cached is not None:
-            w = self.cfg.peer_teacher_weight
+            w = self.options.teacher_weight
             pooled = torch.logaddexp(pooled + math.log1p(-w), cached + math.log(w)) if w < 1.0 else cached
-        return topk_targets(pooled, labels, self.cfg.pseudo_top_k, self.tail_temperature)
+        return topk_targets(pooled, labels, self.options.top_k, self.tail_temperature)
 
     def _cached_teacher(self, batch: Batch, vocab: int) -> torch.Tensor | None:
         """The cache's top-k as a full log-distribution, its tail spread evenly over the other tokens."""
         t = batch.targets
-        if self.cfg.peer_teacher_weight <= 0.0:
+        if self.options.teacher_weight <= 0.0:
             return None
         if t.topk_ids is None:
-            raise ConfigError("peer_teacher_weight > 0 needs a cache with the top-k signal; regenerate with `kdcache generate --top-k K`")
+            raise ConfigError("pseudo_teachers.peers.teacher_weight > 0 needs a cache with the top-k signal; regenerate with `kdcache generate --top-k K`")
         k = t.topk_ids.shape[1]
         rest = t.tail_logprob - math.log(max(vocab - k, 1))
         full = rest[:, None].expand(-1, vocab).clone()
@@ -238,14 +314,7 @@ class PeerTeacher(PseudoTeacher):
                 group["lr"] = base * fn(sched.last_epoch)
 
 
-PSEUDO_TEACHERS: dict[str, Callable[[Any, Any], PseudoTeacher]] = {
-    "ema": EMATeacher, "augment": AugmentTeacher, "dropout": DropoutTeacher, "peers": PeerTeacher,
-}
-
-
 def build_pseudo_teacher(cfg: Any, model: Any) -> PseudoTeacher | None:
-    if cfg.pseudo_teacher == "none":
+    if pseudo_teacher_options(cfg) is None:  # also refuses an unknown name
         return None
-    if cfg.pseudo_teacher not in PSEUDO_TEACHERS:
-        raise ConfigError(f"unknown pseudo_teacher {cfg.pseudo_teacher!r}; valid: none, {', '.join(sorted(PSEUDO_TEACHERS))}")
-    return PSEUDO_TEACHERS[cfg.pseudo_teacher](cfg, model)
+    return PSEUDO_TEACHERS[cfg.pseudo_teacher].build(cfg, model)
