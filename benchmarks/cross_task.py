@@ -1,13 +1,18 @@
-"""Cross-task distillation on a real task that exists offline: which standard-library module does a docstring
-document (8 classes, labels from the data: embedded:stdlib-modules)?
+"""Cross-task and cross-modal distillation on a real task that exists offline: which standard-library module
+does a docstring document (8 classes, labels from the data: embedded:stdlib-modules, 558 docstrings)?
 
-The teacher (SmolLM2-135M-Instruct, trained for language modelling, never for this task) writes one cache
-with the label and its mean-pooled last hidden state per docstring (recipe cross-task-kd). The same
-classifier student then trains with the teacher's embedding term (teacher_weight 1) and without it (0), per
-seed; both are measured on the same held-out docstrings. A linear probe on the teacher's embeddings (softmax
-regression on the training rows, the same split) says what the embedding itself knows of the task.
+Each docstring is also rendered to a 64x320 image (`kdcache render-text`), so one teacher pass serves both:
+SmolLM2-135M-Instruct (trained for language modelling, never for this task, and never shown pixels) writes
+one cache with the label, the image path and its mean-pooled last hidden state per docstring. Then, per seed,
+with the teacher's embedding term (teacher_weight 1) and without it (0), on the same held-out docstrings:
 
-    python benchmarks/cross_task.py [--work runs/cross-task] [--seeds 0,1,2] [--steps 300]
+- cross-task (recipe cross-task-kd): a token classifier student (2 blocks, width 128);
+- cross-modal (recipe cross-modal-kd): a conv-net student on the pixels.
+
+A linear probe on the teacher's embeddings (softmax regression on the training rows, the same split) says
+what the embedding itself knows of the task.
+
+    python benchmarks/cross_task.py [--work runs/cross-task] [--seeds 0,1,2] [--steps N]
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 
 from kdcache.cache import holdout_fraction_filter, open_cache
 from kdcache.config import build_config
-from kdcache.pipeline.config import GenerateConfig
+from kdcache.pipeline.config import DataConfig, GenerateConfig
 from kdcache.pipeline.generate import generate
+from kdcache.pipeline.render import render_dataset
 from kdcache.pipeline.recipes import recipe_path
 from kdcache.pipeline.smollm2 import smollm2_gguf
 from kdcache.train.classify import ClassifyConfig, label_names, train_classifier
@@ -34,7 +40,7 @@ def linear_probe(cache_path: str, cfg: ClassifyConfig, column: str, steps: int =
     cache = open_cache(cache_path)
     labels = {name: i for i, name in enumerate(label_names(cache, cfg.label_field))}
     held = holdout_fraction_filter(cfg.eval_fraction)
-    rows = list(cache.stream(columns=[cfg.label_field, column]))
+    rows = list(cache.stream(columns=["example_id", cfg.label_field, column]))
     x = torch.tensor(np.stack([r[column] for r in rows]), dtype=torch.float64)
     y = torch.tensor([labels[str(r[cfg.label_field])] for r in rows])
     test = torch.tensor([held(r["example_id"]) for r in rows])
@@ -57,19 +63,24 @@ def main() -> None:
     ap.add_argument("--work", default="runs/cross-task")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--max-rows", type=int, default=None, help="a smoke run on the first N docstrings (default: all)")
     args = ap.parse_args()
     work = Path(args.work)
-    recipe = recipe_path("cross-task-kd")
-    gen = build_config(GenerateConfig, recipe, {"teacher": str(smollm2_gguf()), "out": str(work / "cache")}, [], section="generate")
+    pairs = work / "pairs"
+    rows = render_dataset(DataConfig(source="embedded:stdlib-modules", max_rows=args.max_rows), pairs, progress=False)
+    recipe = recipe_path("cross-modal-kd")  # its generate section = cross-task-kd's + the image field
+    gen = build_config(GenerateConfig, recipe, {"teacher": str(smollm2_gguf()), "out": str(work / "cache"), "data.source": str(rows)}, [],
+                       section="generate")
     t0 = time.perf_counter()
     m = generate(gen, progress=False)
     print(f"cache: {m.num_rows} rows, {m.num_tokens} tokens, {time.perf_counter() - t0:.0f} s", flush=True)
     results: dict = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name, weight in (("with teacher", 1.0), ("no teacher", 0.0)):
+        for name, weight, task in [(f"{t} {w}", weight, t) for t in ("cross-task", "cross-modal")
+                                   for w, weight in (("with teacher", 1.0), ("no teacher", 0.0))]:
             values = {"cache": gen.out, "out": str(work / name.replace(" ", "-") / f"seed{seed}"), "seed": seed, "teacher_weight": weight,
-                      **({"steps": args.steps} if args.steps else {})}
-            cfg = build_config(ClassifyConfig, recipe, values, [], section="classify")
+                      **({"image.root": str(pairs)} if task == "cross-modal" else {}), **({"steps": args.steps} if args.steps else {})}
+            cfg = build_config(ClassifyConfig, recipe_path(f"{task}-kd"), values, [], section="classify")
             t0 = time.perf_counter()
             final = train_classifier(cfg, progress=False)
             results[f"{name}@seed{seed}"] = {**final, "seconds": round(time.perf_counter() - t0)}

@@ -253,6 +253,23 @@ def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device, al
     click.echo(json.dumps(metrics, indent=2))
 
 
+@main.command(name="render-text")
+@click.option("--dataset", "source", default="embedded:stdlib-modules", show_default=True, help="Dataset whose text to render.")
+@click.option("--field", default="text", show_default=True, help="Text field.")
+@click.option("--max-rows", type=int, help="Render at most N rows.")
+@click.option("--out", required=True, help="Folder for rows.jsonl and img/*.png.")
+@click.option("--width", type=int, default=320, show_default=True)
+@click.option("--height", type=int, default=64, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def render_text(source, field, max_rows, out, width, height, quiet) -> None:
+    """Render each row's text to an image: paired data for cross-modal distillation (text teacher, image student)."""
+    from kdcache.pipeline.config import DataConfig
+    from kdcache.pipeline.render import render_dataset
+
+    data = _run(DataConfig, source=source, field=field, max_rows=max_rows)
+    click.echo(f"wrote {_run(render_dataset, data, out, width, height, progress=not quiet)}")
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(), help="YAML config (a `classify:` section is used if present).")
 @click.option("--recipe", help="A shipped recipe by name, e.g. cross-task-kd (`kdcache recipes` lists them); instead of --config.")

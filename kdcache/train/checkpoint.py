@@ -90,7 +90,8 @@ def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, sc
     final = ckpt_root / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
+    if tokenizer is not None:  # an image student has none
+        tokenizer.save_pretrained(tmp / "model")
     tensors, optim_meta = _optimizer_tensors(optimizer)
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()

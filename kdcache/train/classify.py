@@ -8,6 +8,9 @@ teacher's pooled embedding of the row (``pooled_<L>``, written by ``generate --s
 map trains with the student, is saved in the run's checkpoints and never in the exported classifier.
 ``teacher_weight: 0`` is the same student without the teacher, the baseline every claim is measured against.
 
+Cross-modal: with ``input: image`` the student is a small conv net on image files the cache names per row
+(kdcache/train/vision.py), e.g. the text the teacher read, rendered; everything else is the same.
+
 The run directory is like ``train``'s: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-N`` (exact
 resume: weights, optimizer, schedule, RNG and the data stream's position), ``final/`` (a transformers
 ``LlamaForSequenceClassification`` folder whose ``config.json`` names the labels).
@@ -38,6 +41,7 @@ from kdcache.train.features import feature_distance
 from kdcache.train.optim import build_optimizer, lr_lambda
 from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics
 from kdcache.train.student import STUDENT_ARCHS, load_tokenizer
+from kdcache.train.vision import ImageConfig, build_image_classifier, check_images, load_pixels
 
 log = logging.getLogger(__name__)
 _HEAD = "head."  # checkpoint prefix of the teacher-embedding map
@@ -48,11 +52,16 @@ class ClassifyConfig:
     cache: str = doc("Cache directory written by `kdcache generate` with the label kept (keep_fields) and, to learn from the "
                      "teacher, its pooled embeddings (pooled_layers).", "")
     out: str = doc("Run directory: checkpoints, final classifier, metrics.", "")
-    student: StudentConfig = doc("The classifier's body (built from this spec; its tokenizer is the cache's).", default_factory=StudentConfig)
+    input: Literal["tokens", "image"] = doc("What the student reads: the cache's tokens (a Llama-style body, `student`) or "
+                                            "image files named by a kept field (a conv net, `image`).", "tokens")
+    student: StudentConfig = doc("input tokens: the classifier's body (built from this spec; its tokenizer is the cache's).", default_factory=StudentConfig)
+    image: ImageConfig = doc("input image: where the images are and the conv net's shape.", default_factory=ImageConfig)
     label_field: str = doc("Cache column holding each row's class (a field kept by generate --set keep_fields=[...]).", "label")
     teacher_signal: str = doc("Cache column of the teacher's example embedding (pooled_<L>); empty: the deepest pooled layer.", "")
     teacher_weight: float = doc("Weight of the teacher-embedding term next to the label's cross-entropy (0: no teacher).", 1.0, valid=NON_NEGATIVE)
     metric: Literal["cosine", "mse", "nmse"] = doc("Distance between the mapped student representation and the teacher embedding.", "cosine")
+    center_teacher: bool = doc("Subtract the training rows' mean teacher embedding first: a language model's states share a large "
+                               "common direction, and without this the term mostly teaches that direction, not what tells rows apart.", True)
     steps: int = doc("Optimizer steps.", 300, valid=POSITIVE)
     batch_size: int = doc("Rows per step.", 16, valid=POSITIVE)
     lr: float = doc("Peak learning rate (AdamW).", 3e-3, valid=POSITIVE)
@@ -132,31 +141,41 @@ def build_classifier(cfg: ClassifyConfig, cache: Cache, labels: list[str]):
 
 @dataclass
 class Rows:
-    input_ids: torch.Tensor  # [B, T] right-padded
-    attention_mask: torch.Tensor
-    last: torch.Tensor  # [B] index of each row's last token
+    inputs: dict[str, torch.Tensor]  # tokens: input_ids [B, T] right-padded, attention_mask, last [B]; image: pixels
     labels: torch.Tensor  # [B]
     teacher: torch.Tensor | None  # [B, D]
 
     def to(self, device) -> Rows:
-        return Rows(*(t.to(device) if t is not None else None for t in (self.input_ids, self.attention_mask, self.last, self.labels, self.teacher)))
+        return Rows({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device),
+                    self.teacher.to(device) if self.teacher is not None else None)
 
 
-def collate(examples: list[dict], label_ids: dict[str, int], label: str, teacher: str, pad_id: int) -> Rows:
+def _token_inputs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     lens = np.array([len(ex["input_ids"]) for ex in examples])
     ids = np.full((len(examples), int(lens.max())), pad_id, dtype=np.int64)
     for i, ex in enumerate(examples):
         ids[i, : lens[i]] = ex["input_ids"]
     mask = np.arange(ids.shape[1])[None, :] < lens[:, None]
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)), "last": torch.from_numpy(lens - 1)}
+
+
+def collate(examples: list[dict], label_ids: dict[str, int], cfg: ClassifyConfig, teacher: str, pad_id: int,
+            center: torch.Tensor | None = None) -> Rows:
+    inputs = (_token_inputs(examples, pad_id) if cfg.input == "tokens"
+              else {"pixels": load_pixels(cfg.image, [ex[cfg.image.field] for ex in examples])})
     t = torch.from_numpy(np.stack([ex[teacher] for ex in examples]).astype(np.float32)) if teacher else None
-    return Rows(torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(lens - 1),
-                torch.tensor([label_ids[str(ex[label])] for ex in examples]), t)
+    if t is not None and center is not None:
+        t = t - center
+    return Rows(inputs, torch.tensor([label_ids[str(ex[cfg.label_field])] for ex in examples]), t)
 
 
 def representation(model: Any, rows: Rows) -> torch.Tensor:
-    """The last token's final state [B, H]: what the classifier's head reads."""
-    hidden = model.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).last_hidden_state
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), rows.last]
+    """What the classifier's head reads [B, H]: the last token's final state, or the image's pooled features."""
+    if "pixels" in rows.inputs:
+        return model.representation(rows.inputs["pixels"])
+    x = rows.inputs
+    hidden = model.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), x["last"]]
 
 
 def losses(model: Any, head: torch.nn.Module | None, rows: Rows, cfg: ClassifyConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -188,6 +207,16 @@ def evaluate(model: Any, head: torch.nn.Module | None, batches: list[Rows], cfg:
     return {"eval_rows": n, **{f"eval_{k}": v / n for k, v in sums.items()}}
 
 
+def _teacher_mean(cache: Cache, column: str, keep) -> torch.Tensor:
+    """Mean of the training rows' teacher embeddings (one pass over one column, constant memory)."""
+    total, n = None, 0
+    for ex in cache.stream(columns=[column], keep=keep):
+        v = ex[column].astype(np.float64)
+        total = v if total is None else total + v
+        n += 1
+    return torch.from_numpy((total / max(n, 1)).astype(np.float32))
+
+
 def train_classifier(cfg: ClassifyConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a classifier student; returns the final held-out metrics."""
     cfg.validate()
@@ -201,7 +230,14 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
     labels = label_names(cache, label)
     label_ids = {name: i for i, name in enumerate(labels)}
     device = resolve_device(cfg.device)
-    model, tokenizer = build_classifier(cfg, cache, labels)
+    if cfg.input == "image":
+        if cfg.image.field not in cache.manifest.signals.get("fields", {}).get("columns", {}):
+            raise ConfigError(f"cache {cfg.cache} keeps no image field {cfg.image.field!r}; regenerate with "
+                              f"`kdcache generate --set keep_fields=[{cfg.label_field},{cfg.image.field}]` or pass --set image.field=NAME")
+        check_images(cfg.image, [ex[cfg.image.field] for ex in cache.stream(columns=[cfg.image.field])])
+        model, tokenizer = build_image_classifier(cfg.image, labels, cfg.seed), None
+    else:
+        model, tokenizer = build_classifier(cfg, cache, labels)
     head = torch.nn.Linear(model.config.hidden_size, width) if teacher else None
     out, ckpt = prepare_run_dir(cfg)
     model.to(device).train()
@@ -209,11 +245,12 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
     params.to(device)
     optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    pad = model.config.pad_token_id
+    pad = getattr(model.config, "pad_token_id", 0)
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
-    columns = ["input_ids", label, *([teacher] if teacher else [])]
+    columns = [cfg.image.field if cfg.input == "image" else "input_ids", label, *([teacher] if teacher else [])]
     held = [ex for ex in cache.stream(columns=columns, keep=is_heldout)]
-    eval_batches = [collate(held[i: i + cfg.batch_size], label_ids, label, teacher, pad) for i in range(0, len(held), cfg.batch_size)]
+    center = _teacher_mean(cache, teacher, lambda i: not is_heldout(i)) if teacher and cfg.center_teacher else None
+    eval_batches = [collate(held[i: i + cfg.batch_size], label_ids, cfg, teacher, pad, center) for i in range(0, len(held), cfg.batch_size)]
     stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=columns, keep=lambda i: not is_heldout(i))
     step = 0
     if ckpt is not None:
@@ -233,7 +270,7 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
             batch = [next(examples, None) for _ in range(cfg.batch_size)]
             if batch[0] is None:
                 raise DataError(f"no training rows in {cfg.cache}: every row is held out; lower --set eval_fraction=...")
-            rows = collate([ex for ex in batch if ex is not None], label_ids, label, teacher, pad).to(device)
+            rows = collate([ex for ex in batch if ex is not None], label_ids, cfg, teacher, pad, center).to(device)
             loss, parts = losses(model, head, rows, cfg)
             loss.backward()
             if cfg.grad_clip > 0:
