@@ -212,6 +212,8 @@ def test_recipe_and_cli_run_end_to_end(tiny_teacher, labelled, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["eval_rows"] > 0 and "pooled_2" in open_cache(tmp_path / "c").columns
     assert build_config(ClassifyConfig, recipe, {}, [], section="classify").label_field == "module"
+    r = CliRunner().invoke(main, ["fields", "classify"])
+    assert r.exit_code == 0 and all(k in r.output for k in ("teacher_weight", "center_teacher", "image.root", "student.hidden_size"))
     r = CliRunner().invoke(main, [*base, "--label-field", "nope"])
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "keeps no field 'nope'" in r.output, r.output
     r = CliRunner().invoke(main, ["train", "--recipe", "cross-task-kd", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "t")])

@@ -595,7 +595,7 @@ def test_interrupt_while_a_checkpoint_is_written_names_the_previous_one(tiny_cac
 
 def test_run_config_records_the_version_and_another_version_still_resumes(tiny_cache, tmp_path, caplog):
     import kdcache
-    from kdcache.train.loop import run_version
+    from kdcache.train.run_dir import run_version
 
     out = tmp_path / "run"
     cfg = make_cfg(tiny_cache, out, steps=4, save_every=2)
@@ -611,7 +611,7 @@ def test_run_config_records_the_version_and_another_version_still_resumes(tiny_c
     for header in ("# written by kdcache 0.0.1\n", ""):
         saved.write_text(header + body)
         log_before = (out / "metrics.jsonl").read_bytes()
-        with caplog.at_level("INFO", logger="kdcache.train.loop"):
+        with caplog.at_level("INFO", logger="kdcache.train"):
             assert train(cfg, progress=False) == first
         assert f"written by kdcache {'0.0.1' if header else '(unknown version)'} with kdcache {kdcache.__version__}" in caplog.text
         assert (out / "metrics.jsonl").read_bytes() == log_before  # resumed at the end: nothing retrained

@@ -154,7 +154,9 @@ def _run_complete(tcfg: TrainConfig) -> bool:
         saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return False
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("resume", "overwrite")}  # noqa: E731
+    from kdcache.train.loop import comparable_config  # the resume check's view: old flat keys moved, sections in full
+
+    strip = lambda d: {k: v for k, v in comparable_config(d).items() if k not in ("resume", "overwrite")}  # noqa: E731
     return strip(saved) == strip(to_dict(tcfg))
 
 

@@ -134,7 +134,7 @@ def _run(fn, *args, **kwargs) -> Any:
         sys.exit(exc.exit_code)
     except KDCacheError as exc:
         ctx = click.get_current_context(silent=True)
-        message = str(exc).replace("`kdcache fields CMD`", f"`kdcache fields {ctx.info_name}`") if ctx and ctx.info_name in ("generate", "train", "demo", "born-again") else str(exc)
+        message = str(exc).replace("`kdcache fields CMD`", f"`kdcache fields {ctx.info_name}`") if ctx and ctx.info_name in ("generate", "train", "classify", "demo", "born-again") else str(exc)
         click.echo(f"error: {message}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -417,7 +417,7 @@ def recipes() -> None:
 
 
 @main.command()
-@click.argument("command", type=click.Choice(["generate", "train", "demo", "born-again"]))
+@click.argument("command", type=click.Choice(["generate", "train", "classify", "demo", "born-again"]))
 def fields(command) -> None:
     """List every config field of COMMAND with its default and meaning."""
     from kdcache.pipeline.config import GenerateConfig
@@ -425,7 +425,9 @@ def fields(command) -> None:
     from kdcache.cli.demo import DemoConfig
     from kdcache.train.config import TrainConfig
 
-    cls = {"generate": GenerateConfig, "train": TrainConfig, "demo": DemoConfig, "born-again": BornAgainConfig}[command]
+    from kdcache.train.classify import ClassifyConfig
+
+    cls = {"generate": GenerateConfig, "train": TrainConfig, "classify": ClassifyConfig, "demo": DemoConfig, "born-again": BornAgainConfig}[command]
     rows = field_docs(cls)
     if command == "train":  # each loss's, pseudo-teacher's and loss term's own section, and a stage's keys
         from kdcache.train.config import StageConfig

@@ -6,25 +6,22 @@ steps, logs, evaluates and checkpoints. Components live in their own modules.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 import kdcache
 from kdcache.cache import Cache, holdout_fraction_filter, open_cache, require_same_tokenizer
 from kdcache.config import from_dict, to_dict, upgraded
-from kdcache.errors import CacheMismatchError, ConfigError, DataError, Interrupted, KDCacheError
+from kdcache.errors import ConfigError, DataError, Interrupted, KDCacheError
 from kdcache.fingerprint import json_hash
 from kdcache.modeling import autocast_for, resolve_device
 from kdcache.train.checkpoint import (
@@ -32,27 +29,18 @@ from kdcache.train.checkpoint import (
 )
 from kdcache.train.config import TrainConfig
 from kdcache.train.curriculum import Curriculum, competence, training_difficulties
-from kdcache.train.data import TEMPERED_TAIL, Batch, batches, heldout_batches, tempered_tail_index, train_columns
+from kdcache.train.data import TEMPERED_TAIL, batches, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
+from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics
 from kdcache.train.pseudo_teachers import build_pseudo_teacher, pseudo_teacher_options
 from kdcache.train.student import build_student
 
 log = logging.getLogger(__name__)
 
-# Everything a run writes into its directory.
-_RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.jsonl", "final_metrics.json")
-
-# Fields that may change between a run and its resumption without changing what is being trained.
-_RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples", "eval_cache")
-
 _PROJ = "projections."  # checkpoint keys of the terms' projections (kept in the run, never in the exported student)
-
-# config.yaml's first line: the kdcache version that wrote it. A YAML comment, so the file stays a config that
-# `--config` accepts (unknown keys are refused) and the resume check, which compares the parsed configs, ignores it.
-_VERSION_LINE = re.compile(r"# written by kdcache (\S+)")
 
 
 def alpha_at(cfg: TrainConfig, step: int) -> float:
@@ -71,43 +59,10 @@ def alpha_at(cfg: TrainConfig, step: int) -> float:
 
 def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """Create ``out``; decide whether to resume. Same config resumes, a different one is refused."""
-    out = Path(cfg.out)
-    if cfg.overwrite and out.is_dir():
-        for name in _RUN_FILES:  # only what a run writes: --out may be a folder with other things in it
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-probe").write_bytes(b"")
-        (out / ".write-probe").unlink()
-    except OSError as exc:
-        raise ConfigError(f"run directory {out} is not writable ({exc.strerror or exc}); choose another --out") from None
-    ckpt = latest_checkpoint(out)
-    saved = out / "config.yaml"
-    if ckpt is not None and not cfg.resume and saved.is_file():
-        old = _comparable(yaml.safe_load(saved.read_text()) or {})
-        new = _comparable(to_dict(cfg))
-        strip = lambda d: {k: v for k, v in d.items() if k not in _RESUME_NEUTRAL}  # noqa: E731
-        if strip(old) != strip(new):
-            changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k))
-            raise CacheMismatchError(
-                f"{out} holds a run with a different config ({', '.join(changed[:4])} differ); "
-                "pass --resume to continue it with the new config, --overwrite to start over, or another --out"
-            )
-    if cfg.resume and ckpt is None:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", out)
-    if ckpt is not None and saved.is_file():
-        written_by = run_version(saved)
-        if written_by != kdcache.__version__:
-            log.info("resuming a run written by kdcache %s with kdcache %s", written_by or "(unknown version)", kdcache.__version__)
-    saved.write_text(f"# written by kdcache {kdcache.__version__}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return out, ckpt
+    return prepare_run_dir(cfg, comparable_config)
 
 
-def _comparable(data: dict) -> dict:
+def comparable_config(data: dict) -> dict:
     """A run's config as the resume check compares it, the saved one and the new one alike: the flat keys of
     earlier versions moved into their sections (quietly: the run's own file), every field at its value or default,
     and of ``losses`` and ``pseudo_teachers`` only the sections the run uses, in full (a section that is given
@@ -122,13 +77,6 @@ def _comparable(data: dict) -> dict:
         return out
     except KDCacheError:
         return data
-
-
-def run_version(config_yaml: Path) -> str | None:
-    """The kdcache version recorded in a run's config.yaml (None for one written before versions were recorded)."""
-    with open(config_yaml) as f:
-        m = _VERSION_LINE.match(f.readline())
-    return m.group(1) if m else None
 
 
 @dataclasses.dataclass
@@ -146,25 +94,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     cfg.validate()
     where = _Position()
     try:
-        with _transformers_bars(progress):
+        with transformers_bars(progress):
             return _train(cfg, progress, where)
     except KeyboardInterrupt:
         raise Interrupted(_interrupt_message(cfg, where)) from None
-
-
-@contextlib.contextmanager
-def _transformers_bars(progress: bool):
-    """progress=False also hides transformers' own bars (save_pretrained's "Writing model shards")."""
-    from transformers.utils import logging as hf_logging
-
-    turn_off = not progress and hf_logging.is_progress_bar_enabled()
-    if turn_off:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if turn_off:
-            hf_logging.enable_progress_bar()
 
 
 def _interrupt_message(cfg: TrainConfig, where: _Position) -> str:
@@ -239,7 +172,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
             pseudo.load_state_tensors({k: v for k, v in extra.items() if not k.startswith(_PROJ)})
         stream.load_state_dict(state["data"])
         step = state["step"]
-        _truncate_metrics(out / "metrics.jsonl", step)
+        truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
     where.step = step
     # A curriculum skips the examples above the current step's difficulty as the stream passes them.
@@ -375,18 +308,3 @@ def _eval_batches(cfg: TrainConfig, cache: Cache, source: Cache | None, pad_id: 
 def _log_row(f, row: dict) -> None:
     f.write(json.dumps(row) + "\n")
     f.flush()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from, so the log has each step once."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the crash we are recovering from
-        if row.get("step", 0) <= step:
-            keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
