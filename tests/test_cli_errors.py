@@ -56,6 +56,7 @@ MISTAKES: list[tuple[str, str, tuple[str, ...]]] = [
     ("unknown-pseudo-teacher", T + " --set pseudo_teacher=emaa", ("unknown pseudo_teacher 'emaa'", "did you mean ema?")),
     ("loss-option-out-of-range", T + " --loss jsd --set losses.jsd.beta=1.5", ("losses.jsd.beta must be in (0, 1)", "got 1.5", "--set losses.jsd.beta=")),
     ("unknown-loss-section", T + " --set losses.jsdd.beta=0.3", ("unknown loss losses.jsdd", "did you mean losses.jsd?")),
+    ("term-weight-out-of-range", T + " --set terms.hidden.weight=-1", ("terms.hidden.weight must be at least 0", "got -1")),
     ("loss-option-typo", T + " --set losses.jsd.btea=0.3", ("losses.jsd.btea", "did you mean losses.jsd.beta?", "kdcache fields train")),
     ("old-and-new-key-disagree", T + " --set beta=0.3 --set losses.jsd.beta=0.4", ("beta (0.3) and losses.jsd.beta (0.4) disagree", "drop it")),
     ("curriculum-start-zero", T + " --set curriculum.by=teacher_nll --set curriculum.start=0", ("curriculum.start must be in (0, 1]", "got 0")),

@@ -29,12 +29,12 @@ from typing import Any, Callable
 
 import torch
 
-from kdcache.config import NON_NEGATIVE, doc, from_dict
+from kdcache.config import NON_NEGATIVE, Section, doc, from_dict
 from kdcache.errors import ConfigError
 
 
 @dataclass
-class TermConfig:
+class TermConfig(Section):  # ranges checked when built (Section)
     weight: float = doc("Weight of this term in the run's loss (the logit loss has weight 1).", 1.0, valid=NON_NEGATIVE)
 
 
