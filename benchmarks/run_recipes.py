@@ -114,8 +114,10 @@ def main() -> None:
     }
     print(json.dumps(bytes_info), flush=True)
     docs = {"ce-only": {"train": {"loss": "ce"}}, **{name: yaml.safe_load(recipe_path(name).read_text()) for name in list_recipes()}}
-    # born-again trains several generations through its own command (`kdcache born-again`), not one row here
-    names = args.only.split(",") if args.only else [n for n in docs if "generations" not in docs[n]]
+    # Recipes with their own benchmark, not one row here: born-again (`kdcache born-again`), the classifiers
+    # (`kdcache classify`: benchmarks/cross_task.py) and context distillation (benchmarks/context_distill.py).
+    own = lambda d: "generations" in d or "train" not in d or "context" in d.get("generate", {})  # noqa: E731
+    names = args.only.split(",") if args.only else [n for n in docs if not own(docs[n])]
     unknown = [n for n in names if n not in docs]
     if unknown:
         raise SystemExit(f"unknown recipes {unknown}; valid: {', '.join(docs)}")
