@@ -33,6 +33,8 @@ prompt_length      int32                      (generation) tokens of the prompt 
 sample_index       int32                      (generation) which of the n samples for the prompt
 pooled_<L>         list<float32> [D]          (optional) one vector per example: hidden_states[L] pooled over the row's
                                               tokens (signals.pooled.pooling: mean or last), D = the teacher's width
+class_logits       list<float32> [C]          (optional) a classifier teacher's logits per example, classes in
+                                              signals.classes.labels order
 <field>            string/int64/double/bool   (optional) dataset fields kept as they are (signals.fields), e.g. a label
 context_tokens     int32                      (context) teacher tokens read before input_ids: row position t of
                                               every column above is teacher position context_tokens + t
@@ -57,6 +59,7 @@ SAMPLED_COLUMNS = ("sampled_ids", "sampled_weights", "sampled_sizes")
 STATS_COLUMNS = ("teacher_nll", "teacher_entropy", "num_loss_tokens")
 GENERATION_COLUMNS = ("prompt_length", "sample_index")
 CONTEXT_COLUMN = "context_tokens"
+CLASS_LOGITS_COLUMN = "class_logits"
 #: Arrow types of kept dataset fields, by the Python type of the first row's value (bool before int: a bool is an int).
 FIELD_TYPES = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 
@@ -108,6 +111,7 @@ def make_signals(
     context: dict | None = None,
     pooled: dict | None = None,
     fields: dict[str, str] | None = None,
+    classes: list[str] | None = None,
 ) -> dict:
     """The manifest's description of what a cache stores, with shapes, dtypes and codecs.
 
@@ -188,6 +192,8 @@ def make_signals(
             "tensor": f"hidden_states[L] ({pooled['pooling']} over the row's tokens), float32",
             "columns": {pooled_column(layer): {"shape": [int(pooled["size"])], "dtype": "float32", "codec": "plain"} for layer in pooled["layers"]},
         }
+    if classes:
+        signals["classes"] = {"labels": list(classes), "columns": {CLASS_LOGITS_COLUMN: {"shape": [len(classes)], "dtype": "float32", "codec": "plain"}}}
     if fields:
         signals["fields"] = {"columns": {name: {"shape": [], "dtype": kind} for name, kind in fields.items()}}
     return signals
@@ -233,6 +239,8 @@ def build_schema(signals: dict) -> pa.Schema:
         fields.append(pa.field(CONTEXT_COLUMN, pa.int32(), nullable=False))
     for name in (signals.get("pooled") or {}).get("columns", {}):
         fields.append(pa.field(name, pa.list_(pa.float32()), nullable=False))
+    if "classes" in signals:
+        fields.append(pa.field(CLASS_LOGITS_COLUMN, pa.list_(pa.float32()), nullable=False))
     for name, col in (signals.get("fields") or {}).get("columns", {}).items():
         fields.append(pa.field(name, FIELD_TYPES[col["dtype"]], nullable=False))
     return pa.schema(fields, metadata={b"kdcache.format_version": str(FORMAT_VERSION).encode()})

@@ -43,7 +43,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "tokenizer": {k: m.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "tokenizer_size")},
         "dataset": m.settings.get("dataset", {}),
         "loss_tokens": int(n.sum()),
-        "teacher_ppl": float(np.exp(np.nansum(nll * n) / total)) if len(n) else None,
+        # None without next-token scores (an encoder teacher's NLL is NaN): never a perplexity of 1 from no data
+        "teacher_ppl": float(np.exp(np.nansum(nll * n) / total)) if len(n) and not np.isnan(nll).all() else None,
         "teacher_nll_per_example": dist(nll),
         "teacher_entropy_per_example": dist(ent),
         "stats": m.stats,

@@ -85,7 +85,8 @@ class VLLMConfig:
 @dataclass
 class GenerateConfig:
     teacher: str = doc("Teacher: a local model folder, a .gguf file, or a hub id.", "")
-    backend: str = doc("Teacher backend: transformers (any machine) or vllm (needs `pip install kdcache[vllm]`; see README).", "transformers")
+    backend: str = doc("Teacher backend: transformers (causal LMs, any machine), vllm (needs `pip install kdcache[vllm]`; see README) or "
+                       "transformers-encoder (a sequence classifier's class logits or an encoder's states; with --top-k 0).", "transformers")
     out: str = doc("Cache directory to write (created; resumed if it holds the same settings).", "")
     overwrite: bool = doc("Replace an existing cache at `out` whose settings differ.", False)
     top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass); 0 keeps none (a sampled-only cache).", 64, valid=NON_NEGATIVE)
@@ -155,7 +156,7 @@ class GenerateConfig:
     def __post_init__(self):
         typed_sections(self)
         check_fields(self)
-        if self.top_k == 0 and self.sampled_tokens == 0 and not self.pooled_layers:
+        if self.top_k == 0 and self.sampled_tokens == 0 and not (self.pooled_layers or self.hidden_layers) and self.backend != "transformers-encoder":
             raise ConfigError("nothing to store: pass --top-k K, --sampled-tokens N and/or --set pooled_layers=[L]")
         if len(set(self.tail_temperatures)) != len(self.tail_temperatures):
             raise ConfigError(f"tail_temperatures must be distinct, got {show(self.tail_temperatures)}")

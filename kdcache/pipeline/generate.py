@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
 from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.hidden import orthogonal_projection, parse_positions, select_positions
-from kdcache.cache.schema import CONTEXT_COLUMN, HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS, pooled_column
+from kdcache.cache.schema import CLASS_LOGITS_COLUMN, CONTEXT_COLUMN, HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS, pooled_column
 from kdcache.config import plural, to_dict
 from kdcache.errors import CacheFormatError, ConfigError, DataError, Interrupted
 from kdcache.fingerprint import tokenizer_fingerprint
@@ -216,7 +216,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         hidden_positions=cfg.hidden_positions, hidden_positions_seed=cfg.seed, attention=stored.attention,
         context=TeacherContext.build(cfg.context, teacher.tokenizer).settings() if cfg.context else None,
         pooled={"layers": stored.pooled, "pooling": stored.pooling, "size": teacher.hidden_size} if stored.pooled else None,
-        fields=kept_field_types(cfg.keep_fields, first),
+        fields=kept_field_types(cfg.keep_fields, first), classes=teacher.classes(),
     )
     teacher.attention_layers = tuple(stored.qkv_layers)
     tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
@@ -243,7 +243,6 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
 
 
 def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, rows, tokenize, progress) -> Manifest:
-    layers = stored.layers
     start = writer.resume_input_row
     if start:
         log.info("resuming after input row %d", start)
@@ -386,8 +385,9 @@ def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: d
         "input_ids": input_ids,
         "loss_mask": loss_mask,
         **{name: s[name] for name in (*TOPK_COLUMNS, TEMPERED_TAIL_COLUMN, *SAMPLED_COLUMNS) if name in s},
-        "teacher_nll": float(-s["target_logprob"][m].mean()) if n else float("nan"),
-        "teacher_entropy": float(s["entropy"][m].mean()) if n else float("nan"),
+        # a teacher without next-token scores (an encoder) has no NLL; its entropy is that of its classes, if any
+        "teacher_nll": float(-s["target_logprob"][m].mean()) if n and "target_logprob" in s else float("nan"),
+        "teacher_entropy": (float(s["entropy"][m].mean()) if n else float("nan")) if "entropy" in s else s.get("class_entropy", float("nan")),
         "num_loss_tokens": n,
     }
     positions = None
@@ -401,6 +401,8 @@ def _example(example_id: str, input_ids: np.ndarray, loss_mask: np.ndarray, s: d
         ex[f"hidden_{layer}"] = h @ stored.projection if stored.projection is not None else h
     for block in stored.qkv_layers:
         ex[f"qkv_{block}"] = s[f"qkv_{block}"]
+    if CLASS_LOGITS_COLUMN in s:
+        ex[CLASS_LOGITS_COLUMN] = s[CLASS_LOGITS_COLUMN]
     for layer in stored.pooled:
         h = s[f"hidden_{layer}"]
         ex[pooled_column(layer)] = (h.astype(np.float64).mean(axis=0) if stored.pooling == "mean" else h[-1]).astype(np.float32)

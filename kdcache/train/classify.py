@@ -7,6 +7,8 @@ plus ``teacher_weight`` times the distance between a learned linear map of that 
 teacher's pooled embedding of the row (``pooled_<L>``, written by ``generate --set pooled_layers=[L]``). The
 map trains with the student, is saved in the run's checkpoints and never in the exported classifier.
 ``teacher_weight: 0`` is the same student without the teacher, the baseline every claim is measured against.
+A teacher trained for the same task (a sequence classifier, ``generate --backend transformers-encoder``) also
+gives soft labels: ``kd_weight`` adds T^2 KL(teacher_T || student_T) over its ``class_logits``.
 
 Cross-modal: with ``input: image`` the student is a small conv net on image files the cache names per row
 (kdcache/train/vision.py), e.g. the text the teacher read, rendered; everything else is the same.
@@ -24,7 +26,6 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -32,10 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from kdcache.cache import Cache, holdout_fraction_filter, open_cache
+from kdcache.cache.schema import CLASS_LOGITS_COLUMN
 from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, check_fields, doc, typed_sections
 from kdcache.errors import ConfigError, DataError
 from kdcache.modeling import resolve_device
-from kdcache.train.checkpoint import checkpoint_step, latest_checkpoint, link_tree, load_checkpoint, save_checkpoint
+from kdcache.train.checkpoint import checkpoint_step, link_tree, load_checkpoint, save_checkpoint
 from kdcache.train.config import StudentConfig
 from kdcache.train.features import feature_distance
 from kdcache.train.optim import build_optimizer, lr_lambda
@@ -60,6 +62,10 @@ class ClassifyConfig:
     teacher_signal: str = doc("Cache column of the teacher's example embedding (pooled_<L>); empty: the deepest pooled layer.", "")
     teacher_weight: float = doc("Weight of the teacher-embedding term next to the label's cross-entropy (0: no teacher).", 1.0, valid=NON_NEGATIVE)
     metric: Literal["cosine", "mse", "nmse"] = doc("Distance between the mapped student representation and the teacher embedding.", "cosine")
+    kd_weight: float = doc("Weight of soft-label KD on a classifier teacher's class_logits (generate --backend transformers-encoder "
+                           "with a *ForSequenceClassification teacher; its classes must be the label's values): T^2 KL(teacher_T || "
+                           "student_T). 0: off.", 0.0, valid=NON_NEGATIVE)
+    temperature: float = doc("Temperature of kd_weight's KD.", 1.0, valid=POSITIVE)
     center_teacher: bool = doc("Subtract the training rows' mean teacher embedding first: a language model's states share a large "
                                "common direction, and without this the term mostly teaches that direction, not what tells rows apart.", True)
     steps: int = doc("Optimizer steps.", 300, valid=POSITIVE)
@@ -113,6 +119,21 @@ def _signals(cfg: ClassifyConfig, cache: Cache) -> tuple[str, int]:
     return column, int(pooled["size"])
 
 
+def class_order(cfg: ClassifyConfig, cache: Cache, labels: list[str]) -> torch.Tensor | None:
+    """For kd_weight > 0: index of each student label in the teacher's class_logits; a teacher whose classes are not the
+    labels (a student head that does not fit the stored signal) is refused in one line."""
+    if cfg.kd_weight == 0:
+        return None
+    classes = cache.manifest.signals.get("classes")
+    if not classes:
+        raise ConfigError(f"kd_weight needs a classifier teacher's class_logits, which {cfg.cache} lacks; generate with "
+                          "--backend transformers-encoder and a *ForSequenceClassification teacher, or --set kd_weight=0")
+    if sorted(classes["labels"]) != labels:
+        raise ConfigError(f"the teacher's classes {classes['labels']} are not the values of {cfg.label_field!r} {labels}: "
+                          "the student's head does not fit the teacher's logits; keep the field the teacher was trained on, or --set kd_weight=0")
+    return torch.tensor([classes["labels"].index(name) for name in labels])
+
+
 def label_names(cache: Cache, column: str) -> list[str]:
     """Every class in the cache (train and held-out rows alike: the label set, not supervision), sorted."""
     values = {str(ex[column]) for ex in cache.stream(columns=[column])}
@@ -144,10 +165,11 @@ class Rows:
     inputs: dict[str, torch.Tensor]  # tokens: input_ids [B, T] right-padded, attention_mask, last [B]; image: pixels
     labels: torch.Tensor  # [B]
     teacher: torch.Tensor | None  # [B, D]
+    teacher_logits: torch.Tensor | None = None  # [B, C] in the student's label order
 
     def to(self, device) -> Rows:
-        return Rows({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device),
-                    self.teacher.to(device) if self.teacher is not None else None)
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return Rows({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), move(self.teacher), move(self.teacher_logits))
 
 
 def _token_inputs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -160,13 +182,14 @@ def _token_inputs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate(examples: list[dict], label_ids: dict[str, int], cfg: ClassifyConfig, teacher: str, pad_id: int,
-            center: torch.Tensor | None = None) -> Rows:
+            center: torch.Tensor | None = None, order: torch.Tensor | None = None) -> Rows:
     inputs = (_token_inputs(examples, pad_id) if cfg.input == "tokens"
               else {"pixels": load_pixels(cfg.image, [ex[cfg.image.field] for ex in examples])})
     t = torch.from_numpy(np.stack([ex[teacher] for ex in examples]).astype(np.float32)) if teacher else None
     if t is not None and center is not None:
         t = t - center
-    return Rows(inputs, torch.tensor([label_ids[str(ex[cfg.label_field])] for ex in examples]), t)
+    z = torch.from_numpy(np.stack([ex[CLASS_LOGITS_COLUMN] for ex in examples]))[:, order] if order is not None else None
+    return Rows(inputs, torch.tensor([label_ids[str(ex[cfg.label_field])] for ex in examples]), t, z)
 
 
 def representation(model: Any, rows: Rows) -> torch.Tensor:
@@ -189,6 +212,12 @@ def losses(model: Any, head: torch.nn.Module | None, rows: Rows, cfg: ClassifyCo
         dist = feature_distance(cfg.metric, head(rep.float()), rows.teacher).mean()
         parts["teacher_distance"] = dist.detach()
         loss = loss + cfg.teacher_weight * dist
+    if rows.teacher_logits is not None:
+        tau = cfg.temperature
+        kd = tau * tau * torch.nn.functional.kl_div((logits / tau).log_softmax(-1), (rows.teacher_logits.float() / tau).log_softmax(-1),
+                                                    log_target=True, reduction="batchmean")
+        parts["class_kd"] = kd.detach()
+        loss = loss + cfg.kd_weight * kd
     return loss, parts
 
 
@@ -228,6 +257,7 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
     cache = open_cache(cfg.cache)
     label, (teacher, width) = cfg.label_field, _signals(cfg, cache)
     labels = label_names(cache, label)
+    order = class_order(cfg, cache, labels)
     label_ids = {name: i for i, name in enumerate(labels)}
     device = resolve_device(cfg.device)
     if cfg.input == "image":
@@ -247,10 +277,11 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     pad = getattr(model.config, "pad_token_id", 0)
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
-    columns = [cfg.image.field if cfg.input == "image" else "input_ids", label, *([teacher] if teacher else [])]
+    columns = [cfg.image.field if cfg.input == "image" else "input_ids", label, *([teacher] if teacher else []),
+               *([CLASS_LOGITS_COLUMN] if order is not None else [])]
     held = [ex for ex in cache.stream(columns=columns, keep=is_heldout)]
     center = _teacher_mean(cache, teacher, lambda i: not is_heldout(i)) if teacher and cfg.center_teacher else None
-    eval_batches = [collate(held[i: i + cfg.batch_size], label_ids, cfg, teacher, pad, center) for i in range(0, len(held), cfg.batch_size)]
+    eval_batches = [collate(held[i: i + cfg.batch_size], label_ids, cfg, teacher, pad, center, order) for i in range(0, len(held), cfg.batch_size)]
     stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=columns, keep=lambda i: not is_heldout(i))
     step = 0
     if ckpt is not None:
@@ -270,7 +301,7 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
             batch = [next(examples, None) for _ in range(cfg.batch_size)]
             if batch[0] is None:
                 raise DataError(f"no training rows in {cfg.cache}: every row is held out; lower --set eval_fraction=...")
-            rows = collate([ex for ex in batch if ex is not None], label_ids, cfg, teacher, pad, center).to(device)
+            rows = collate([ex for ex in batch if ex is not None], label_ids, cfg, teacher, pad, center, order).to(device)
             loss, parts = losses(model, head, rows, cfg)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -118,6 +118,11 @@ class Teacher(ABC):
         together. Sampled ones draw from the prompt's seed (not from an RNG the batch shares), and none
         needs to run past ``max_length`` tokens including the prompt."""
 
+    def classes(self) -> list[str] | None:
+        """A classifier teacher's labels in logit order (its scores then hold example-level ``class_logits``
+        [C] and ``class_entropy``); None for teachers without classes."""
+        return None
+
     def max_sequence_length(self) -> int | None:
         """Longest sequence the engine accepts (None: no limit beyond the data config's)."""
         return None
