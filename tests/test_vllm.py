@@ -81,6 +81,25 @@ def test_tiny_parity_scores_tail_nll_hidden(tiny_pair):
         assert y["teacher_entropy"] <= x["teacher_entropy"] + FP32_TOL
 
 
+def test_context_pooled_and_kept_fields_agree_across_backends(tiny_teacher, text_jsonl, tmp_path):
+    """Context distillation, pooled embeddings and kept fields are the generate stage's, not an engine's: the
+    vLLM cache equals the transformers one (top-k tie-aware, states to float tolerance), row for row."""
+    rows = [json.loads(line) for line in text_jsonl.read_text().splitlines()][:12]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"], "topic": r["text"].split()[0], "n": i}) + "\n" for i, r in enumerate(rows)))
+    data = DataConfig(source=str(path), max_length=48)
+    for backend in ("transformers", "vllm"):
+        generate(_cfg(tiny_teacher, data, tmp_path / backend, backend, top_k=8, context="notes on {topic} :", pooled_layers=[-1],
+                      keep_fields=["n"]), progress=False)
+    a, b = _rows(tmp_path / "transformers"), _rows(tmp_path / "vllm")
+    assert a.keys() == b.keys() and len(a) == 12
+    for key in a:
+        assert a[key]["context_tokens"] == b[key]["context_tokens"] > 0 and a[key]["n"] == b[key]["n"] == int(key)
+        np.testing.assert_array_equal(a[key]["input_ids"], b[key]["input_ids"])
+        assert_topk_parity(a[key], b[key], 8)
+        np.testing.assert_allclose(a[key]["pooled_2"], b[key]["pooled_2"], rtol=1e-4, atol=1e-4)
+
+
 def test_vllm_manifest_records_backend_and_entropy_kind(tiny_pair):
     m = open_cache(tiny_pair["vllm"]).manifest
     assert m.teacher["backend"] == "vllm" and m.teacher["engine"].startswith("vllm ")
