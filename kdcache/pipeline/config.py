@@ -83,10 +83,22 @@ class VLLMConfig:
 
 
 @dataclass
+class TorchModuleConfig:
+    """The teacher of the torch-module backend (kdcache/pipeline/teachers/module_backend.py)."""
+
+    entry_point: str = doc("package.module:function that returns the teacher nn.Module (your code, imported from your environment).", "")
+    kwargs: dict = doc("Keyword arguments of that function.", default_factory=dict)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
 class GenerateConfig:
     teacher: str = doc("Teacher: a local model folder, a .gguf file, or a hub id.", "")
     backend: str = doc("Teacher backend: transformers (causal LMs, any machine), vllm (needs `pip install kdcache[vllm]`; see README) or "
-                       "transformers-encoder (a sequence classifier's class logits or an encoder's states; with --top-k 0).", "transformers")
+                       "transformers-encoder (a sequence classifier's class logits or an encoder's states; with --top-k 0) or "
+                       "torch-module (your nn.Module: --set module.entry_point=pkg.mod:fn, weights TEACHER/model.safetensors).", "transformers")
     out: str = doc("Cache directory to write (created; resumed if it holds the same settings).", "")
     overwrite: bool = doc("Replace an existing cache at `out` whose settings differ.", False)
     top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass); 0 keeps none (a sampled-only cache).", 64, valid=NON_NEGATIVE)
@@ -152,6 +164,8 @@ class GenerateConfig:
     data: DataConfig = doc("Input dataset.", default_factory=DataConfig)
     generation: GenerationConfig = doc("Teacher continuations.", default_factory=GenerationConfig)
     vllm: VLLMConfig = doc("vLLM engine settings (backend vllm).", default_factory=VLLMConfig)
+    module: TorchModuleConfig = doc("The torch-module backend's model: entry point and its arguments (weights: TEACHER/model.safetensors).",
+                                    default_factory=TorchModuleConfig)
 
     def __post_init__(self):
         typed_sections(self)
@@ -180,6 +194,10 @@ class GenerateConfig:
             raise ConfigError("no teacher given; pass --teacher PATH (a model folder, .gguf file or hub id)")
         if not self.out:
             raise ConfigError("no output directory given; pass --out DIR")
-        check_model_folder(self.teacher, "teacher", "--teacher")
+        if self.backend == "torch-module":  # a folder of safetensors weights and a tokenizer, no config.json (the backend checks it)
+            if not Path(self.teacher).expanduser().is_dir():
+                raise ConfigError(f"--backend torch-module: teacher {self.teacher} is not a folder (it holds model.safetensors and a tokenizer)")
+        else:
+            check_model_folder(self.teacher, "teacher", "--teacher")
         if not self.data.source.startswith(EMBEDDED_PREFIX) and not Path(self.data.source).expanduser().exists():
             check_location(self.data.source, "dataset", "--dataset", kind="dataset")

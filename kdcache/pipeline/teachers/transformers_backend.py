@@ -215,6 +215,10 @@ class TransformersTeacher(Teacher):
         valid = (torch.arange(T - 1)[None, :] < (lens - 1)[:, None]).to(self.device)  # [B, T-1]
         return ids, attn, valid, lens
 
+    def _features(self, ids: torch.Tensor, attn: torch.Tensor, valid: torch.Tensor, all_layers: bool) -> tuple[torch.Tensor, Any, Any]:
+        """(features at the valid positions, head or None, raw outputs with .hidden_states): see selected_features."""
+        return selected_features(self.model, ids, attn, valid, output_hidden_states=all_layers)
+
     @torch.inference_mode()
     def score(
         self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int],
@@ -226,7 +230,7 @@ class TransformersTeacher(Teacher):
         targets = ids[:, 1:][valid]
         with self._attention_capture() as qkv:
             (feats, head, out), hidden = self._with_layers(
-                lambda all_layers: selected_features(self.model, ids, attn, valid, output_hidden_states=all_layers),
+                lambda all_layers: self._features(ids, attn, valid, all_layers),
                 hidden_layers, hidden_of=lambda r: r[2].hidden_states)
         del out  # under output_hidden_states it holds every layer; only the chosen ones are kept
         V = self.vocab_size
