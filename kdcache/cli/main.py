@@ -81,6 +81,18 @@ class _LossOption(click.Option):
 _SECTIONS = {"generate": "generate", "train": "train", "classify": "classify"}  # section -> the command that reads it
 
 
+def _run_dir_options(command):
+    """The options every trainer shares: its run directory, resume/overwrite, device."""
+    for option in reversed([
+        click.option("--out", help="Run directory."),
+        click.option("--resume", is_flag=True, default=None, help="Continue the latest checkpoint even with a changed config."),
+        click.option("--overwrite", is_flag=True, default=None, help="Start over in --out."),
+        click.option("--device", help="auto, cpu, cuda, cuda:N."),
+    ]):
+        command = option(command)
+    return command
+
+
 def _section(path: str | None, name: str) -> str | None:
     """Use the ``name:`` section when the YAML file has one, else the whole file (a file of other commands'
     sections only is refused: it is not meant for this command)."""
@@ -216,10 +228,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
 @click.option("--steps", type=int, help="Optimizer steps.")
 @click.option("--batch-size", type=int, help="Examples per micro-batch.")
 @click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--out", help="Run directory.")
-@click.option("--resume", is_flag=True, default=None, help="Continue the latest checkpoint even with a changed config.")
-@click.option("--overwrite", is_flag=True, default=None, help="Start over in --out.")
-@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@_run_dir_options
 @click.option("--set", "overrides", multiple=True, help=_set_help("student.hidden_size=256", "train"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(config_path, recipe, overrides, quiet, **flags) -> None:
@@ -277,10 +286,7 @@ def render_text(source, field, max_rows, out, width, height, quiet) -> None:
 @click.option("--label-field", help="Cache column with each row's class.")
 @click.option("--teacher-weight", type=float, help="Weight of the teacher-embedding term (0: the same student without the teacher).")
 @click.option("--steps", type=int, help="Optimizer steps.")
-@click.option("--out", help="Run directory.")
-@click.option("--resume", is_flag=True, default=None, help="Continue the latest checkpoint even with a changed config.")
-@click.option("--overwrite", is_flag=True, default=None, help="Start over in --out.")
-@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@_run_dir_options
 @click.option("--set", "overrides", multiple=True, help=_set_help("student.hidden_size=64", "classify"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def classify(config_path, recipe, overrides, quiet, **flags) -> None:
