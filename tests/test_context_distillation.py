@@ -33,6 +33,14 @@ def topic_jsonl(tmp_path_factory, text_jsonl):
     return path
 
 
+def test_a_placeholder_must_read_a_text_field(tiny_teacher, text_jsonl, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"], "year": 2020}) + "\n" for line in text_jsonl.read_text().splitlines()[:3]))
+    with pytest.raises(ConfigError, match="reads a int field"):
+        generate(make_cfg(tiny_teacher, tmp_path / "c", path, top_k=4, context="in {year}:"), progress=False)
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.fixture(scope="module")
 def model(tiny_teacher):
     from transformers import AutoModelForCausalLM

@@ -90,6 +90,7 @@ def test_a_row_whose_field_has_another_type_is_a_counted_bad_row(tiny_teacher, l
     ({"keep_fields": ["nope"]}, ["'nope' is not a field", "label"]),
     ({"keep_fields": ["tags"]}, ["'tags' is list", "only text"]),
     ({"keep_fields": ["input_ids"]}, ["name of a cache column"]),
+    ({"keep_fields": ["class_logits"]}, ["name of a cache column"]),
     ({"keep_fields": ["label", "label"]}, ["twice"]),
     ({"top_k": 0}, ["nothing to store", "pooled_layers"]),
 ])
@@ -286,6 +287,24 @@ def test_bad_image_input_is_one_line(paired, tmp_path, kw, words):
     assert not (tmp_path / "r").exists()
 
 
+def test_image_student_shapes_are_checked_and_any_channel_count_works():
+    from kdcache.train.vision import ConvClassifier, ImageConfig, build_image_classifier
+
+    with pytest.raises(ConfigError, match="at least 8 for 3 conv blocks"):
+        ImageConfig(height=4)
+    with pytest.raises(ConfigError, match="positive channel counts"):
+        ImageConfig(channels=[])
+    model = build_image_classifier(ImageConfig(height=8, width=8, channels=[12, 6, 5]), ["a", "b"], 0)
+    assert isinstance(model, ConvClassifier) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 2)
+
+
+def test_classifier_eval_is_capped_and_an_all_held_out_cache_is_one_line(cls_cache, tmp_path):
+    final = train_classifier(_cfg(cls_cache, tmp_path / "r", steps=1, eval_max_examples=5), progress=False)
+    assert final["eval_rows"] == 5
+    with pytest.raises(DataError, match="every row is held out"):
+        train_classifier(_cfg(cls_cache, tmp_path / "r2", steps=1, eval_fraction=0.9999), progress=False)
+
+
 def test_image_paths_cannot_leave_the_root(tmp_path):
     from kdcache.train.vision import ImageConfig, image_path
 
@@ -323,3 +342,9 @@ def test_cross_modal_recipe_runs_end_to_end_from_the_cli(tiny_teacher, labelled,
     r = CliRunner().invoke(main, ["render-text", "--dataset", str(labelled), "--max-rows", "24", "--out", str(pairs), "--quiet",
                                   "--width", "96", "--height", "24"])  # a rerun keeps the images and the rows
     assert r.exit_code == 0 and [json.loads(line) for line in (pairs / "rows.jsonl").read_text().splitlines()] == rows
+    r = CliRunner().invoke(main, ["render-text", "--dataset", str(labelled), "--max-rows", "24", "--out", str(pairs), "--quiet",
+                                  "--width", "64", "--height", "24"])  # other settings: never pair a text with another's image
+    assert r.exit_code == 2 and "rendered with other settings" in r.output, r.output
+    (tmp_path / "imgrows.jsonl").write_text(json.dumps({"text": "a b", "image": "x.png"}) + "\n")
+    r = CliRunner().invoke(main, ["render-text", "--dataset", str(tmp_path / "imgrows.jsonl"), "--out", str(tmp_path / "p2")])
+    assert r.exit_code == 2 and "already has an `image` field" in r.output, r.output

@@ -148,3 +148,29 @@ def test_teacher_classes_must_be_the_labels(bert_classifier, labelled, tmp_path,
         train_classifier(cfg, progress=False)
     assert all(w in str(err.value) for w in words), err.value
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("pad", [7, None])
+def test_a_decoder_classifier_is_scored_at_each_rows_last_token_whatever_the_batch(tmp_path, labelled, pad):
+    """A Llama-style classifier reads the last non-pad token: rows batched with longer ones must be scored as alone."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = build_tiny_tokenizer(tmp_path / "t")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, pad_token_id=pad, num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "t")
+    generate(_encoder_cfg(tmp_path / "t", tmp_path / "c", labelled, batch_tokens=4096, data={"max_rows": 12}), progress=False)
+    exs = list(open_cache(tmp_path / "c"))
+    assert len({len(ex["input_ids"]) for ex in exs}) > 1  # rows of several lengths shared batches
+    for ex in exs:
+        with torch.no_grad():
+            ref = model(torch.as_tensor(ex["input_ids"], dtype=torch.long)[None]).logits[0]
+        np.testing.assert_allclose(ex["class_logits"], ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_encoder_without_classes_or_layers_has_nothing_to_store(bert_encoder, labelled, tmp_path):
+    with pytest.raises(ConfigError, match="nothing to store"):
+        generate(_encoder_cfg(bert_encoder, tmp_path / "c", labelled), progress=False)
+    assert not (tmp_path / "c").exists()

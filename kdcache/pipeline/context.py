@@ -88,6 +88,9 @@ def check_template(template: str, first_row: dict, student: list[str]) -> None:
         if name not in first_row:
             raise ConfigError(f"context placeholder {{{name}}} is not a field of the dataset (it has {sorted(first_row)}); "
                               "fix the placeholder or add the field")
+        if not isinstance(first_row[name], str):
+            raise ConfigError(f"context placeholder {{{name}}} reads a {type(first_row[name]).__name__} field; a context is made of "
+                              "text fields only (store the value as text in the data)")
     rendered = template.format_map({name: str(first_row[name]) for name in fields}).strip()
     for name in student:
         text = first_row.get(name)

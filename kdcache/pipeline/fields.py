@@ -14,7 +14,7 @@ from kdcache.errors import ConfigError
 
 _RESERVED_PREFIXES = ("hidden_", "qkv_", "pooled_", "topk_", "sampled_", "tail_")
 _RESERVED = {"example_id", "input_ids", "loss_mask", "teacher_nll", "teacher_entropy", "num_loss_tokens", "prompt_length",
-             "sample_index", "context_tokens"}
+             "sample_index", "context_tokens", "class_logits"}
 
 
 def _kind(value: Any) -> str | None:

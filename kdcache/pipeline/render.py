@@ -3,7 +3,9 @@
 `kdcache render-text` writes ``OUT/rows.jsonl`` (the dataset's fields plus ``image``, a path relative to OUT)
 and ``OUT/img/<row>.png``: a language teacher reads the text, a vision student the pixels of the same text.
 Pillow's built-in font at a fixed size, so the images are the same on every machine with the same Pillow.
-Re-running skips the images already written (files are written under a temporary name, then renamed).
+Re-running with the same settings skips the images already written (each is written under a temporary name,
+then renamed); other settings (dataset, field, size) in the same folder are refused, so a text is never
+paired with another one's image.
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ def render_text(text: str, width: int = 320, height: int = 64, chars_per_line: i
 
 
 def render_dataset(data: DataConfig, out: str | Path, width: int = 320, height: int = 64, progress: bool = True) -> Path:
-    """Render ``data.field`` of every row; returns the rows file. Rows without text are skipped (not numbered)."""
+    """Render ``data.field`` of every row; returns the rows file. Rows without text are skipped (their numbers stay
+    unused, so a row's image is named by its index in the dataset)."""
     out = Path(out)
-    if (out / "rows.jsonl").exists() and not (out / ".kdcache-render").exists():
+    marker = out / ".kdcache-render"
+    if (out / "rows.jsonl").exists() and not marker.exists():
         raise ConfigError(f"{out} holds a rows.jsonl that kdcache did not write; choose another --out")
+    settings = {"source": data.source, "split": data.split, "field": data.field, "width": width, "height": height}
+    if marker.exists() and json.loads(marker.read_text()) != settings:
+        raise ConfigError(f"{out} was rendered with other settings ({json.loads(marker.read_text())}); choose another --out")
     (out / "img").mkdir(parents=True, exist_ok=True)
-    (out / ".kdcache-render").write_text(json.dumps({"width": width, "height": height, "source": data.source}))
+    marker.write_text(json.dumps(settings))
     tmp = out / "rows.jsonl.tmp"
     with tmp.open("w") as f:
         for i, row in enumerate(tqdm(iter_rows(data), desc="render", unit="row", disable=not progress)):
@@ -51,6 +58,8 @@ def render_dataset(data: DataConfig, out: str | Path, width: int = 320, height: 
                 part = out / f"{rel}.tmp"
                 render_text(text, width, height).save(part, format="PNG")
                 os.replace(part, out / rel)
+            if "image" in row:
+                raise ConfigError(f"row {i} of {data.source} already has an `image` field; rename it before rendering")
             f.write(json.dumps({**row, "image": rel}) + "\n")
     os.replace(tmp, out / "rows.jsonl")
     return out / "rows.jsonl"

@@ -20,6 +20,7 @@ resume: weights, optimizer, schedule, RNG and the data stream's position), ``fin
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -37,7 +38,8 @@ from kdcache.cache.schema import CLASS_LOGITS_COLUMN
 from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, check_fields, doc, typed_sections
 from kdcache.errors import ConfigError, DataError
 from kdcache.modeling import resolve_device
-from kdcache.train.checkpoint import checkpoint_step, link_tree, load_checkpoint, save_checkpoint
+from kdcache.cache.manifest import fsync_dir
+from kdcache.train.checkpoint import checkpoint_step, fsync_tree, link_tree, load_checkpoint, save_checkpoint
 from kdcache.train.config import StudentConfig
 from kdcache.train.features import feature_distance
 from kdcache.train.optim import build_optimizer, lr_lambda
@@ -77,6 +79,7 @@ class ClassifyConfig:
     grad_clip: float = doc("Clip the global gradient norm to this (0 disables).", 1.0, valid=NON_NEGATIVE)
     seed: int = doc("Seed for initialisation and data order.", 0)
     eval_fraction: float = doc("Rows held out for evaluation (stable split by example_id, the same as train's).", 0.2, valid=Valid(0, 1, lo_open=True, hi_open=True))
+    eval_max_examples: int = doc("Cap on held-out rows evaluated (kept in memory, collated, for the whole run).", 1024, valid=POSITIVE)
     eval_every: int = doc("Evaluate every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
     log_every: int = doc("Log training metrics every N steps.", 10, valid=POSITIVE)
     save_every: int = doc("Checkpoint every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
@@ -243,7 +246,9 @@ def _teacher_mean(cache: Cache, column: str, keep) -> torch.Tensor:
         v = ex[column].astype(np.float64)
         total = v if total is None else total + v
         n += 1
-    return torch.from_numpy((total / max(n, 1)).astype(np.float32))
+    if n == 0:
+        raise DataError(f"no training rows in {cache.path}: every row is held out; lower --set eval_fraction=...")
+    return torch.from_numpy((total / n).astype(np.float32))
 
 
 def train_classifier(cfg: ClassifyConfig, progress: bool = True) -> dict[str, Any]:
@@ -255,6 +260,8 @@ def train_classifier(cfg: ClassifyConfig, progress: bool = True) -> dict[str, An
 
 def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
     cache = open_cache(cfg.cache)
+    if cache.manifest.status != "complete":
+        log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
     label, (teacher, width) = cfg.label_field, _signals(cfg, cache)
     labels = label_names(cache, label)
     order = class_order(cfg, cache, labels)
@@ -279,9 +286,10 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
     is_heldout = holdout_fraction_filter(cfg.eval_fraction)
     columns = [cfg.image.field if cfg.input == "image" else "input_ids", label, *([teacher] if teacher else []),
                *([CLASS_LOGITS_COLUMN] if order is not None else [])]
-    held = [ex for ex in cache.stream(columns=columns, keep=is_heldout)]
+    held = list(itertools.islice(cache.stream(columns=columns, keep=is_heldout), cfg.eval_max_examples))
     center = _teacher_mean(cache, teacher, lambda i: not is_heldout(i)) if teacher and cfg.center_teacher else None
     eval_batches = [collate(held[i: i + cfg.batch_size], label_ids, cfg, teacher, pad, center, order) for i in range(0, len(held), cfg.batch_size)]
+    del held
     stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=columns, keep=lambda i: not is_heldout(i))
     step = 0
     if ckpt is not None:
@@ -333,9 +341,11 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
     tmp, final_dir = out / ".final.tmp", out / "final"
     shutil.rmtree(tmp, ignore_errors=True)
     link_tree(saved / "model", tmp) if saved is not None and checkpoint_step(saved) == step else model.save_pretrained(tmp)
+    fsync_tree(tmp)  # on disk before it is renamed into place, as train's final/
     if final_dir.exists():
         shutil.rmtree(final_dir)
     tmp.rename(final_dir)
+    fsync_dir(out)
     (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
     log.info("classifier %s: %s", final_dir, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float) and math.isfinite(v)))
     return final

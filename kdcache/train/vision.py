@@ -9,6 +9,7 @@ saved as ``config.json`` + ``model.safetensors`` (no pickle) and loads back with
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +37,12 @@ class ImageConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ConfigError(f"image.channels must be positive channel counts, got {self.channels}")
+        least = 2 ** len(self.channels)  # each block halves both sides
+        if min(self.height, self.width) < least:
+            raise ConfigError(f"image.height and image.width must be at least {least} for {len(self.channels)} conv blocks, "
+                              f"got {self.height}x{self.width}")
 
 
 class ConvClassifier(torch.nn.Module):
@@ -47,7 +54,7 @@ class ConvClassifier(torch.nn.Module):
         self.config = SimpleNamespace(**config)  # the checkpoint code reads model.config like a transformers model's
         blocks, c_in = [], 1
         for c in config["channels"]:
-            blocks += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.GroupNorm(min(8, c), c), torch.nn.GELU(), torch.nn.MaxPool2d(2)]
+            blocks += [torch.nn.Conv2d(c_in, c, 3, padding=1), torch.nn.GroupNorm(math.gcd(8, c), c), torch.nn.GELU(), torch.nn.MaxPool2d(2)]
             c_in = c
         self.body = torch.nn.Sequential(*blocks, torch.nn.AdaptiveAvgPool2d((1, config["columns"])), torch.nn.Flatten())
         self.project = torch.nn.Linear(c_in * config["columns"], config["hidden_size"])

@@ -62,7 +62,14 @@ class EncoderTeacher(TransformersTeacher):
     @torch.inference_mode()
     def score(self, sequences: list[np.ndarray], top_k: int, hidden_layers: list[int], sampling=None, seeds=None) -> list[dict]:
         assert self.model is not None, "call load() first"
+        pad = self.config.pad_token_id
+        if pad is None and len(sequences) > 1:
+            # A decoder-style classifier reads the last non-pad token, which it cannot find without a pad id: one row
+            # at a time, so no row is ever scored at a padding position.
+            return [r for s in sequences for r in self.score([s], top_k, hidden_layers)]
         ids, attn, _, lens = self._pad(sequences)
+        if pad is not None:
+            ids = ids.masked_fill(attn == 0, int(pad))
         out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=bool(hidden_layers))
         results: list[dict[str, Any]] = [{} for _ in sequences]
         if hidden_layers:
@@ -92,5 +99,9 @@ def check_encoder_settings(cfg: Any) -> None:
 @register_backend("transformers-encoder")
 def _from_config(cfg: Any) -> EncoderTeacher:
     check_encoder_settings(cfg)
-    return EncoderTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                          allow_pickle_weights=cfg.allow_pickle_weights)
+    teacher = EncoderTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                             allow_pickle_weights=cfg.allow_pickle_weights)
+    if not teacher.classifies and not (cfg.pooled_layers or cfg.hidden_layers):
+        raise ConfigError(f"{cfg.teacher} is an encoder without classes: nothing to store; pass --set pooled_layers=[-1] "
+                          "and/or --hidden-layers L,...")
+    return teacher
