@@ -54,8 +54,11 @@ expected=$(ls "$REPO"/kdcache/configs/recipes/*.yaml | wc -l)
 printf '%s\n' "$out" | grep -q '^rs-kd  .*at a fraction of a top-k cache.s bytes\.$' || fail "kdcache recipes: rs-kd's whole description is missing"
 step "kdcache recipes: $n recipes"
 
-python -m kdcache --help | grep -q "generate" || fail "python -m kdcache --help does not list generate"
-kdcache fields demo | grep -q "^train.loss  *'rskd'" || fail "kdcache fields demo: the packaged demo.yaml defaults are not loaded"
+out=$(python -m kdcache --help)
+grep -q "generate" <<< "$out" || fail "python -m kdcache --help does not list generate"
+# Captured first: `grep -q` stops reading at its match, and under pipefail the writer's broken pipe would fail the step.
+out=$(kdcache fields demo)
+grep -q "^train.loss  *'rskd'" <<< "$out" || fail "kdcache fields demo: the packaged demo.yaml defaults are not loaded"
 
 set +e
 out=$(kdcache train --recipe nope --cache c --out r 2>&1); rc=$?
