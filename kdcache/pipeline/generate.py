@@ -326,9 +326,11 @@ def _with_context(item: Tokenized, context: TeacherContext, row: dict, limit: in
     ids = context.ids(row)
     if ids is None:
         return BadRow("missing_context_field", f"a field the context reads ({', '.join(context.fields)}) is missing or not text")
-    if limit is not None and len(ids) + len(item.input_ids) > limit:
-        return BadRow("context_too_long", f"context ({len(ids)} tokens) + row ({len(item.input_ids)}) > the engine's {limit}")
-    return dataclasses.replace(item, context=ids)
+    with_context = dataclasses.replace(item, context=ids)
+    n = len(teacher_sequence(ids, item.input_ids, getattr(context.tokenizer, "bos_token_id", None))[0])
+    if limit is not None and n > limit:
+        return BadRow("context_too_long", f"context + row is {n} tokens > the engine's {limit}")
+    return with_context
 
 
 def _teacher_input(t: Tokenized, teacher: Teacher) -> tuple[np.ndarray, int]:
