@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,12 +37,11 @@ from kdcache.cache.schema import CLASS_LOGITS_COLUMN
 from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, check_fields, doc, typed_sections
 from kdcache.errors import ConfigError, DataError
 from kdcache.modeling import resolve_device
-from kdcache.cache.manifest import fsync_dir
-from kdcache.train.checkpoint import checkpoint_step, fsync_tree, link_tree, load_checkpoint, save_checkpoint
+from kdcache.train.checkpoint import load_checkpoint, save_checkpoint
 from kdcache.train.config import StudentConfig
 from kdcache.train.features import feature_distance
 from kdcache.train.optim import build_optimizer, lr_lambda
-from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics
+from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
 from kdcache.train.student import STUDENT_ARCHS, load_tokenizer
 from kdcache.train.vision import ImageConfig, build_image_classifier, check_images, load_pixels
 
@@ -338,14 +336,7 @@ def _train(cfg: ClassifyConfig, progress: bool) -> dict[str, Any]:
                                         cfg.keep_checkpoints, extra_tensors=extra)
     if not final and eval_batches:
         final = {"step": step, **evaluate(model, head, eval_batches, cfg, device)}
-    tmp, final_dir = out / ".final.tmp", out / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    link_tree(saved / "model", tmp) if saved is not None and checkpoint_step(saved) == step else model.save_pretrained(tmp)
-    fsync_tree(tmp)  # on disk before it is renamed into place, as train's final/
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    tmp.rename(final_dir)
-    fsync_dir(out)
+    final_dir = write_final(out, saved, step, model, tokenizer)
     (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
     log.info("classifier %s: %s", final_dir, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float) and math.isfinite(v)))
     return final

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from kdcache.errors import ConfigError, DataError, Interrupted, KDCacheError
 from kdcache.fingerprint import json_hash
 from kdcache.modeling import autocast_for, resolve_device
 from kdcache.train.checkpoint import (
-    checkpoint_step, fsync_dir, fsync_tree, latest_checkpoint, link_tree, load_checkpoint, save_checkpoint,
+    checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
 from kdcache.train.config import TrainConfig
 from kdcache.train.curriculum import Curriculum, competence, training_difficulties
@@ -34,7 +33,7 @@ from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
-from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics
+from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
 from kdcache.train.pseudo_teachers import build_pseudo_teacher, pseudo_teacher_options
 from kdcache.train.student import build_student
 
@@ -55,11 +54,6 @@ def alpha_at(cfg: TrainConfig, step: int) -> float:
     if cfg.alpha_schedule == "cosine":
         progress = 0.5 * (1 - math.cos(math.pi * progress))
     return cfg.alpha + (cfg.alpha_end - cfg.alpha) * progress
-
-
-def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """Create ``out``; decide whether to resume. Same config resumes, a different one is refused."""
-    return prepare_run_dir(cfg, comparable_config)
 
 
 def comparable_config(data: dict) -> dict:
@@ -142,7 +136,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     autocast = autocast_for(cfg.precision, device)
     model, tokenizer = build_student(cfg.student, cache, seed=cfg.seed)
     objectives, projections = build_objectives(cfg, model, cache)  # every term's bad input is refused here, before the run dir
-    out, ckpt = _prepare_run_dir(cfg)
+    out, ckpt = prepare_run_dir(cfg, comparable_config)  # same config resumes, a different one is refused
     model.to(device).train()
     projections.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -244,23 +238,9 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                 checkpoint(step)
 
     where.writing_final = True
-    final_dir = out / "final"
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     extras = {f"peers/{n}": m for n, m in (pseudo.extra_students() if pseudo is not None else {}).items()}
     extras.update({f"exits/{n}": m for obj in objectives for _, _, term in obj.terms for n, m in term.exports(model).items()})
-    if saved is not None and checkpoint_step(saved) == step:
-        link_tree(saved / "model", tmp)  # the same weights and tokenizer: hard links, not a second copy
-    else:  # every run ends with a checkpoint of its last step; should a folder's name disagree, save from memory
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    for name, m in extras.items():
-        m.save_pretrained(tmp / name, safe_serialization=True)
-        tokenizer.save_pretrained(tmp / name)
-    fsync_tree(tmp)  # every file and folder on disk before final/ can name them (a power loss never leaves it empty)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    tmp.rename(final_dir)
-    fsync_dir(out)
+    write_final(out, saved, step, model, tokenizer, extras)
     if not final and eval_batches:
         final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
     for name, m in extras.items() if eval_batches else ():

@@ -20,7 +20,8 @@ import yaml
 import kdcache
 from kdcache.config import to_dict
 from kdcache.errors import CacheMismatchError, ConfigError
-from kdcache.train.checkpoint import latest_checkpoint
+from kdcache.cache.manifest import fsync_dir
+from kdcache.train.checkpoint import checkpoint_step, fsync_tree, latest_checkpoint, link_tree
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,28 @@ def prepare_run_dir(cfg: Any, comparable: Callable[[dict], dict] = lambda d: d) 
             log.info("resuming a run written by kdcache %s with kdcache %s", written_by or "(unknown version)", kdcache.__version__)
     saved.write_text(f"# written by kdcache {kdcache.__version__}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return out, ckpt
+
+
+def write_final(out: Path, saved: Path | None, step: int, model: Any, tokenizer: Any, extras: dict[str, Any] | None = None) -> Path:
+    """``out/final``: the last checkpoint's model files as hard links when ``saved`` is the checkpoint of ``step``
+    (else saved from memory), plus each extra model under its name, every file and folder fsynced before the
+    folder is renamed into place (a power loss never leaves ``final/`` naming empty weights)."""
+    final_dir, tmp = out / "final", out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if saved is not None and checkpoint_step(saved) == step:
+        link_tree(saved / "model", tmp)  # the same weights and tokenizer: hard links, not a second copy
+    else:  # every run ends with a checkpoint of its last step; should a folder's name disagree, save from memory
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:  # an image student has none
+            tokenizer.save_pretrained(tmp)
+    for name, m in (extras or {}).items():
+        m.save_pretrained(tmp / name, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / name)
+    fsync_tree(tmp)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)
+    fsync_dir(out)
+    return final_dir
 
 
 def run_version(config_yaml: Path) -> str | None:
