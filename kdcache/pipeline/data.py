@@ -28,7 +28,8 @@ class Tokenized:
     loss_mask: np.ndarray  # [T-1] bool, target t+1 counts
     prompt: np.ndarray | None = None  # prompt tokens, for generation
     truncated: bool = False
-    context: np.ndarray | None = None  # teacher-only context tokens read before input_ids (context distillation)
+    teacher_ids: np.ndarray | None = None  # context distillation: what the teacher scores, context + input_ids
+    context_tokens: int = 0  # where input_ids start in teacher_ids
     fields: dict | None = None  # kept dataset fields (keep_fields), copied into the cache as they are
 
 

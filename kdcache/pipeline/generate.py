@@ -130,7 +130,7 @@ def _batches(
     longest = good = total = 0
     for index, item in items:
         is_good = isinstance(item, Tokenized)
-        n = len(item.input_ids) + (len(item.context) if item.context is not None else 0) if is_good else 0
+        n = len(_teacher_input(item)) if is_good else 0
         cost = max(longest, n) * (good + is_good) if padded else total + n
         if batch and (cost > batch_tokens or len(batch) >= max_rows):
             yield batch
@@ -189,17 +189,18 @@ def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, open
     fmt = resolve_format(cfg.data, first, prompts_only=cfg.generation.enabled)
     if cfg.context:
         check_template(cfg.context, first, student_fields(cfg.data, fmt))
-    kept_field_types(cfg.keep_fields, first)
+    kept = kept_field_types(cfg.keep_fields, first)
     owned = teacher is None
     teacher = build_teacher(cfg) if owned else teacher
     try:
-        return _write(cfg, progress, teacher, opened, first, rows)
+        return _write(cfg, progress, teacher, opened, first, rows, kept)
     finally:
         if owned:  # on every way out, a refusal before the writer opens included
             teacher.close()
 
 
-def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[CacheWriter], first: dict, rows) -> Manifest:
+def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[CacheWriter], first: dict, rows,
+           kept: dict[str, str]) -> Manifest:
     if cfg.top_k > teacher.vocab_size:
         raise ConfigError(f"top_k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); pass --top-k {teacher.vocab_size} or less")
     limit = teacher.max_sequence_length()
@@ -209,14 +210,15 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=limit))
     stored = _stored(cfg, teacher)
     layers = stored.layers
+    context = TeacherContext.build(cfg.context, teacher.tokenizer) if cfg.context else None
     signals = make_signals(
         cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled,
         sampled_draws=cfg.sampled_tokens, proposal_temperature=cfg.proposal_temperature, tail_temperatures=cfg.tail_temperatures,
         hidden_project_dim=cfg.hidden_project_dim, hidden_project_seed=cfg.hidden_project_seed,
         hidden_positions=cfg.hidden_positions, hidden_positions_seed=cfg.seed, attention=stored.attention,
-        context=TeacherContext.build(cfg.context, teacher.tokenizer).settings() if cfg.context else None,
+        context=context.settings() if context is not None else None,
         pooled={"layers": stored.pooled, "pooling": stored.pooling, "size": teacher.hidden_size} if stored.pooled else None,
-        fields=kept_field_types(cfg.keep_fields, first), classes=teacher.classes(),
+        fields=kept, classes=teacher.classes(),
     )
     teacher.attention_layers = tuple(stored.qkv_layers)
     tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
@@ -234,7 +236,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         return writer.manifest
     try:
         _save_tokenizer(teacher.tokenizer, out)
-        manifest = _run(cfg, teacher, stored, writer, first, rows, tokenize, progress)
+        manifest = _run(cfg, teacher, stored, writer, first, rows, tokenize, progress, context, kept)
     except BaseException:
         # Nothing committed in a directory this run created: leave no half-made cache behind (under the lock).
         writer.abort(discard_new=True)
@@ -242,13 +244,12 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
     return manifest
 
 
-def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, rows, tokenize, progress) -> Manifest:
+def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, rows, tokenize, progress,
+         context: TeacherContext | None, kept: dict[str, str]) -> Manifest:
     start = writer.resume_input_row
     if start:
         log.info("resuming after input row %d", start)
-    context = TeacherContext.build(cfg.context, teacher.tokenizer) if cfg.context else None
     limit = teacher.max_sequence_length()
-    kept = kept_field_types(cfg.keep_fields, first)
 
     def tokenized() -> Iterator[tuple[int, Tokenized | BadRow]]:
         for index, row in enumerate(itertools.chain([first], rows)):
@@ -282,7 +283,7 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
                 yield GenerateRequest([p for _, p in fits], seeds, cfg.generation, cfg.data.max_length)
             else:
                 pending.append((batch, [(i, 0) for i, _ in good]))
-                yield ScoreRequest([_teacher_input(t, teacher)[0] for _, t in good], seeds=[_row_seed(cfg.seed, i) for i, _ in good])
+                yield ScoreRequest([_teacher_input(t) for _, t in good], seeds=[_row_seed(cfg.seed, i) for i, _ in good])
 
     teacher.progress = progress
     teacher.load()
@@ -291,7 +292,7 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
     sampling = SparseSampling(cfg.sampled_tokens, cfg.proposal_temperature) if cfg.sampled_tokens else None
     for result in teacher.run(requests(), cfg.top_k, stored.captured, sampling):
         batch, done = pending.popleft()
-        examples = _batch_examples(cfg, batch, done, result, stored, teacher)
+        examples = _batch_examples(cfg, batch, done, result, stored)
         for i, item in batch:
             if isinstance(item, BadRow):
                 writer.count(f"bad_rows.{item.reason}")
@@ -326,18 +327,15 @@ def _with_context(item: Tokenized, context: TeacherContext, row: dict, limit: in
     ids = context.ids(row)
     if ids is None:
         return BadRow("missing_context_field", f"a field the context reads ({', '.join(context.fields)}) is missing or not text")
-    with_context = dataclasses.replace(item, context=ids)
-    n = len(teacher_sequence(ids, item.input_ids, getattr(context.tokenizer, "bos_token_id", None))[0])
-    if limit is not None and n > limit:
-        return BadRow("context_too_long", f"context + row is {n} tokens > the engine's {limit}")
-    return with_context
+    seq, offset = teacher_sequence(ids, item.input_ids, getattr(context.tokenizer, "bos_token_id", None))
+    if limit is not None and len(seq) > limit:
+        return BadRow("context_too_long", f"context + row is {len(seq)} tokens > the engine's {limit}")
+    return dataclasses.replace(item, teacher_ids=seq, context_tokens=offset)
 
 
-def _teacher_input(t: Tokenized, teacher: Teacher) -> tuple[np.ndarray, int]:
-    """What the teacher scores for a row, and where the row's own tokens start in it."""
-    if t.context is None:
-        return t.input_ids, 0
-    return teacher_sequence(t.context, t.input_ids, getattr(teacher.tokenizer, "bos_token_id", None))
+def _teacher_input(t: Tokenized) -> np.ndarray:
+    """What the teacher scores for a row: its tokens, or the context's and its own."""
+    return t.input_ids if t.teacher_ids is None else t.teacher_ids
 
 
 def _prompt(t: Tokenized, prompt_tokens: int) -> np.ndarray:
@@ -351,19 +349,18 @@ def _row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % 2**63
 
 
-def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, stored: _Stored, teacher: Teacher) -> dict[int, list[dict]]:
+def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, stored: _Stored) -> dict[int, list[dict]]:
     """Cache examples per input row of one batch; rows missing from the result had no room to generate."""
     examples: dict[int, list[dict]] = {}
     if not cfg.generation.enabled:
         items = dict(batch)
         for (i, _), s in zip(done, result):
             t = items[i]
-            if t.context is None:
+            if t.teacher_ids is None:
                 ex = _example(str(i), t.input_ids, t.loss_mask, s, stored)
             else:
-                offset = _teacher_input(t, teacher)[1]
-                ex = _example(str(i), t.input_ids, t.loss_mask, align(s, offset, len(t.input_ids)), stored)
-                ex[CONTEXT_COLUMN] = offset
+                ex = _example(str(i), t.input_ids, t.loss_mask, align(s, t.context_tokens, len(t.input_ids)), stored)
+                ex[CONTEXT_COLUMN] = t.context_tokens
             examples[i] = [{**ex, **(t.fields or {})}]
         return examples
     items_fields = {i: t.fields for i, t in batch if isinstance(t, Tokenized)}
