@@ -10,7 +10,6 @@ one line; per-example ``teacher_entropy`` is the entropy of its class distributi
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,6 @@ from kdcache.errors import ConfigError
 from kdcache.pipeline.teachers.base import register_backend
 from kdcache.pipeline.teachers.transformers_backend import TransformersTeacher
 from kdcache.weights import load_error
-
-log = logging.getLogger(__name__)
 
 
 class EncoderTeacher(TransformersTeacher):

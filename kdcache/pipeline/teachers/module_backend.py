@@ -13,7 +13,6 @@ and ``vocab_size`` when its logits are wider than the tokenizer.
 from __future__ import annotations
 
 import importlib
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,7 +25,6 @@ from kdcache.modeling import resolve_device
 from kdcache.pipeline.teachers.base import register_backend
 from kdcache.pipeline.teachers.transformers_backend import TransformersTeacher, resolve_dtype
 
-log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 
 
