@@ -144,7 +144,6 @@ def test_bad_templates_are_refused_before_any_work(tiny_teacher, topic_jsonl, tm
     (["--context", "about {nope}"], ["{nope}", "not a field", "topic"]),
     (["--context", "about {text}"], ["{text}", "student's own input", "overlap"]),
     (["--context", "ROW0"], ["already contains the context", "overlap"]),
-    (["--context", "x", "--generate-continuations"], ["not supported yet"]),
     (["--context", "{"], ["literal braces"]),
 ])
 def test_cli_refuses_a_bad_context_in_one_line_before_any_work(tiny_teacher, topic_jsonl, tmp_path, args, words):

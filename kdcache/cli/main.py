@@ -8,6 +8,7 @@ and exit non-zero.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import logging
 import signal
 import sys
@@ -260,6 +261,38 @@ def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device, al
     metrics = _run(evaluate_student, cache, student, eval_fraction=eval_fraction, max_examples=max_examples, batch_size=batch_size, device=device,
                    allow_pickle_weights=allow_pickle_weights)
     click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command(name="eval-answers")
+@click.option("--model", required=True, help="Causal LM: a student's RUN/final, a model folder or a .gguf file.")
+@click.option("--dataset", default="embedded:word-problems-test", show_default=True, help="Rows with a prompt and its true answer.")
+@click.option("--prompt-field", default="prompt", show_default=True)
+@click.option("--answer-field", default="answer", show_default=True)
+@click.option("--pattern", default=r"The answer is (-?\d+)", show_default=True, help="Regular expression whose first group is the answer.")
+@click.option("--context", default="", help="Text read before each prompt (e.g. few-shot examples for a teacher).")
+@click.option("--where", "where", multiple=True, help="Only rows with FIELD=VALUE (repeatable).")
+@click.option("--max-rows", type=int, help="Answer at most N rows.")
+@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", "out", help="Also write the result as JSON to this file.")
+def eval_answers(model, dataset, prompt_field, answer_field, pattern, context, where, max_rows, max_new_tokens, batch_size, device, out) -> None:
+    """Accuracy of a model's greedy answers (no rationale) against each row's true answer."""
+    from kdcache.cli.answers import answer_accuracy
+
+    pairs = {}
+    for item in where:
+        if "=" not in item:
+            raise click.UsageError(f"--where {item!r}: write FIELD=VALUE, e.g. --where task=answer")
+        key, value = item.split("=", 1)
+        pairs[key] = value
+    result = _run(answer_accuracy, model, dataset, prompt_field=prompt_field, answer_field=answer_field, pattern=pattern,
+                  context=context, where=pairs, max_rows=max_rows, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size, device=device)
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    click.echo(text)
 
 
 @main.command(name="render-text")

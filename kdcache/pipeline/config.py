@@ -18,7 +18,9 @@ class DataConfig:
     source: str = doc(
         "Dataset: a local .jsonl/.json/.parquet/.csv/.txt file, a hub dataset name, or embedded:stdlib-docs "
         "(Python standard library docstrings, on every machine; fields text, source, module) or embedded:stdlib-modules (those "
-        "of its 8 largest modules, interleaved: a classification set labelled by `module`).",
+        "of its 8 largest modules, interleaved: a classification set labelled by `module`), embedded:word-problems (arithmetic "
+        "word problems with answers, a rationale row and an answer row each, fields task, prompt, response, question, answer) "
+        "or embedded:word-problems-test (held-out problems, answer rows only).",
         "embedded:stdlib-docs",
     )
     split: str = doc("Split to read (hub datasets and local files alike).", "train")
@@ -39,7 +41,10 @@ class DataConfig:
         "Rows longer than max_length: truncate keeps the first max_length tokens; skip drops and counts them.",
         "truncate",
     )
-    max_rows: int | None = doc("Read at most this many dataset rows (None: all).", None, valid=POSITIVE)
+    max_rows: int | None = doc("Read at most this many dataset rows (None: all; counted after `where`).", None, valid=POSITIVE)
+    where: dict[str, str | int | float | bool] = doc(
+        "Read only rows whose fields equal these values, e.g. {task: answer}; a row without the field is skipped. "
+        "Recorded in the cache's dataset identity.", default_factory=dict)
     strict: bool = doc("Fail on the first bad row (missing field, empty, wrong type) instead of counting it.", False)
 
     def __post_init__(self):
@@ -55,6 +60,10 @@ class GenerationConfig:
     temperature: float = doc("Sampling temperature.", 1.0, valid=POSITIVE)
     top_p: float = doc("Nucleus sampling threshold.", 1.0, valid=Valid(0, 1, lo_open=True))
     stop: list[str] = doc("Stop strings: a continuation ends after the first of these it produces (EOS always ends it).", default_factory=list)
+    rows: Literal["all", "unanswered"] = doc(
+        "Which rows the teacher continues: all (every row's prompt; a response in the data is dropped), or unanswered "
+        "(prompt/response data: only rows whose response is empty or missing; the others are scored with their own "
+        "response, so one cache mixes teacher-written and given targets, e.g. rationales written and answers given).", "all")
     prompt_tokens: int = doc(
         "Plain-text rows: the teacher continues the first N tokens of each row (0: the whole row). "
         "Chat and prompt/response rows always use their own prompt.", 0, valid=NON_NEGATIVE)
@@ -183,9 +192,8 @@ class GenerateConfig:
             from kdcache.pipeline.context import placeholders
 
             placeholders(self.context)  # a malformed template is refused here
-            if self.generation.enabled:
-                raise ConfigError("context with generation.enabled is not supported yet: the teacher would continue the "
-                                  "context too; generate continuations without --set context")
+        if self.generation.rows != "all" and not self.generation.enabled:
+            raise ConfigError(f"generation.rows={self.generation.rows} chooses which rows the teacher continues; add --set generation.enabled=true")
         if 0 in self.attention_layers:
             raise ConfigError("attention_layers are decoder blocks 1..num_layers (or -1 for the last); 0, the embeddings, has no attention")
 

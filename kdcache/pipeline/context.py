@@ -107,17 +107,18 @@ def teacher_sequence(context_ids: np.ndarray, input_ids: np.ndarray, bos_token_i
     return np.concatenate([context_ids, input_ids[skip:]]).astype(np.int32), len(context_ids) - skip
 
 
-def align(scores: dict[str, np.ndarray], offset: int, num_tokens: int) -> dict[str, np.ndarray]:
+def align(scores: dict[str, np.ndarray], offset: int, num_tokens: int, longer: bool = False) -> dict[str, np.ndarray]:
     """The teacher's scores of ``context + input`` cut to the student's ``num_tokens`` tokens.
 
     Per-target arrays keep rows ``offset .. offset + num_tokens - 2``, per-token arrays (hidden states, q/k/v)
     rows ``offset .. offset + num_tokens - 1``; sampled targets (flat, with a size per position) keep the
     draws of the kept positions. A score the function does not know is an error, never passed through
-    misaligned."""
+    misaligned. ``longer``: the teacher may have scored more tokens after the row (a continuation cut to
+    max_length), which are dropped."""
     n = num_tokens - 1
     out: dict[str, np.ndarray] = {}
     scored = len(scores["target_logprob"])
-    if scored != offset + n:
+    if scored != offset + n and not (longer and scored > offset + n):
         raise KDCacheError(f"the teacher scored {scored} positions for a context of {offset} tokens and {num_tokens} input tokens; "
                            f"expected {offset + n} (context alignment broken)")
     for name, value in scores.items():

@@ -60,5 +60,8 @@ def stdlib_modules(classes: int = MODULES) -> Iterator[dict]:
                 yield q[i]
 
 
-EMBEDDED_ROWS = {"stdlib-docs": stdlib_docstrings, "stdlib-modules": stdlib_modules}
+from kdcache.pipeline.word_problems import word_problems, word_problems_test  # noqa: E402 (the registry below names it)
+
+EMBEDDED_ROWS = {"stdlib-docs": stdlib_docstrings, "stdlib-modules": stdlib_modules, "word-problems": word_problems,
+                 "word-problems-test": word_problems_test}
 EMBEDDED_DATASETS = tuple(EMBEDDED_ROWS)

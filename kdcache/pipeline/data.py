@@ -31,6 +31,7 @@ class Tokenized:
     teacher_ids: np.ndarray | None = None  # context distillation: what the teacher scores, context + input_ids
     context_tokens: int = 0  # where input_ids start in teacher_ids
     fields: dict | None = None  # kept dataset fields (keep_fields), copied into the cache as they are
+    generate: bool = False  # the teacher continues this row's prompt (generation), instead of scoring it as it is
 
 
 @dataclass
@@ -69,6 +70,8 @@ def iter_rows(cfg: DataConfig) -> Iterator[dict]:
         rows: Iterator[dict] = EMBEDDED_ROWS[name]()
     else:
         rows = _load_datasets(src, cfg.split, cfg.revision)
+    if cfg.where:
+        rows = (row for row in rows if all(name in row and row[name] == value for name, value in cfg.where.items()))
     if cfg.max_rows is not None:
         rows = itertools.islice(rows, cfg.max_rows)
     return rows

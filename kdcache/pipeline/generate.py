@@ -90,12 +90,16 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: 
     stored = stored or _Stored(layers)
     positions = parse_positions(cfg.hidden_positions)[0]
     gen = to_dict(cfg.generation)
+    if gen.get("rows") == "all":  # the default, absent from caches made before the setting existed
+        del gen["rows"]
     if cfg.generation.do_sample:
         gen["sampler"] = teacher.sampler
     return {
         "teacher": teacher.identity(),
         "tokenizer": tokenizer_record(teacher.tokenizer, teacher.vocab_size),
-        "dataset": {**dataset_identity(cfg.data), **{k: v for k, v in to_dict(cfg.data).items() if k not in ("source", "split", "strict", "revision")}},  # identity has revision when set
+        # identity has revision when set; `where` only when set, so caches made before it existed keep their settings hash
+        "dataset": {**dataset_identity(cfg.data), **{k: v for k, v in to_dict(cfg.data).items()
+                                                     if k not in ("source", "split", "strict", "revision") and (k != "where" or v)}},
         "scoring": {
             "top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec,
             "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
@@ -114,6 +118,34 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: 
         "generation": gen if cfg.generation.enabled else {"enabled": False},
         "seed": cfg.seed if (cfg.generation.enabled and cfg.generation.do_sample) or cfg.sampled_tokens else None,
     }
+
+
+def _continues_every_row(cfg: GenerateConfig) -> bool:
+    return cfg.generation.enabled and cfg.generation.rows == "all"
+
+
+def _row_tokenizer(cfg: GenerateConfig, tokenizer, first: dict):
+    """Row -> Tokenized (``generate`` set on the rows the teacher continues) or BadRow."""
+    every = RowTokenizer(tokenizer, cfg.data, prompts_only=_continues_every_row(cfg))
+    every.resolve_format(first)
+    if not cfg.generation.enabled:
+        return every
+    if cfg.generation.rows == "all":
+        return lambda row: _marked(every(row))
+    prompts = RowTokenizer(tokenizer, cfg.data, prompts_only=True)
+    prompts.resolve_format(first)
+    field = cfg.data.response_field
+
+    def tokenize(row: dict) -> Tokenized | BadRow:
+        response = row.get(field)
+        unanswered = response is None or (isinstance(response, str) and not response.strip())
+        return _marked(prompts(row)) if unanswered else every(row)
+
+    return tokenize
+
+
+def _marked(item: Tokenized | BadRow) -> Tokenized | BadRow:
+    return dataclasses.replace(item, generate=True) if isinstance(item, Tokenized) else item
 
 
 def _save_tokenizer(tokenizer, out: Path) -> None:
@@ -185,8 +217,13 @@ def _generate(cfg: GenerateConfig, progress: bool, teacher: Teacher | None, open
     rows = iter_rows(cfg.data)
     first = next(rows, None)
     if first is None:
+        if cfg.data.where:
+            raise DataError(f"no row of {cfg.data.source!r} matches data.where {cfg.data.where}; fix the field values or drop data.where")
         raise DataError(f"dataset {cfg.data.source!r} is empty (no rows in split {cfg.data.split!r})")
-    fmt = resolve_format(cfg.data, first, prompts_only=cfg.generation.enabled)
+    fmt = resolve_format(cfg.data, first, prompts_only=_continues_every_row(cfg))
+    if cfg.generation.enabled and cfg.generation.rows == "unanswered" and fmt != "prompt_response":
+        raise ConfigError(f"generation.rows=unanswered continues the rows whose response is empty, but the rows are {fmt}; "
+                          "use prompt/response rows (--set data.format=prompt_response) or generation.rows=all")
     if cfg.context:
         check_template(cfg.context, first, student_fields(cfg.data, fmt))
     kept = kept_field_types(cfg.keep_fields, first)
@@ -221,8 +258,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         fields=kept, classes=teacher.classes(),
     )
     teacher.attention_layers = tuple(stored.qkv_layers)
-    tokenize = RowTokenizer(teacher.tokenizer, cfg.data, prompts_only=cfg.generation.enabled)
-    tokenize.resolve_format(first)
+    tokenize = _row_tokenizer(cfg, teacher.tokenizer, first)
 
     out = Path(cfg.out)
     writer = CacheWriter(
@@ -269,21 +305,24 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
             yield index, item
 
     # Requests go to the teacher lazily and results come back in order, so an engine may keep several
-    # batches in flight while the writer commits earlier ones; `pending` pairs each result with its batch.
-    pending: deque[tuple[list, list[tuple[int, int]]]] = deque()  # (batch, [(input row, prompt length)])
+    # batches in flight while the writer commits earlier ones. A batch is one request, or two when it mixes
+    # rows the teacher continues with rows it scores as they are (generation.rows=unanswered); `pending`
+    # holds each batch with its parts and the results that came back for them so far.
+    pending: deque[tuple[list, list[tuple[str, list]], list]] = deque()  # (batch, [(kind, rows)], results)
 
     def requests() -> Iterator[Request]:
         for batch in _batches(tokenized(), cfg.batch_tokens, padded=teacher.pads_batches):
             good = [(i, t) for i, t in batch if isinstance(t, Tokenized)]
-            if cfg.generation.enabled:
-                prompts = [(i, _prompt(t, cfg.generation.prompt_tokens)) for i, t in good]
-                fits = [(i, p) for i, p in prompts if len(p) < cfg.data.max_length]  # room for at least one new token
-                pending.append((batch, [(i, len(p)) for i, p in fits]))
-                seeds = [_row_seed(cfg.seed, i) if cfg.generation.do_sample else cfg.seed for i, _ in fits]
-                yield GenerateRequest([p for _, p in fits], seeds, cfg.generation, cfg.data.max_length)
-            else:
-                pending.append((batch, [(i, 0) for i, _ in good]))
-                yield ScoreRequest([_teacher_input(t) for _, t in good], seeds=[_row_seed(cfg.seed, i) for i, _ in good])
+            continued = [(i, t, _prompt(t, cfg.generation.prompt_tokens)) for i, t in good if t.generate]
+            fits = [(i, t, p) for i, t, p in continued if len(p) < cfg.data.max_length]  # room for at least one new token
+            scored = [(i, t) for i, t in good if not t.generate]
+            parts = ([("generate", fits)] if continued else []) + ([("score", scored)] if scored or not continued else [])
+            pending.append((batch, parts, []))
+            for kind, items in parts:
+                if kind == "generate":
+                    yield _generate_request(cfg, items, limit)
+                else:
+                    yield ScoreRequest([_teacher_input(t) for _, t in items], seeds=[_row_seed(cfg.seed, i) for i, _ in items])
 
     teacher.progress = progress
     teacher.load()
@@ -291,8 +330,14 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
     tokens = 0
     sampling = SparseSampling(cfg.sampled_tokens, cfg.proposal_temperature) if cfg.sampled_tokens else None
     for result in teacher.run(requests(), cfg.top_k, stored.captured, sampling):
-        batch, done = pending.popleft()
-        examples = _batch_examples(cfg, batch, done, result, stored)
+        batch, parts, results = pending[0]
+        results.append(result)
+        if len(results) < len(parts):
+            continue
+        pending.popleft()
+        examples = {}
+        for (kind, items), res in zip(parts, results):
+            examples.update(_generated_examples(cfg, items, res, stored) if kind == "generate" else _scored_examples(cfg, items, res, stored))
         for i, item in batch:
             if isinstance(item, BadRow):
                 writer.count(f"bad_rows.{item.reason}")
@@ -349,30 +394,60 @@ def _row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % 2**63
 
 
-def _batch_examples(cfg, batch, done: list[tuple[int, int]], result: list, stored: _Stored) -> dict[int, list[dict]]:
-    """Cache examples per input row of one batch; rows missing from the result had no room to generate."""
+def _generate_request(cfg: GenerateConfig, items: list, limit: int | None) -> GenerateRequest:
+    """The teacher continues each row's prompt after its context (if any); the request's length cap leaves room
+    for the longest context, and each row is cut back to data.max_length once its continuation is known."""
+    longest_context = max((t.context_tokens for _, t, _ in items), default=0)
+    max_length = cfg.data.max_length + longest_context
+    if limit is not None:
+        max_length = min(max_length, limit)
+    seeds = [_row_seed(cfg.seed, i) if cfg.generation.do_sample else cfg.seed for i, _, _ in items]
+    return GenerateRequest([_teacher_prompt(t, p) for _, t, p in items], seeds, cfg.generation, max_length)
+
+
+def _teacher_prompt(t: Tokenized, prompt: np.ndarray) -> np.ndarray:
+    """The student's prompt as the teacher reads it: after the context, when there is one."""
+    return prompt if t.teacher_ids is None else t.teacher_ids[: t.context_tokens + len(prompt)]
+
+
+def _scored_examples(cfg: GenerateConfig, items: list, result: list, stored: _Stored) -> dict[int, list[dict]]:
+    """Cache examples of rows the teacher scored as they are."""
     examples: dict[int, list[dict]] = {}
-    if not cfg.generation.enabled:
-        items = dict(batch)
-        for (i, _), s in zip(done, result):
-            t = items[i]
-            if t.teacher_ids is None:
-                ex = _example(str(i), t.input_ids, t.loss_mask, s, stored)
-            else:
-                ex = _example(str(i), t.input_ids, t.loss_mask, align(s, t.context_tokens, len(t.input_ids)), stored)
-                ex[CONTEXT_COLUMN] = t.context_tokens
-            examples[i] = [{**ex, **(t.fields or {})}]
-        return examples
-    items_fields = {i: t.fields for i, t in batch if isinstance(t, Tokenized)}
-    for (i, plen), samples in zip(done, result):
+    for (i, t), s in zip(items, result):
+        if t.teacher_ids is None:
+            ex = _example(str(i), t.input_ids, t.loss_mask, s, stored)
+        else:
+            ex = _example(str(i), t.input_ids, t.loss_mask, align(s, t.context_tokens, len(t.input_ids)), stored)
+            ex[CONTEXT_COLUMN] = t.context_tokens
+        if cfg.generation.enabled:  # a given response in a cache of continuations (generation.rows=unanswered)
+            ex["prompt_length"] = len(t.prompt) if t.prompt is not None else 0
+            ex["sample_index"] = 0
+        examples[i] = [{**ex, **(t.fields or {})}]
+    return examples
+
+
+def _generated_examples(cfg: GenerateConfig, items: list, result: list, stored: _Stored) -> dict[int, list[dict]]:
+    """Cache examples of continued rows: the student's prompt + the teacher's continuation, cut to data.max_length,
+    with the teacher's scores at those tokens (aligned past the context). Rows missing from the result had no room
+    to generate."""
+    examples: dict[int, list[dict]] = {}
+    for (i, t, prompt), samples in zip(items, result):
         exs = examples.setdefault(i, [])
+        plen, start = len(prompt), len(_teacher_prompt(t, prompt))
         for j, (seq, s) in enumerate(samples):
-            mask = np.zeros(len(seq) - 1, dtype=bool)
+            tokens = np.concatenate([prompt, seq[start:]]).astype(np.int32)[: cfg.data.max_length]
+            if len(tokens) <= plen:
+                continue  # cut away by max_length together with the context
+            mask = np.zeros(len(tokens) - 1, dtype=bool)
             mask[plen - 1 :] = True
-            ex = _example(f"{i}#g{j}", seq, mask, s, stored)
+            if t.teacher_ids is not None:
+                s = align(s, t.context_tokens, len(tokens), longer=True)
+            ex = _example(f"{i}#g{j}", tokens, mask, s, stored)
+            if t.teacher_ids is not None:
+                ex[CONTEXT_COLUMN] = t.context_tokens
             ex["prompt_length"] = plen
             ex["sample_index"] = j
-            exs.append({**ex, **(items_fields.get(i) or {})})
+            exs.append({**ex, **(t.fields or {})})
     return examples
 
 
