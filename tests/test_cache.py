@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdcache.cache import (
-    FORMAT_VERSION,
     CacheWriter,
     holdout_fraction_filter,
     make_signals,
@@ -576,8 +575,8 @@ def test_open_cache_refusals(tmp_path):
     with pytest.raises(CacheFormatError) as info:
         open_cache(path)
     msg = str(info.value)
-    assert "format version 999" in msg and f"reads version {FORMAT_VERSION}" in msg and "regenerate" in msg
-    data["format_version"] = FORMAT_VERSION
+    assert "format version 999" in msg and "reads versions 1, 2" in msg and "regenerate" in msg
+    data["format_version"] = 1
     data["surprise"] = 1
     (path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(CacheFormatError, match="unexpected fields"):
@@ -727,7 +726,7 @@ def test_pyarrow_reads_shard(interop_cache):
     assert table.schema.field("loss_mask").type == pa.list_(pa.bool_())
     assert table.schema.field("topk_logprobs").type == pa.list_(pa.float16())
     assert table.schema.field("hidden_2").type == pa.list_(pa.float16())
-    assert table.schema.metadata[b"kdcache.format_version"] == str(FORMAT_VERSION).encode()
+    assert table.schema.metadata[b"kdcache.format_version"] == b"1"  # plain lists: format 1, as before format 2 existed
     assert table.column("input_ids").to_pylist() == [ex["input_ids"].tolist() for ex in examples]
     assert table.column("topk_ids").to_pylist()[0] == examples[0]["topk_ids"].reshape(-1).tolist()
     meta = pq.ParquetFile(shard).metadata

@@ -53,7 +53,8 @@ def mix_topk(ids: list[np.ndarray], logprobs: list[np.ndarray], tails: list[np.n
 
 
 def combine_caches(sources: list[str | Path], weights: list[float], out: str | Path, top_k: int | None = None,
-                   logprob_codec: str = "fp16", overwrite: bool = False) -> Manifest:
+                   logprob_codec: str = "fp16", overwrite: bool = False, codec: str = "lists",
+                   codec_options: dict | None = None) -> Manifest:
     """Write the weighted mixture of ``sources`` (same tokenizer, same examples) as a new cache at ``out``."""
     if len(sources) < 2:
         raise ConfigError("an ensemble needs at least two caches")
@@ -89,9 +90,10 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
                      for c, wi in zip(caches, w)],
         "tokenizer": first.tokenizer,
         "dataset": first.settings.get("dataset", {}),
-        "scoring": {"top_k": top_k, "logprob_codec": logprob_codec, "entropy": "weighted_mean_of_sources"},
+        "scoring": {"top_k": top_k, "logprob_codec": logprob_codec, "entropy": "weighted_mean_of_sources",
+                    **({"codec": codec, "codec_options": dict(codec_options or {})} if codec != "lists" or codec_options else {})},
     }
-    signals = make_signals(top_k, vocab, logprob_codec, generation=bool(gen_cols))
+    signals = make_signals(top_k, vocab, logprob_codec, generation=bool(gen_cols), topk_codec=codec, topk_codec_options=codec_options)
     out = Path(out)
     writer = CacheWriter(out, settings, signals, overwrite=overwrite, created_by="kdcache combine")
     if writer.complete:

@@ -20,7 +20,10 @@ from typing import Any
 from kdcache import __version__
 from kdcache.errors import CacheFormatError, CacheMismatchError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this kdcache writes: 2 stores the top-k through a coded storage (kdcache/cache/topk_storage.py);
+a cache whose top-k is plain lists is still written (and read) as format 1, byte for byte as before."""
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "_manifest.json"
 TOKENIZER_DIR = "_tokenizer"
 """What is not data starts with ``_``, so pyarrow.dataset, pandas and DuckDB skip it by their own
@@ -182,9 +185,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise CacheFormatError(f"{where} is not a kdcache manifest (not a JSON object); the cache is damaged, regenerate it")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CacheFormatError(
-                f"{where} has cache format version {version!r}, this kdcache reads version {FORMAT_VERSION}; "
+                f"{where} has cache format version {version!r}, this kdcache reads versions {', '.join(map(str, READABLE_VERSIONS))}; "
                 "install the kdcache release that wrote it or regenerate the cache"
             )
         data.pop("settings_hash", None)

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from kdcache.cache.codecs import get_codec
 from kdcache.cache.manifest import Manifest, file_sha256, manifest_path, read_manifest, tokenizer_path
 from kdcache.cache.schema import HIDDEN_POSITIONS_COLUMN, build_schema, column_codecs, scale_columns
+from kdcache.cache.topk_storage import LOGICAL as TOPK_LOGICAL, coded, storage_of
 from kdcache.errors import CacheFormatError
 
 Example = dict[str, Any]
@@ -72,9 +73,16 @@ class RowGroupBlock:
         self.second_dim: dict[str, int] = {}
         widths = _trailing_dims(manifest)
         scaled = scale_columns(manifest.signals)
+        topk_streams = set(manifest.signals["topk"]["columns"]) if coded(manifest.signals) else set()
+        blobs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # coded top-k streams, decoded together below
         for name in table.column_names:
             col = table.column(name).combine_chunks()
-            if pa.types.is_list(col.type):
+            if name in topk_streams and pa.types.is_binary(col.type):
+                if footer_values is not None:
+                    check_value_count(name, col, footer_values)
+                offsets = binary_offsets(col)
+                blobs[name] = (offsets - offsets[0], np.frombuffer(col.buffers()[2] or b"", dtype=np.uint8)[offsets[0]: offsets[-1]])
+            elif pa.types.is_list(col.type):
                 offsets = col.offsets.to_numpy().astype(np.int64)
                 if footer_values is not None:
                     check_value_count(name, col, footer_values, offsets)
@@ -99,6 +107,16 @@ class RowGroupBlock:
                 self.scalars[name] = col.to_numpy(zero_copy_only=False)
                 if footer_values is not None:
                     check_value_count(name, col, footer_values)
+        if blobs:
+            storage, params = storage_of(manifest.signals)
+            try:
+                decoded = storage.decode(blobs, params)
+            except (ValueError, KeyError) as exc:
+                raise DamagedShard(f"top-k streams do not decode: {exc}") from None
+            for name, (offsets, values) in decoded.items():
+                self.lists[name] = (offsets, values)
+                if name in _SECOND_DIM:
+                    self.second_dim[name] = _SECOND_DIM[name](manifest)
         for name, scale_name in scaled.items():
             if name not in self.lists:
                 continue
@@ -239,6 +257,8 @@ class Cache:
         self._schema = build_schema(self.manifest.signals)
         self._scales = scale_columns(self.manifest.signals)
         self._positions = HIDDEN_POSITIONS_COLUMN in (self.manifest.signals.get("hidden") or {}).get("columns", {})
+        self._topk_streams = [c for c in self.manifest.signals["topk"]["columns"] if c.startswith("topk.")] \
+            if coded(self.manifest.signals) else []
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._hashed: set[int] = set()
         self.row_groups = [
@@ -292,7 +312,11 @@ class Cache:
 
     @property
     def columns(self) -> list[str]:
-        return self._file(0).schema_arrow.names if self.manifest.shards else []
+        """What examples can hold: the Parquet columns, with a coded top-k's streams as the logical top-k columns."""
+        names = self._file(0).schema_arrow.names if self.manifest.shards else []
+        if not self._topk_streams:
+            return names
+        return [*(n for n in names if n not in self._topk_streams), *TOPK_LOGICAL]
 
     def _file(self, shard_index: int) -> pq.ParquetFile:
         if shard_index in self._files:
@@ -329,6 +353,9 @@ class Cache:
         if columns is None:
             return None
         extra = [self._scales[c] for c in columns if c in self._scales]
+        if self._topk_streams and any(c in TOPK_LOGICAL for c in columns):
+            columns = [c for c in columns if c not in TOPK_LOGICAL]  # the streams decode all three at once
+            extra += self._topk_streams
         if self._positions and any(c.startswith("hidden_") for c in columns):
             extra.append(HIDDEN_POSITIONS_COLUMN)
         return [*columns, *(c for c in dict.fromkeys(extra) if c not in columns)]

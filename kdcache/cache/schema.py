@@ -50,7 +50,7 @@ import pyarrow as pa
 
 from kdcache.cache.codecs import get_codec
 from kdcache.cache.hidden import parse_positions
-from kdcache.cache.manifest import FORMAT_VERSION
+from kdcache.cache.topk_storage import LOGICAL as TOPK_LOGICAL, get_storage, storage_of
 
 BASE_COLUMNS = ("example_id", "input_ids", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
@@ -112,6 +112,8 @@ def make_signals(
     pooled: dict | None = None,
     fields: dict[str, str] | None = None,
     classes: list[str] | None = None,
+    topk_codec: str = "lists",
+    topk_codec_options: dict | None = None,
 ) -> dict:
     """The manifest's description of what a cache stores, with shapes, dtypes and codecs.
 
@@ -124,14 +126,15 @@ def make_signals(
     lp = get_codec(logprob_codec)
     signals: dict = {"stats": {"columns": {c: {"shape": [], "dtype": "int32" if c == "num_loss_tokens" else "float32"} for c in STATS_COLUMNS}}}
     if top_k:
+        storage = get_storage(topk_codec)
+        params = storage.params(top_k, vocab_size, topk_codec_options or {})
         signals["topk"] = {
             "k": top_k,
             "vocab_size": vocab_size,
-            "columns": {
-                "topk_ids": {"shape": ["T-1", top_k], "dtype": "int32", "codec": "plain"},
-                "topk_logprobs": {"shape": ["T-1", top_k], "dtype": str(lp.arrow_type), "codec": lp.name},
-                "tail_logprob": {"shape": ["T-1"], "dtype": "float32", "codec": "plain"},
-            },
+            # (absent: lists, so a cache made before storages existed has the same signals)
+            **({"storage": {"name": storage.name, "params": params, "logical_columns": list(TOPK_LOGICAL)}}
+               if storage.name != "lists" else {}),
+            "columns": storage.columns(top_k, params, lp),
             # How a trainer gets the teacher's tail bucket at temperature T != 1: exactly from the stored column
             # for these T, else by tempering the k+1 buckets (tail treated as one token on both sides).
             "tail_temperatures": [float(t) for t in tail_temperatures],
@@ -205,7 +208,11 @@ def build_schema(signals: dict) -> pa.Schema:
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
     ]
-    if "topk" in signals:
+    if "topk" in signals and storage_of(signals)[0].name != "lists":
+        fields += [pa.field(name, pa.binary(), nullable=False) for name in signals["topk"]["columns"] if name != TEMPERED_TAIL_COLUMN]
+        if TEMPERED_TAIL_COLUMN in signals["topk"]["columns"]:
+            fields.append(pa.field(TEMPERED_TAIL_COLUMN, pa.list_(pa.float32()), nullable=False))
+    elif "topk" in signals:
         lp = get_codec(signals["topk"]["columns"]["topk_logprobs"]["codec"])
         fields += [
             pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
@@ -243,7 +250,12 @@ def build_schema(signals: dict) -> pa.Schema:
         fields.append(pa.field(CLASS_LOGITS_COLUMN, pa.list_(pa.float32()), nullable=False))
     for name, col in (signals.get("fields") or {}).get("columns", {}).items():
         fields.append(pa.field(name, FIELD_TYPES[col["dtype"]], nullable=False))
-    return pa.schema(fields, metadata={b"kdcache.format_version": str(FORMAT_VERSION).encode()})
+    return pa.schema(fields, metadata={b"kdcache.format_version": str(format_version(signals)).encode()})
+
+
+def format_version(signals: dict) -> int:
+    """The cache format a cache with these signals is written in: its top-k storage's (1 without a top-k)."""
+    return storage_of(signals)[0].format_version if "topk" in signals else 1
 
 
 def scale_columns(signals: dict) -> dict[str, str]:

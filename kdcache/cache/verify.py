@@ -33,6 +33,7 @@ from kdcache.cache.reader import (
     regenerate_fix,
     check_value_count,
 )
+from kdcache.cache.topk_storage import coded, storage_of
 from kdcache.cache.schema import build_schema
 from kdcache.config import plural
 
@@ -244,6 +245,15 @@ def _check_rows(table: pa.Table, manifest: Manifest, footer_values: dict[str, in
         o = offsets_of["loss_mask"]
         cs = np.concatenate([[0], np.cumsum(values["loss_mask"].astype(np.int64))])
         bad_row(cs[o[1:]] - cs[o[:-1]] != values["num_loss_tokens"], "num_loss_tokens differs from the loss mask")
+    if coded(manifest.signals):  # the streams' codes decode (ids inside the vocabulary, masses that add up)
+        storage, params = storage_of(manifest.signals)
+        streams = {c: (offsets_of[c], np.frombuffer(table.column(c).combine_chunks().buffers()[2] or b"", dtype=np.uint8)
+                       [offsets_of[c][0]: offsets_of[c][-1]]) for c in manifest.signals["topk"]["columns"] if c in offsets_of}
+        if streams:
+            try:
+                storage.decode({c: (o - o[0], b) for c, (o, b) in streams.items()}, params)
+            except (ValueError, KeyError) as exc:
+                raise DamagedShard(f"top-k streams do not decode: {exc}") from None
     vocab = {"input_ids": manifest.tokenizer.get("vocab_size"),
              "topk_ids": manifest.signals.get("topk", {}).get("vocab_size"),
              "sampled_ids": manifest.signals.get("sampled", {}).get("vocab_size")}

@@ -37,7 +37,6 @@ from kdcache.cache.codecs import get_codec
 from kdcache.cache.lock import LOCK_NAME, CacheLock
 from kdcache import __version__
 from kdcache.cache.manifest import (
-    FORMAT_VERSION,
     LAYOUT,
     LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
@@ -54,7 +53,8 @@ from kdcache.cache.manifest import (
     tokenizer_path,
     write_atomic,
 )
-from kdcache.cache.schema import build_schema, column_codecs, scale_columns
+from kdcache.cache.schema import build_schema, column_codecs, format_version, scale_columns
+from kdcache.cache.topk_storage import coded, storage_of
 from kdcache.errors import CacheFormatError, CacheLockedError, CacheMismatchError, KDCacheError, OutOfSpaceError
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class CacheWriter:
         self._scale_cols = scale_columns(signals)  # int8 column -> its per-token scale column (filled with it)
         self._widths = {name: int(col["shape"][-1]) for sig in signals.values() for name, col in sig.get("columns", {}).items()
                         if name in self._scale_cols}
+        self._topk = storage_of(signals) if coded(signals) else None  # (storage, params): top-k columns it encodes
         self.shard_tokens = shard_tokens
         self.row_group_tokens = min(row_group_tokens, shard_tokens)  # a shard holds at least one row group
         self.commit_seconds = commit_seconds
@@ -188,7 +189,7 @@ class CacheWriter:
     # ------------------------------------------------------------------ setup
     def _open(self, settings: dict, signals: dict, overwrite: bool, created_by: str) -> Manifest:
         """Called with the lock held."""
-        fresh = Manifest(format_version=FORMAT_VERSION, settings=settings, signals=signals, created_by=created_by)
+        fresh = Manifest(format_version=format_version(signals), settings=settings, signals=signals, created_by=created_by)
         check_one_manifest(self.path)
         self.layout = layout_of(self.path)  # an old cache keeps its names when resumed
         if (self.path / self.layout.manifest).exists():
@@ -431,9 +432,12 @@ class CacheWriter:
         """Vectorised conversion: one concatenation per column, offsets from lengths."""
         arrays = []
         scales: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scale column -> (offsets, values), made with its column
+        streams = self._topk[0].encode(examples, self._topk[1]) if self._topk else {}  # coded top-k: all its columns at once
         for field in self.schema:
             name = field.name
-            if name in scales:
+            if name in streams:
+                arrays.append(streams[name])
+            elif name in scales:
                 offsets, flat = scales.pop(name)
                 arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field.type.value_type)))
             elif name in self._scale_cols:  # int8: one binary blob per example, its per-token scales alongside

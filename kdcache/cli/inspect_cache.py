@@ -36,6 +36,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "bytes_per_token": m.num_bytes / max(m.num_tokens, 1),
         "shards": len(m.shards),
         "top_k": m.top_k,
+        "topk_codec": _topk_codec(m),
         "tail_at_temperature": _tail_at_temperature(m),
         "signals": {name: sorted(sig.get("columns", {})) for name, sig in m.signals.items()},
         "teacher_name": teacher_name(m.teacher) if m.teacher else _ensemble_name(m.settings.get("ensemble", [])),
@@ -51,6 +52,17 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "context": m.signals.get("context", {}).get("template"),
         "_arrays": {"teacher_nll": nll, "teacher_entropy": ent},
     }
+
+
+def _topk_codec(m) -> str | None:
+    """How the top-k is stored, in words: the codec and its parameters (lists: the value codec)."""
+    if "topk" not in m.signals:
+        return None
+    storage = m.signals["topk"].get("storage")
+    if storage is None:
+        return f"lists, {m.signals['topk']['columns']['topk_logprobs']['codec']} values"
+    extra = {k: v for k, v in storage["params"].items() if k not in ("codec", "version", "k", "vocab_size")}
+    return f"{storage['name']} {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in extra.items())}".strip()
 
 
 # Folder names that say nothing about the model on their own: shown with their parent (kd/final).
@@ -109,7 +121,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"tokens       {s['tokens']:,}  ({s['loss_tokens']:,} loss targets)",
         f"bytes        {s['bytes']:,}  ({s['bytes_per_token']:.1f} B/token)",
         "signals      " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["signals"].items()),
-        f"top-k        {s['top_k']}",
+        f"top-k        {s['top_k']}" + (f"  (codec {s['topk_codec']})" if s["topk_codec"] else ""),
     ]
     if s["context"]:
         lines.append(f"context      the teacher read {s['context']!r} before each row (the student does not; offsets in context_tokens)")

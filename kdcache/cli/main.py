@@ -184,6 +184,7 @@ def main(verbose: bool) -> None:
 @click.option("--max-length", type=int, help="Max tokens per example.")
 @click.option("--max-rows", type=int, help="Read at most N rows.")
 @click.option("--top-k", type=int, help="Top-k log-probabilities to keep (0: none).")
+@click.option("--codec", help="Top-k codec: lists (format 1, plain Parquet lists) or sqrt-delta (format 2, ~2x smaller); options: --set codec_options={kl: 3e-5}.")
 @click.option("--sampled-tokens", type=int, help="RS-KD: tokens drawn per position from the teacher (0: off).")
 @click.option("--hidden-layers", help="Comma-separated layers to store, e.g. 6,12,-1.")
 @click.option("--tail-temperatures", help="KD temperatures to store the exact tail mass for, e.g. 2 or 2,4 (transformers backend).")
@@ -414,8 +415,9 @@ def born_again(config_path, recipe, work, generations, teacher, steps, max_rows,
 @click.option("--weights", required=True, help="Comma-separated weight per cache, e.g. 0.7,0.3 (normalised to sum 1).")
 @click.option("--out", required=True, help="Directory of the combined cache.")
 @click.option("--top-k", type=int, help="Tokens kept per position (default: the largest source k).")
+@click.option("--codec", default="lists", show_default=True, help="Top-k codec of the combined cache: lists or sqrt-delta.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache with other settings.")
-def combine(caches, weights, out, top_k, overwrite) -> None:
+def combine(caches, weights, out, top_k, codec, overwrite) -> None:
     """Ensemble target from several teachers' caches (same tokenizer and examples), no teacher loaded."""
     from kdcache.cache.combine import combine_caches
 
@@ -424,8 +426,18 @@ def combine(caches, weights, out, top_k, overwrite) -> None:
     except ValueError:
         click.echo(f"error: --weights must be comma-separated numbers, got {weights!r}", err=True)
         sys.exit(2)
-    m = _run(combine_caches, list(caches), w, out, top_k=top_k, overwrite=overwrite)
+    m = _run(combine_caches, list(caches), w, out, top_k=top_k, overwrite=overwrite, codec=codec)
     click.echo(f"cache {out}: {plural(m.num_rows, 'row')}, mixture of {len(caches)} teachers, top-{m.top_k}")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--out", required=True, help="New or empty folder for the plain Parquet files.")
+def export(cache, out) -> None:
+    """A cache as plain Parquet lists (codecs decoded) for tools that want arrays."""
+    from kdcache.cache.export import export_cache
+
+    click.echo(f"wrote {_run(export_cache, cache, out)}")
 
 
 @main.command()

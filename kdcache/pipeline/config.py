@@ -119,7 +119,15 @@ class GenerateConfig:
         "KD temperatures T != 1 to store the teacher's exact tail mass for (one float32 per position per T, e.g. [2.0]): "
         "with it, tail-bucket KD at T equals dense tempered KD bucketed; without it training tempers the k+1 buckets, "
         "an approximation. Needs the full logits (transformers backend).", default_factory=list, valid=POSITIVE)
-    logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored.", "fp16")
+    logprob_codec: Literal["fp16", "fp32"] = doc("How top-k log-probabilities are stored by the lists codec (and sampled weights).", "fp16")
+    codec: str = doc(
+        "Top-k codec (registry in kdcache/cache/topk_storage.py): lists (cache format 1: plain Parquet lists, int32 ids + "
+        "logprob_codec values, 236 B/token at k=64) or sqrt-delta (format 2: sorted id gaps + values on a sqrt(p) grid "
+        "chosen by a KL target, ~114 B/token at k=64 with a codec KL of 9e-5 nats; `kdcache export` turns it back into lists).",
+        "lists")
+    codec_options: dict[str, float] = doc(
+        "The codec's parameters, e.g. {kl: 3e-5} for sqrt-delta (target mean KL over the k+1 buckets; or step: the grid "
+        "step in sqrt(p)); recorded in the manifest.", default_factory=dict)
     hidden_layers: list[int] = doc("Hidden states to store: 0 is the embeddings, L the output of layer L, -1 the last.", default_factory=list)
     hidden_codec: Literal["fp16", "bf16", "fp32", "int8"] = doc(
         "How hidden states (and attention_layers' q/k/v) are stored: fp16 (relative error <= 2^-11, overflows above "
@@ -192,6 +200,9 @@ class GenerateConfig:
             from kdcache.pipeline.context import placeholders
 
             placeholders(self.context)  # a malformed template is refused here
+        from kdcache.cache.topk_storage import get_storage
+
+        get_storage(self.codec).params(max(self.top_k, 1), 2**31 - 1, self.codec_options)  # an unknown codec or option: one line now
         if self.generation.rows != "all" and not self.generation.enabled:
             raise ConfigError(f"generation.rows={self.generation.rows} chooses which rows the teacher continues; add --set generation.enabled=true")
         if 0 in self.attention_layers:

@@ -102,6 +102,8 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: 
                                                      if k not in ("source", "split", "strict", "revision") and (k != "where" or v)}},
         "scoring": {
             "top_k": cfg.top_k, "hidden_layers": layers, "logprob_codec": cfg.logprob_codec,
+            # only when not the default, so caches made before codecs existed keep their settings hash
+            **({"codec": cfg.codec, "codec_options": dict(cfg.codec_options)} if cfg.codec != "lists" or cfg.codec_options else {}),
             "hidden_codec": cfg.hidden_codec, "entropy": teacher.entropy_kind,
             **({"hidden_tensors": teacher.describe_layers(layers)} if layers else {}),
             **({"tail_temperatures": [float(t) for t in cfg.tail_temperatures]} if cfg.tail_temperatures else {}),
@@ -255,7 +257,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         hidden_positions=cfg.hidden_positions, hidden_positions_seed=cfg.seed, attention=stored.attention,
         context=context.settings() if context is not None else None,
         pooled={"layers": stored.pooled, "pooling": stored.pooling, "size": teacher.hidden_size} if stored.pooled else None,
-        fields=kept, classes=teacher.classes(),
+        fields=kept, classes=teacher.classes(), topk_codec=cfg.codec, topk_codec_options=cfg.codec_options,
     )
     teacher.attention_layers = tuple(stored.qkv_layers)
     tokenize = _row_tokenizer(cfg, teacher.tokenizer, first)
