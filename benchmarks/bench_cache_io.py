@@ -3,7 +3,9 @@
 Writer: examples (numpy teacher outputs) -> Arrow -> zstd Parquet shards, manifest commits included.
 Reader: shards -> decoded numpy -> padded torch batches (collate), as the trainer consumes them.
 
-    python benchmarks/bench_cache_io.py [--tokens 400000] [--repeats 3]
+    python benchmarks/bench_cache_io.py [--tokens 400000] [--repeats 3] [--topk-codecs lists,sqrt-delta]
+
+With several top-k codecs, each repeat writes and reads one cache per codec in turn (ratios side by side).
 """
 
 from __future__ import annotations
@@ -27,47 +29,47 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--codec", default="fp16")
+    ap.add_argument("--codec", default="fp16", help="value codec of the lists top-k codec")
+    ap.add_argument("--topk-codecs", default="lists", help="comma-separated top-k codecs to compare")
     args = ap.parse_args()
+    codecs = args.topk_codecs.split(",")
     pin_one_core()
     pool = synthetic_topk(60_000, k=args.k)
     n_examples = args.tokens // args.length
     examples = list(synthetic_examples(n_examples, args.length, pool))
     tokens = n_examples * args.length
     root = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
-    write_s, read_s, bpt = [], [], 0.0
+    write_s, read_s, bpt = {c: [] for c in codecs}, {c: [] for c in codecs}, {}
     try:
-        for r in range(args.repeats):
-            out = root / f"c{r}"
+        for r, codec in ((r, c) for r in range(args.repeats) for c in codecs):
+            out = root / f"c{r}-{codec}"
             with Timer() as t:
-                w = CacheWriter(out, {"bench": r}, make_signals(args.k, 49_152, args.codec), shard_tokens=2_000_000)
+                w = CacheWriter(out, {"bench": r}, make_signals(args.k, 49_152, args.codec, topk_codec=codec), shard_tokens=2_000_000)
                 for i, ex in enumerate(examples):
                     w.add_row([ex], i + 1)
                 m = w.close()
-            write_s.append(t.seconds)
-            bpt = m.num_bytes / m.num_tokens
-            cache = open_cache(out)
+            write_s[codec].append(t.seconds)
+            bpt[codec] = m.num_bytes / m.num_tokens
+            cache = open_cache(out, topk_order="any")  # as the trainer opens it
             with Timer() as t:
                 n = 0
                 cols = ["example_id", "input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob", "teacher_nll", "num_loss_tokens"]
                 for b in batches(cache.stream(columns=cols), batch_size=8):
                     n += b.input_ids.numel()
-            read_s.append(t.seconds)
+            read_s[codec].append(t.seconds)
             assert n == tokens
             shutil.rmtree(out)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {
-        "machine": machine(),
-        "tokens": tokens,
-        "k": args.k,
-        "codec": args.codec,
-        "bytes_per_token": round(bpt, 1),
-        "writer_tokens_per_s_median": round(tokens / statistics.median(write_s)),
-        "writer_tokens_per_s_best": round(tokens / min(write_s)),
-        "reader_tokens_per_s_median": round(tokens / statistics.median(read_s)),
-        "reader_tokens_per_s_best": round(tokens / min(read_s)),
-    }
+    result = {"machine": machine(), "tokens": tokens, "k": args.k, "value_codec": args.codec}
+    for c in codecs:
+        result[c] = {
+            "bytes_per_token": round(bpt[c], 1),
+            "writer_tokens_per_s_median": round(tokens / statistics.median(write_s[c])),
+            "writer_tokens_per_s_best": round(tokens / min(write_s[c])),
+            "reader_tokens_per_s_median": round(tokens / statistics.median(read_s[c])),
+            "reader_tokens_per_s_best": round(tokens / min(read_s[c])),
+        }
     print(json.dumps(result, indent=2))
 
 

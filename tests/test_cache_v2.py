@@ -197,3 +197,25 @@ def test_flips_in_a_coded_cache_are_never_silent(tmp_path):
             assert same(got, original), f"flip at {pos} of {s.name} changed decoded values silently"
         (work / s.name).write_bytes((good / s.name).read_bytes())
     assert errors > 30
+
+
+def test_the_trainers_order_free_read_is_the_same_set_and_the_same_loss(pair):
+    import torch
+
+    from kdcache.train.data import EVAL_SIGNALS, collate, train_columns
+    from kdcache.train.losses import LossSettings, sparse_kd_loss
+
+    root, _, _ = pair
+    ranked, free = open_cache(root / "coded"), open_cache(root / "coded", topk_order="any")
+    cols = train_columns(ranked, EVAL_SIGNALS)
+    a, b = list(ranked.stream(columns=cols)), list(free.stream(columns=cols))
+    assert any(not np.array_equal(x["topk_ids"], y["topk_ids"]) for x, y in zip(a, b))  # another order is read...
+    for x, y in zip(a, b):  # ...of the same ids with the same values
+        np.testing.assert_array_equal(np.sort(x["topk_ids"], 1), np.sort(y["topk_ids"], 1))
+        np.testing.assert_array_equal(np.sort(x["topk_logprobs"], 1), np.sort(y["topk_logprobs"], 1))
+    ba, bb = collate(a), collate(b)
+    logits = torch.randn(ba.targets.labels.shape[0], 128, generator=torch.Generator().manual_seed(0))
+    logits = logits[:, : int(max(ba.targets.topk_ids.max(), ba.targets.labels.max())) + 1]
+    s = LossSettings(temperature=2.0, alpha=0.5)
+    la, lb = sparse_kd_loss(logits, ba.targets, s)[0], sparse_kd_loss(logits, bb.targets, s)[0]
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)

@@ -82,8 +82,9 @@ class SqrtDeltaStorage:
                 pa.binary(), len(examples), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(np.ascontiguousarray(data))])
         return out
 
-    def decode(self, blobs: Mapping[str, tuple[np.ndarray, np.ndarray]], params: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{column: (byte offsets per example, bytes)} -> the logical columns as (offsets, flat values), rank order."""
+    def decode(self, blobs: Mapping[str, tuple[np.ndarray, np.ndarray]], params: Mapping, order: str = "rank") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{column: (byte offsets per example, bytes)} -> the logical columns as (offsets, flat values); ``order`` rank
+        (most likely first) or id (ascending ids, no sort: the cheapest)."""
         widths = topk_codec.stream_widths(params)
         first = stream_column(next(iter(widths)))
         offsets, _ = blobs[first]
@@ -92,7 +93,7 @@ class SqrtDeltaStorage:
             o, _ = blobs[stream_column(stream)]
             if not np.array_equal(o, positions * w):
                 raise ValueError(f"stream {stream} holds other positions per example than {next(iter(widths))}")
-        ids, lps, tail = topk_codec.decode({s: blobs[stream_column(s)][1] for s in widths}, params, order="rank")
+        ids, lps, tail = topk_codec.decode({s: blobs[stream_column(s)][1] for s in widths}, params, order=order)
         k = int(params["k"])
         return {"topk_ids": (positions * k, ids.reshape(-1)), "topk_logprobs": (positions * k, lps.reshape(-1)),
                 "tail_logprob": (positions, tail)}

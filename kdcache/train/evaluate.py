@@ -41,7 +41,8 @@ def evaluate(model: Any, batches: list[Batch], device: torch.device, autocast: A
                 t = b.targets
                 part = type(t)(labels, t.topk_ids[s : s + _EVAL_CHUNK], t.topk_logprobs[s : s + _EVAL_CHUNK], t.tail_logprob[s : s + _EVAL_CHUNK])
                 kd += sparse_kd_loss(logits, part, kd_settings)[1]["kd"].item()
-                agree += (logits.argmax(-1) == part.topk_ids[:, 0]).sum().item()
+                top1 = part.topk_ids.gather(1, part.topk_logprobs.argmax(1, keepdim=True))[:, 0]  # (any top-k order)
+                agree += (logits.argmax(-1) == top1).sum().item()
         n += batch.num_tokens
         nll += batch.teacher_nll_sum
     if was_training:
@@ -71,7 +72,7 @@ def evaluate_student(
     if max_examples < 1 or batch_size < 1:
         raise ConfigError(f"--max-examples and --batch-size must be positive, got {max_examples} and {batch_size}")
     check_model_folder(student, "student", "--student")
-    cache = open_cache(cache_path)
+    cache = open_cache(cache_path, topk_order="any")
     dev = resolve_device(device)
     model, tokenizer = build_student(StudentConfig(path=student, allow_pickle_weights=allow_pickle_weights), cache)
     model.to(dev)

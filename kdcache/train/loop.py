@@ -117,7 +117,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     # each loss's and pseudo-teacher's own section (losses.<name>, pseudo_teachers.<name>), checked by its registry
     options = loss_options(cfg)
     pseudo_teacher_options(cfg)
-    cache = open_cache(cfg.cache)
+    cache = open_cache(cfg.cache, topk_order="any")  # the losses treat the top-k as a set: no sort on read
     if cache.manifest.status != "complete":
         log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
     loss_spec = get_loss(cfg.loss) if cfg.loss != "none" else None
@@ -270,7 +270,7 @@ def _tail_mode(cfg: TrainConfig, cache: Cache) -> int | None:
 def _open_eval_cache(cfg: TrainConfig, cache: Cache) -> Cache | None:
     if not cfg.eval_cache:
         return None
-    source = open_cache(cfg.eval_cache)
+    source = open_cache(cfg.eval_cache, topk_order="any")
     require_same_tokenizer(cache.manifest, source.manifest, cfg.cache, cfg.eval_cache, "evaluating on another cache")
     return source
 
