@@ -112,6 +112,15 @@ class TrainConfig:
     steps: int = doc("Optimizer steps.", 300, valid=POSITIVE)
     batch_size: int = doc("Examples per micro-batch.", 8, valid=POSITIVE)
     grad_accum: int = doc("Micro-batches per optimizer step.", 1, valid=POSITIVE)
+    packing: bool = doc(
+        "Sequence packing: lay each micro-batch's batch_size examples end to end in as few rows as fit (rows as long as "
+        "its longest example, first-fit longest first) instead of padding every example to it, so short examples stop "
+        "paying for padding (a gain where lengths vary: examples longer than half the row never share one). Each example keeps its own positions (from 0) and attends only to itself, and no target "
+        "crosses into the next example: the logits, the losses' per-target order and their normalisation (by target "
+        "tokens) are the padded batch's, so a packed run sees the same examples per step and follows the padded run's "
+        "loss curve. Every logit loss, terms hidden and exits, pseudo-teachers ema, dropout and peers; refused with "
+        "terms.attention and pseudo_teacher augment (they read whole padded rows). Evaluation stays padded "
+        "(kdcache/train/packing.py).", False)
     lr: float = doc("Peak learning rate (AdamW).", 3e-3, valid=POSITIVE)
     min_lr_ratio: float = doc("Final learning rate as a fraction of the peak (cosine decay).", 0.1, valid=FRACTION)
     warmup_steps: int = doc("Linear warm-up steps.", 20, valid=NON_NEGATIVE)

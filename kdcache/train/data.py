@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -146,17 +146,18 @@ def _sampled_targets(examples: list[dict], masks: list[np.ndarray]) -> tuple[tor
     return torch.from_numpy(out_ids), torch.from_numpy(out_w)
 
 
-def batches(stream: Iterable[dict], batch_size: int, pad_id: int = 0, tail_index: int | None = None) -> Iterator[Batch]:
+def batches(stream: Iterable[dict], batch_size: int, pad_id: int = 0, tail_index: int | None = None,
+            collate_fn: Callable[[list[dict], int, int | None], Batch] = collate) -> Iterator[Batch]:
     """Consecutive micro-batches of the stream's examples (a curriculum may filter them on the way); the stream's state
-    after a batch marks exactly where the next begins."""
+    after a batch marks exactly where the next begins. ``collate_fn``: padded rows, or packed ones (kdcache.train.packing)."""
     buf: list[dict] = []
     for ex in stream:
         buf.append(ex)
         if len(buf) == batch_size:
-            yield collate(buf, pad_id, tail_index)
+            yield collate_fn(buf, pad_id, tail_index)
             buf = []
     if buf:
-        yield collate(buf, pad_id, tail_index)
+        yield collate_fn(buf, pad_id, tail_index)
 
 
 def heldout_batches(cache: Cache, fraction: float, max_examples: int, batch_size: int, pad_id: int = 0) -> list[Batch]:

@@ -28,9 +28,10 @@ from kdcache.train.checkpoint import (
 )
 from kdcache.train.config import TrainConfig
 from kdcache.train.curriculum import Curriculum, competence, training_difficulties
-from kdcache.train.data import TEMPERED_TAIL, batches, heldout_batches, tempered_tail_index, train_columns
+from kdcache.train.data import TEMPERED_TAIL, batches, collate, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
+from kdcache.train import packing
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
 from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
@@ -117,6 +118,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     # each loss's and pseudo-teacher's own section (losses.<name>, pseudo_teachers.<name>), checked by its registry
     options = loss_options(cfg)
     pseudo_teacher_options(cfg)
+    if cfg.packing:
+        packing.refuse_unsupported(cfg)
     cache = open_cache(cfg.cache, topk_order="any")  # the losses treat the top-k as a set: no sort on read
     if cache.manifest.status != "complete":
         log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
@@ -136,11 +139,15 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     autocast = autocast_for(cfg.precision, device)
     model, tokenizer = build_student(cfg.student, cache, seed=cfg.seed)
     objectives, projections = build_objectives(cfg, model, cache)  # every term's bad input is refused here, before the run dir
+    if cfg.packing:  # a student that cannot keep packed examples apart too; before the pseudo-teacher, whose EMA copy keeps the hook
+        packing.enable(model)
     out, ckpt = prepare_run_dir(cfg, comparable_config)  # same config resumes, a different one is refused
     model.to(device).train()
     projections.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pseudo = build_pseudo_teacher(cfg, model)
+    for peer in (pseudo.extra_students().values() if cfg.packing and pseudo is not None else ()):
+        packing.enable(peer)  # peers are students of their own
     # the projections train with the student (after its parameters, so a run without terms has the same optimizer)
     optimizer = build_optimizer(torch.nn.ModuleList([model, projections]) if len(projections) else model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -171,7 +178,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     where.step = step
     # A curriculum skips the examples above the current step's difficulty as the stream passes them.
     examples = curriculum.filter(stream, lambda: step) if curriculum is not None else stream
-    data = batches(examples, cfg.batch_size, pad_id, tail_index)
+    data = batches(examples, cfg.batch_size, pad_id, tail_index, packing.pack if cfg.packing else collate)
     saved = ckpt  # the newest checkpoint, whose weights are the model's whenever its step is `step`
 
     def checkpoint(at: int) -> None:
