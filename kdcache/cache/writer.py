@@ -21,6 +21,8 @@ A shard is committed when it holds ``shard_tokens`` tokens or when its first row
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import logging
 import os
 import re
@@ -42,7 +44,6 @@ from kdcache.cache.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
-    file_sha256,
     fsync_dir,
     read_manifest,
     shard_index,
@@ -159,6 +160,7 @@ class CacheWriter:
         """Examples added by this writer (this run), committed or not."""
         self._shard: pq.ParquetWriter | None = None
         self._shard_tmp: Path | None = None
+        self._sink: _HashingFile | None = None  # the shard's file, hashed as it is written
         self._shard_rows = 0
         self._shard_tokens = 0
         self._shard_row_groups: list[int] = []
@@ -405,6 +407,12 @@ class CacheWriter:
             except Exception:  # noqa: BLE001 - the shard is discarded anyway
                 pass
             self._shard = None
+        if self._sink is not None:
+            try:
+                self._sink.close()
+            except OSError:
+                pass  # (a full disk fails the flush too) the shard is discarded anyway
+            self._sink = None
         if self._shard_tmp is not None:
             try:
                 self._shard_tmp.unlink(missing_ok=True)
@@ -478,8 +486,9 @@ class CacheWriter:
             if self._shard is None:
                 index = len(self.manifest.shards)
                 self._shard_tmp = self.path / f".{shard_name(index)[:-8]}.{temp_suffix()}.parquet.tmp"
+                self._sink = _HashingFile(self._shard_tmp)
                 self._shard = pq.ParquetWriter(
-                    self._shard_tmp,
+                    self._sink,
                     self.schema,
                     compression="zstd",
                     compression_level=self.compression_level,
@@ -512,10 +521,8 @@ class CacheWriter:
         try:
             self._shard.close()
             self._shard = None
-            with open(self._shard_tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            digest = file_sha256(self._shard_tmp)
-            size = self._shard_tmp.stat().st_size
+            digest, size = self._sink.finish()  # flushed, fsynced; its sha256 computed as the bytes went out
+            self._sink = None
             os.replace(self._shard_tmp, final)
             fsync_dir(self.path)
         except OSError as exc:
@@ -564,3 +571,36 @@ class CacheWriter:
         raise KDCacheError(f"cannot write {self.path}: {' '.join(str(exc).split())}") from None
 
 
+class _HashingFile(io.RawIOBase):
+    """The shard file as pyarrow's sink: sha256 and size follow the bytes as Parquet writes them (it only appends),
+    so committing a shard does not read it back."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._file = open(path, "xb")
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = self._file.write(data)
+        self._hash.update(memoryview(data)[:n])
+        self._size += n
+        return n
+
+    def tell(self) -> int:
+        return self._size
+
+    def finish(self) -> tuple[str, int]:
+        """Flush and fsync the file, close it; (sha256 hex, bytes)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._hash.hexdigest(), self._size
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        super().close()
