@@ -180,7 +180,7 @@ def main(verbose: bool) -> None:
 @click.option("--dataset", "source", help="Local data file/folder, hub dataset, or embedded:stdlib-docs.")
 @click.option("--split", help="Dataset split.")
 @click.option("--field", help="Text or messages field.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "text", "messages", "prompt_response"]), help="Row format.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "messages", "prompt_response", "tokens"]), help="Row format.")
 @click.option("--max-length", type=int, help="Max tokens per example.")
 @click.option("--max-rows", type=int, help="Read at most N rows.")
 @click.option("--top-k", type=int, help="Top-k log-probabilities to keep (0: none).")

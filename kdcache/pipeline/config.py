@@ -27,12 +27,14 @@ class DataConfig:
     revision: str | None = doc(
         "Hub datasets: the git revision (commit sha, tag or branch) to read; recorded in the cache's dataset identity, "
         "so a cache made from another revision is never resumed into. null: the hub's default branch (unpinned).", None)
-    format: Literal["auto", "text", "messages", "prompt_response"] = doc(
+    format: Literal["auto", "text", "messages", "prompt_response", "tokens"] = doc(
         "How a row becomes tokens: text (one field, loss on every token), messages (chat list, loss on assistant "
-        "turns), prompt_response (loss on the response). auto picks from the row's fields.",
+        "turns), prompt_response (loss on the response), tokens (the field already holds token ids of the teacher's "
+        "tokenizer, used as they are: no special tokens added, loss on every token). auto picks from the row's fields "
+        "(a list of integers is tokens).",
         "auto",
     )
-    field: str = doc("Field holding the text (format text) or the chat messages (format messages).", "text")
+    field: str = doc("Field holding the text (format text), the chat messages (format messages) or the token ids (format tokens).", "text")
     prompt_field: str = doc("Prompt field for format prompt_response.", "prompt")
     response_field: str = doc("Response field for format prompt_response.", "response")
     chat_template: bool = doc("Render messages and prompt/response pairs with the tokenizer's chat template.", True)

@@ -133,7 +133,9 @@ def resolve_format(cfg: DataConfig, first_row: dict, prompts_only: bool = False)
     fmt = cfg.format
     if fmt == "auto":
         if cfg.field in first_row:
-            fmt = "messages" if isinstance(first_row[cfg.field], list) else "text"
+            value = first_row[cfg.field]
+            fmt = ("tokens" if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value) else "messages") \
+                if isinstance(value, list) else "text"
         elif cfg.prompt_field in first_row and cfg.response_field in first_row:
             fmt = "prompt_response"
         elif "messages" in first_row:
@@ -176,6 +178,8 @@ class RowTokenizer:
                 return self._text(row)
             if self.format == "messages":
                 return self._messages(row[self.cfg.field])
+            if self.format == "tokens":
+                return self._tokens(row)
             return self._prompt_response(row)
         except _Bad as bad:
             return BadRow(bad.reason, bad.detail)
@@ -194,6 +198,18 @@ class RowTokenizer:
     def _text(self, row: dict) -> Tokenized | BadRow:
         ids = self.tok(self._get_str(row, self.cfg.field), add_special_tokens=True)["input_ids"]
         return self._finish(ids, np.ones(max(len(ids) - 1, 0), dtype=bool), prompt_len=0)
+
+    def _tokens(self, row: dict) -> Tokenized | BadRow:
+        value = row.get(self.cfg.field)
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise _Bad("wrong_type", f"field {self.cfg.field!r} must be a list of token ids (integers)")
+        ids = np.asarray(value, dtype=np.int64)
+        vocab = len(self.tok)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise _Bad("token_out_of_range", f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} is outside the "
+                                             f"teacher's tokenizer [0, {vocab})")
+        # as text rows: loss on every token; generation continues generation.prompt_tokens of them (or all)
+        return self._finish(value, np.ones(max(len(value) - 1, 0), dtype=bool), prompt_len=0)
 
     def _prompt_response(self, row: dict) -> Tokenized | BadRow:
         prompt = self._get_str(row, self.cfg.prompt_field)
