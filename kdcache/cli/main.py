@@ -430,6 +430,11 @@ def combine(caches, weights, out, top_k, codec, overwrite) -> None:
     click.echo(f"cache {out}: {plural(m.num_rows, 'row')}, mixture of {len(caches)} teachers, top-{m.top_k}")
 
 
+from kdcache.cli.import_cache import register as _register_import  # noqa: E402  (kdcache import: DistillKit logit datasets)
+
+_register_import(main, _run)
+
+
 @main.command()
 @click.argument("cache")
 @click.option("--out", required=True, help="New or empty folder for the plain Parquet files.")
