@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache import topk_codec
+import kdcache.cache.topk_codec as topk_codec
 from kdcache.errors import ConfigError
 
 LOGICAL = ("topk_ids", "topk_logprobs", "tail_logprob")

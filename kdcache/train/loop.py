@@ -31,7 +31,7 @@ from kdcache.train.curriculum import Curriculum, competence, training_difficulti
 from kdcache.train.data import TEMPERED_TAIL, batches, collate, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
-from kdcache.train import packing
+import kdcache.train.packing as packing
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
 from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
