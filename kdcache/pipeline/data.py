@@ -32,6 +32,7 @@ class Tokenized:
     context_tokens: int = 0  # where input_ids start in teacher_ids
     fields: dict | None = None  # kept dataset fields (keep_fields), copied into the cache as they are
     generate: bool = False  # the teacher continues this row's prompt (generation), instead of scoring it as it is
+    teacher_input: dict | None = None  # the row fields a teacher that does not read tokens takes (Teacher.input_fields)
 
 
 @dataclass

@@ -249,6 +249,10 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=limit))
     stored = _stored(cfg, teacher)
     layers = stored.layers
+    for name in teacher.input_fields:
+        if name not in first:
+            raise ConfigError(f"the teacher reads field {name!r}, which the dataset does not have (it has {sorted(first)}); "
+                              "pass the right field (e.g. --set vision.image_field=NAME)")
     context = TeacherContext.build(cfg.context, teacher.tokenizer) if cfg.context else None
     signals = make_signals(
         cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled,
@@ -301,6 +305,10 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
                 bad = [name for name, v in values.items() if v is None]
                 item = BadRow("wrong_field_type", f"kept field {bad[0]!r} is missing or not {kept[bad[0]]}") if bad else \
                     dataclasses.replace(item, fields=values)
+            if teacher.input_fields and isinstance(item, Tokenized):  # what a non-text teacher reads (an image path)
+                absent = [f for f in teacher.input_fields if row.get(f) is None]
+                item = BadRow("missing_teacher_input", f"field {absent[0]!r}, which the teacher reads, is missing") if absent else \
+                    dataclasses.replace(item, teacher_input={f: row[f] for f in teacher.input_fields})
             if isinstance(item, BadRow):
                 if cfg.data.strict:
                     raise DataError(f"bad row {index}: {item.detail} (reason {item.reason}); fix the row or drop --strict to skip and count it")
@@ -324,7 +332,8 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
                 if kind == "generate":
                     yield _generate_request(cfg, items, limit)
                 else:
-                    yield ScoreRequest([_teacher_input(t) for _, t in items], seeds=[_row_seed(cfg.seed, i) for i, _ in items])
+                    yield ScoreRequest([_teacher_input(t) for _, t in items], seeds=[_row_seed(cfg.seed, i) for i, _ in items],
+                                       inputs=[t.teacher_input for _, t in items] if teacher.input_fields else None)
 
     teacher.progress = progress
     teacher.load()

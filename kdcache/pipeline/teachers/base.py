@@ -29,6 +29,7 @@ class ScoreRequest:
 
     sequences: list[np.ndarray]
     seeds: list[int] | None = None  # one per sequence, for sampled targets
+    inputs: list[dict] | None = None  # per sequence, the row fields a teacher that reads other input takes (Teacher.input_fields)
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +77,9 @@ class Teacher(ABC):
     #: Decoder blocks (1..num_layers) whose q/k/v projections ``score`` also returns as ``qkv_<L>``; generate
     #: sets it (after ``describe_attention`` accepted them) before ``load()``.
     attention_layers: tuple[int, ...] = ()
+    #: Row fields the teacher reads instead of the row's tokens (an image path for a vision teacher); generate passes
+    #: them along as ScoreRequest.inputs, and the tokens are the student's only.
+    input_fields: tuple[str, ...] = ()
 
     def describe_attention(self, blocks: list[int]) -> dict:
         """``{"sizes": [dq, dk, dv], "num_heads", "num_kv_heads", "head_dim"}`` of the chosen blocks, without the
