@@ -105,11 +105,12 @@ class TorchModuleConfig:
 
 
 @dataclass
-class VisionConfig:
-    """The transformers-vision backend's input (kdcache/pipeline/teachers/vision_backend.py)."""
+class MediaConfig:
+    """The input of the transformers-vision and transformers-audio backends (kdcache/pipeline/teachers/media_backend.py)."""
 
-    image_field: str = doc("Row field holding the image file's path, relative to root (kdcache render-text writes `image`).", "image")
-    root: str = doc("Folder the image paths are relative to (every path must stay inside it); empty: the working directory.", "")
+    field: str = doc("Row field holding the image or audio (PCM WAV) file's path, relative to root; empty: `image` for the "
+                     "vision backend (what kdcache render-text writes), `audio` for the audio backend.", "")
+    root: str = doc("Folder the paths are relative to (every path must stay inside it); empty: the working directory.", "")
     tokenizer: str = doc("Tokenizer of the student's text (the row's text field); stored with the cache.", "")
 
     def __post_init__(self):
@@ -122,8 +123,8 @@ class GenerateConfig:
     backend: str = doc("Teacher backend: transformers (causal LMs, any machine), vllm (needs `pip install kdcache[vllm]`; see README) or "
                        "transformers-encoder (a sequence classifier's class logits or an encoder's states; with --top-k 0) or "
                        "torch-module (your nn.Module: --set module.entry_point=pkg.mod:fn, weights TEACHER/model.safetensors) or "
-                       "transformers-vision (an image model reading each row's image file, vision.*; pooled states and class logits, "
-                       "--top-k 0).", "transformers")
+                       "transformers-vision / transformers-audio (an image or audio model reading each row's file, media.*; pooled "
+                       "states and class logits, --top-k 0).", "transformers")
     out: str = doc("Cache directory to write (created; resumed if it holds the same settings).", "")
     overwrite: bool = doc("Replace an existing cache at `out` whose settings differ.", False)
     top_k: int = doc("Teacher log-probabilities kept per position (plus the tail mass); 0 keeps none (a sampled-only cache).", 64, valid=NON_NEGATIVE)
@@ -199,13 +200,13 @@ class GenerateConfig:
     vllm: VLLMConfig = doc("vLLM engine settings (backend vllm).", default_factory=VLLMConfig)
     module: TorchModuleConfig = doc("The torch-module backend's model: entry point and its arguments (weights: TEACHER/model.safetensors).",
                                     default_factory=TorchModuleConfig)
-    vision: VisionConfig = doc("The transformers-vision backend's input: the image field, its root folder, the student's tokenizer.",
-                               default_factory=VisionConfig)
+    media: MediaConfig = doc("The vision and audio backends' input: the file field, its root folder, the student's tokenizer.",
+                             default_factory=MediaConfig)
 
     def __post_init__(self):
         typed_sections(self)
         check_fields(self)
-        if self.top_k == 0 and self.sampled_tokens == 0 and not (self.pooled_layers or self.hidden_layers) and self.backend not in ("transformers-encoder", "transformers-vision"):
+        if self.top_k == 0 and self.sampled_tokens == 0 and not (self.pooled_layers or self.hidden_layers) and self.backend not in ("transformers-encoder", "transformers-vision", "transformers-audio"):
             raise ConfigError("nothing to store: pass --top-k K, --sampled-tokens N and/or --set pooled_layers=[L]")
         if len(set(self.tail_temperatures)) != len(self.tail_temperatures):
             raise ConfigError(f"tail_temperatures must be distinct, got {show(self.tail_temperatures)}")

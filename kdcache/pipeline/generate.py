@@ -252,7 +252,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
     for name in teacher.input_fields:
         if name not in first:
             raise ConfigError(f"the teacher reads field {name!r}, which the dataset does not have (it has {sorted(first)}); "
-                              "pass the right field (e.g. --set vision.image_field=NAME)")
+                              "pass the right field (e.g. --set media.field=NAME)")
     context = TeacherContext.build(cfg.context, teacher.tokenizer) if cfg.context else None
     signals = make_signals(
         cfg.top_k, teacher.vocab_size, cfg.logprob_codec, layers, teacher.hidden_size, cfg.hidden_codec, cfg.generation.enabled,

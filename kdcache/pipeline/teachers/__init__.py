@@ -1,6 +1,6 @@
 """Teacher backends, by name. Add one by decorating a factory with ``@register_backend("name")``."""
 
-from kdcache.pipeline.teachers import encoder_backend, module_backend, transformers_backend, vision_backend, vllm_backend  # noqa: F401  (register the backends)
+from kdcache.pipeline.teachers import encoder_backend, module_backend, transformers_backend, media_backend, vllm_backend  # noqa: F401  (register the backends)
 from kdcache.pipeline.teachers.base import (
     BACKENDS,
     GenerateRequest,
