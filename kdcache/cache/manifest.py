@@ -89,6 +89,27 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+PART_DIR_RE = re.compile(r"part-(\d{5}|[1-9]\d{5,})-of-(\d{5}|[1-9]\d{5,})")
+"""The folder of one part of a job array (``generate --num-shards N --shard-index I``), exactly as generate names
+it: ``part-{I:05d}-of-{N:05d}``. A merged cache (kdcache/cache/merge.py) is the folder holding the parts."""
+
+
+def part_dir_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+def listed_name_ok(name: object) -> bool:
+    """A shard name a manifest may list: a plain kdcache shard name in the cache directory, or, in a merged cache,
+    one level down in a part folder (``part-00001-of-00003/part-00000.parquet``). Both patterns are fixed
+    characters, so no name can hold ``..``, an absolute path or a second level."""
+    if not isinstance(name, str):
+        return False
+    if SHARD_RE.fullmatch(name):
+        return True
+    folder, slash, shard = name.partition("/")
+    return bool(slash) and PART_DIR_RE.fullmatch(folder) is not None and SHARD_RE.fullmatch(shard) is not None
+
+
 def shard_index(name: str) -> int | None:
     """The index of a kdcache shard name, None for any other name."""
     return int(name[5:-8]) if SHARD_RE.fullmatch(name) else None
@@ -199,11 +220,13 @@ class Manifest:
             raise CacheFormatError(f"{where} is missing or has unexpected fields ({exc}); regenerate the cache") from None
         seen: set[str] = set()
         for s in shards:
-            # Shards live in the cache directory itself: a name is a plain kdcache shard file name, never a path.
-            if not isinstance(s.name, str) or not SHARD_RE.fullmatch(s.name) or s.name in seen:
+            # Shards live in the cache directory itself (a merged cache: in its part folders, one level down): a name
+            # is a kdcache shard file name, never a path of its own.
+            if not listed_name_ok(s.name) or s.name in seen:
                 raise CacheFormatError(
                     f"{where} lists shard {s.name!r}, which is not a kdcache shard file name in the cache directory "
-                    "(part-NNNNN.parquet, listed once); the manifest was not written by kdcache or was edited, regenerate the cache"
+                    "(part-NNNNN.parquet, or part-IIIII-of-NNNNN/part-NNNNN.parquet in a merged cache, listed once); "
+                    "the manifest was not written by kdcache or was edited, regenerate the cache"
                 )
             seen.add(s.name)
         return manifest

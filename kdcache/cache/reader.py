@@ -165,6 +165,9 @@ def check_value_count(name: str, col: pa.Array, footer_values: dict[str, int], o
 
 def regenerate_fix(manifest: Manifest | None = None) -> str:
     """The honest fix for a damaged shard: shards cannot be regenerated one at a time (a resume only appends)."""
+    if manifest is not None and manifest.created_by.startswith("kdcache merge"):
+        return ("regenerate the part that holds it: remove the merged manifest (CACHE/_manifest.json), rerun that part's "
+                "`kdcache generate` task with --overwrite, then `kdcache merge` again (the other parts stay as they are)")
     command = "kdcache combine" if manifest is not None and manifest.created_by.startswith("kdcache combine") else "kdcache generate"
     return (
         f"regenerate the cache: rerun the `{command}` command that wrote it with --overwrite or into a new --out "

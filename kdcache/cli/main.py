@@ -195,6 +195,9 @@ def main(verbose: bool) -> None:
 @click.option("--device", help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Teacher dtype.")
 @click.option("--batch-tokens", type=int, help="Token budget per forward pass.")
+@click.option("--num-shards", type=int, help="Job array: parts to split the dataset into, each into OUT/part-IIIII-of-NNNNN "
+              "(default: KDCACHE_NUM_SHARDS, SLURM_ARRAY_TASK_COUNT, else 1); join them with `kdcache merge --out OUT`.")
+@click.option("--shard-index", type=int, help="Job array: the part this task writes, 0..N-1 (default: SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX).")
 @click.option("--generate-continuations", "gen_enabled", is_flag=True, default=None, help="Cache teacher continuations of each prompt.")
 @click.option("--max-new-tokens", type=int, help="Tokens per continuation.")
 @click.option("--num-samples", type=int, help="Continuations per prompt.")
@@ -211,11 +214,14 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
         values["tail_temperatures"] = _run(_number_list, tail_temperatures, float, "--tail-temperatures", "2,4")
     config_path = _run(_config_path, config_path, recipe)
     cfg = _run(lambda: build_config(GenerateConfig, config_path, values, list(overrides), section=_section(config_path, "generate")))
+    from kdcache.pipeline.sharding import cache_dir, from_environment
+
+    cfg = _run(from_environment, cfg)  # a job array's part from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX, ... when not given
     _run(cfg.validate)  # mistakes in the settings cost milliseconds: nothing heavy is imported before this
     from kdcache.pipeline.generate import generate as run
 
     manifest = _run(run, cfg, progress=not quiet)
-    click.echo(f"cache {cfg.out}: {plural(manifest.num_rows, 'row')}, {plural(manifest.num_tokens, 'token')}, "
+    click.echo(f"cache {cache_dir(cfg)}: {plural(manifest.num_rows, 'row')}, {plural(manifest.num_tokens, 'token')}, "
                f"{manifest.num_bytes / max(manifest.num_tokens, 1):.1f} B/token ({manifest.status})")
 
 
@@ -428,6 +434,18 @@ def combine(caches, weights, out, top_k, codec, overwrite) -> None:
         sys.exit(2)
     m = _run(combine_caches, list(caches), w, out, top_k=top_k, overwrite=overwrite, codec=codec)
     click.echo(f"cache {out}: {plural(m.num_rows, 'row')}, mixture of {len(caches)} teachers, top-{m.top_k}")
+
+
+@main.command()
+@click.argument("parts", nargs=-1)
+@click.option("--out", required=True, help="The folder the parts are in (OUT/part-IIIII-of-NNNNN): it becomes the merged cache.")
+def merge(parts, out) -> None:
+    """Join the parts of a job array (generate --num-shards N) into one cache: a manifest, no data copied."""
+    from kdcache.cache.merge import merge_parts
+
+    m = _run(merge_parts, out, list(parts) or None)
+    click.echo(f"cache {out}: {plural(m.num_rows, 'row')}, {plural(m.num_tokens, 'token')}, "
+               f"{plural(m.settings['job_array']['num_shards'], 'part')} merged in place ({plural(len(m.shards), 'shard')}, no data copied)")
 
 
 from kdcache.cli.import_cache import register as _register_import  # noqa: E402  (kdcache import: DistillKit logit datasets)

@@ -195,6 +195,14 @@ class GenerateConfig:
         "shard_tokens tokens (its last row group is then shorter too): Ctrl-C or a crash loses at most this much "
         "teacher work. A fast teacher fills shards by tokens first.", 60.0, valid=POSITIVE)
     compression_level: int = doc("zstd level.", 1, valid=Valid(1, 22))
+    num_shards: int | None = doc(
+        "Job array: split the dataset into this many parts, each written by its own task into OUT/part-IIIII-of-NNNNN "
+        "(input row r belongs to part r % num_shards), then joined by `kdcache merge --out OUT`. null: 1 (one cache in OUT); "
+        "`kdcache generate` reads it from the environment when unset (KDCACHE_NUM_SHARDS, SLURM_ARRAY_TASK_COUNT).",
+        None, valid=POSITIVE)
+    shard_index: int | None = doc(
+        "Job array: the part this task writes, 0..num_shards-1. null: 0; `kdcache generate` reads it from the environment "
+        "when unset (SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX).", None, valid=NON_NEGATIVE)
     data: DataConfig = doc("Input dataset.", default_factory=DataConfig)
     generation: GenerationConfig = doc("Teacher continuations.", default_factory=GenerationConfig)
     vllm: VLLMConfig = doc("vLLM engine settings (backend vllm).", default_factory=VLLMConfig)
@@ -226,6 +234,9 @@ class GenerateConfig:
             raise ConfigError(f"generation.rows={self.generation.rows} chooses which rows the teacher continues; add --set generation.enabled=true")
         if 0 in self.attention_layers:
             raise ConfigError("attention_layers are decoder blocks 1..num_layers (or -1 for the last); 0, the embeddings, has no attention")
+        if self.num_shards is not None and self.shard_index is not None and self.shard_index >= self.num_shards:
+            raise ConfigError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards} (parts are numbered "
+                              f"0 to {self.num_shards - 1}); pass the part with --shard-index and the number of parts with --num-shards")
 
     def validate(self) -> None:
         if not self.teacher:

@@ -30,6 +30,7 @@ from kdcache.pipeline.config import GenerateConfig
 from kdcache.pipeline.context import TeacherContext, align, check_template, student_fields, teacher_sequence
 from kdcache.pipeline.fields import field_value, kept_field_types
 from kdcache.pipeline.data import BadRow, RowTokenizer, Tokenized, dataset_identity, iter_rows, resolve_format
+from kdcache.pipeline.sharding import is_part, job_array_settings, keeps, part_config
 from kdcache.pipeline.teachers import GenerateRequest, Request, ScoreRequest, Teacher, build_teacher, resolve_blocks, resolve_layers
 from kdcache.pipeline.teachers.sampling import SparseSampling
 
@@ -119,6 +120,7 @@ def _settings(cfg: GenerateConfig, teacher: Teacher, layers: list[int], stored: 
         },
         "generation": gen if cfg.generation.enabled else {"enabled": False},
         "seed": cfg.seed if (cfg.generation.enabled and cfg.generation.do_sample) or cfg.sampled_tokens else None,
+        **job_array_settings(cfg),  # a part of a job array only: one process's cache keeps its settings hash
     }
 
 
@@ -207,6 +209,7 @@ def generate(cfg: GenerateConfig, progress: bool = True, teacher: Teacher | None
     A KeyboardInterrupt is raised as :class:`Interrupted` saying what the cache kept.
     """
     cfg.validate()
+    cfg = part_config(cfg)  # a part of a job array goes into its folder of cfg.out
     opened: list[CacheWriter] = []  # the writer, once the cache is open
     try:
         return _generate(cfg, progress, teacher, opened)
@@ -292,10 +295,11 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
     if start:
         log.info("resuming after input row %d", start)
     limit = teacher.max_sequence_length()
+    mine = keeps(cfg)  # a part of a job array scores its own rows; example ids stay the global row index
 
     def tokenized() -> Iterator[tuple[int, Tokenized | BadRow]]:
         for index, row in enumerate(itertools.chain([first], rows)):
-            if index < start:
+            if index < start or not mine(index):
                 continue
             item = tokenize(row)
             if context is not None and isinstance(item, Tokenized):
@@ -363,8 +367,8 @@ def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, row
         bar.update(len(batch))
         bar.set_postfix(tokens=tokens)
     bar.close()
-    if writer.rows_added == 0 and not writer.manifest.shards:
-        reasons = {k: v for k, v in writer.stats.items() if k.startswith("bad_rows")}
+    reasons = {k: v for k, v in writer.stats.items() if k.startswith("bad_rows")}
+    if writer.rows_added == 0 and not writer.manifest.shards and (reasons or not is_part(cfg)):  # a part may hold no row
         raise DataError(f"no usable rows in {cfg.data.source!r}: every row was bad ({reasons}); check --field and the data")
     manifest = writer.close()
     bad = {k: v for k, v in manifest.stats.items() if k.startswith("bad_rows")}
