@@ -5,7 +5,9 @@ The teacher (SmolLM2-135M-Instruct) reads the few-shot context of recipe step-by
 for each of the 600 training problems of embedded:word-problems (cache S also holds the answer rows, the true
 answers scored by the teacher); cache A holds the answer rows alone. Students with the demo's settings and the
 recipe's loss train the same number of steps on each, and answer the 300 held-out problems of
-embedded:word-problems-test greedily after "[answer] ...": exact-match accuracy. The teacher's own accuracy is
+embedded:word-problems-test greedily after "[answer] ...": exact-match accuracy. A third row trains on cache S with
+only the rationales whose answer is right (rationale filtering: cache S's rows rewritten without the wrong ones,
+by this script, not by the teacher). The teacher's own accuracy is
 measured the same way, with the context: answering directly, and writing a rationale first (its upper bound as a
 rationale source); the rationale rows of cache S give its accuracy on the training problems.
 
@@ -73,13 +75,16 @@ def main() -> None:
             results[key] = teacher_accuracy(teacher, context, args.teacher_rows, prefix, **rows_prefix)
             print(json.dumps({key: results[key]}), flush=True)
     demo = DemoConfig()
+    filtered = work / "cache-sbs-correct"
+    results["rationales-kept"] = keep_correct_rationales(caches["step-by-step"].out, filtered)
+    runs = {**{name: cfg.out for name, cfg in caches.items()}, "step-by-step (correct rationales)": str(filtered)}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name, cfg in caches.items():
+        for name, cache in runs.items():
             key = f"{name}@seed{seed}"
             if key in results:
                 continue
-            out = work / name / f"seed{seed}"
-            tcfg = dataclasses.replace(demo.train, cache=cfg.out, out=str(out), seed=seed, steps=args.steps,
+            out = work / ("step-by-step-correct" if "correct" in name else name) / f"seed{seed}"
+            tcfg = dataclasses.replace(demo.train, cache=cache, out=str(out), seed=seed, steps=args.steps,
                                        **{k: v for k, v in recipe["train"].items()})
             t0 = time.perf_counter()
             final = train(tcfg, progress=False)
@@ -92,6 +97,36 @@ def main() -> None:
     print(table(results))
 
 
+def _teacher_answer(tok, ex) -> str | None:
+    found = re.search(ANSWER_PATTERN, tok.decode(ex["input_ids"][int(ex["prompt_length"]):], skip_special_tokens=True))
+    return found.group(1) if found else None
+
+
+def keep_correct_rationales(src: str, out: Path) -> dict:
+    """Cache S without the rationale rows whose answer is wrong (the answer rows all kept), rows as they are."""
+    from transformers import AutoTokenizer
+
+    from kdcache.cache import CacheWriter
+
+    cache = open_cache(src)
+    tok = AutoTokenizer.from_pretrained(Path(src) / "_tokenizer")
+    m = cache.manifest
+    w = CacheWriter(out, {**m.settings, "filtered": "rationale rows whose answer is the true one (benchmarks/step_by_step.py)"},
+                    m.signals, created_by="benchmarks/step_by_step.py")
+    kept = total = 0
+    if not w.complete:
+        import shutil
+
+        shutil.copytree(Path(src) / "_tokenizer", out / "_tokenizer", dirs_exist_ok=True)
+        for i, ex in enumerate(cache.stream()):
+            ok = ex["task"] != "rationale" or _teacher_answer(tok, ex) == ex["answer"]
+            total += ex["task"] == "rationale"
+            kept += ok and ex["task"] == "rationale"
+            w.add_row([ex] if ok else [], i + 1)
+        w.close()
+    return {"rationale_rows_kept": kept, "of": total}
+
+
 def rationale_accuracy(cache_dir: str) -> dict:
     """How often the teacher's written rationale ends in the true answer (the training problems of cache S)."""
     from transformers import AutoTokenizer
@@ -102,8 +137,7 @@ def rationale_accuracy(cache_dir: str) -> dict:
         if ex["task"] != "rationale":
             continue
         text = tok.decode(ex["input_ids"][int(ex["prompt_length"]):], skip_special_tokens=True)
-        found = re.search(ANSWER_PATTERN, text)
-        hits += bool(found and found.group(1) == ex["answer"])
+        hits += _teacher_answer(tok, ex) == ex["answer"]
         with_steps += " = " in text
         total += 1
     return {"accuracy": hits / total, "rows": total, "with_a_calculation": with_steps / total}
@@ -128,7 +162,7 @@ def teacher_accuracy(teacher: str, context: str, rows: int, prefix: str, prompt_
 def table(results: dict) -> str:
     sd = (lambda a: a.std(ddof=1) if len(a) > 1 else float("nan"))
     lines = ["| student (demo settings) | held-out accuracy per seed | mean ± sd | answered |", "|---|---|---:|---:|"]
-    for name in ("answer-only", "step-by-step"):
+    for name in ("answer-only", "step-by-step", "step-by-step (correct rationales)"):
         rs = [r for k, r in results.items() if k.startswith(f"{name}@seed")]
         if not rs:
             continue
