@@ -22,12 +22,12 @@ import yaml
 from click.testing import CliRunner
 
 from kdcache.cache import open_cache, verify_cache
-from kdcache.cache.distillkit import (
+from kdcache.cache.distillkit import import_distillkit
+from kdcache.cache.distillkit_format import (
     DistillKitConfig,
     decode_ids,
     decode_logprobs,
     encode_positions,
-    import_distillkit,
     pack_bits,
     unpack_bits,
     with_tail,
