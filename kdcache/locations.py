@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, DataError
 
 # File suffixes that a hub id never ends with, but a local model or data file does.
 _FILE_SUFFIXES = {".gguf", ".safetensors", ".bin", ".pt", ".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz", ".zst", ".arrow", ".yaml", ".yml"}
@@ -88,3 +88,15 @@ def check_model_folder(path: str, what: str, flag: str) -> None:
         if not any(p.glob("*.gguf")):
             raise ConfigError(f"{path} holds no config.json, so it is not a save_pretrained model folder; pass one to {flag} (a run's student is RUN/final)")
     check_location(path, what, flag)
+
+
+def path_inside(root: str | Path, value: object, setting: str, what: str = "path") -> Path:
+    """The file a row names (``value``, relative to ``root``), refused unless it is a relative path that stays
+    inside ``root``: paths read from data never reach other files. ``setting`` names the root in the message."""
+    base = Path(root or ".").expanduser().resolve()
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        raise DataError(f"{what} {value!r} must be a relative path inside {setting} ({base})")
+    path = (base / value).resolve()
+    if base not in path.parents:
+        raise DataError(f"{what} {value!r} leaves {setting} {base}; paths must stay inside it")
+    return path

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kdcache.config import POSITIVE, check_fields, doc
+from kdcache.locations import path_inside
 from kdcache.errors import ConfigError, DataError
 
 
@@ -97,13 +98,7 @@ def build_image_classifier(cfg: ImageConfig, labels: list[str], seed: int) -> Co
 
 def image_path(cfg: ImageConfig, value: Any) -> Path:
     """The file a row's path names, refused unless it is relative and inside ``cfg.root``."""
-    root = Path(cfg.root).expanduser().resolve()
-    if not isinstance(value, str) or not value or Path(value).is_absolute():
-        raise DataError(f"image path {value!r} must be a relative path inside image.root ({root})")
-    path = (root / value).resolve()
-    if root not in path.parents:
-        raise DataError(f"image path {value!r} leaves image.root {root}; paths must stay inside it")
-    return path
+    return path_inside(cfg.root, value, "image.root", "image path")
 
 
 def check_images(cfg: ImageConfig, values: list[Any]) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from kdcache.errors import ConfigError, DataError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
+from kdcache.locations import path_inside
 from kdcache.modeling import resolve_device
 from kdcache.pipeline.teachers.base import ScoreRequest, Teacher, register_backend
 from kdcache.pipeline.teachers.transformers_backend import load_tokenizer, resolve_dtype
@@ -127,17 +128,9 @@ class MediaTeacher(Teacher):
             model = getattr(model, "vision_model", None) or getattr(model, "audio_model", None) or model  # a CLIP-like checkpoint's tower
         self.model = model.to(self.device).eval()
 
-    def _path(self, relative: Any) -> Path:
-        if not isinstance(relative, str) or not relative:
-            raise DataError(f"field {self.field!r} must be a file path, got {relative!r}")
-        path = (self.root / relative).resolve()
-        if Path(relative).is_absolute() or not path.is_relative_to(self.root):
-            raise DataError(f"path {relative!r} leaves media.root {self.root}; paths are relative and stay inside it")
-        return path
-
     def _inputs(self, relatives: list) -> dict:
         """The model's input tensors for these files (images: one batch; audio: one clip)."""
-        paths = [self._path(r) for r in relatives]
+        paths = [path_inside(self.root, r, "media.root") for r in relatives]
         try:
             if self.modality.default_field == "image":
                 from PIL import Image
