@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from common import machine, pin_one_core  # noqa: E402
+from common import file_column_bytes, machine, pin_one_core  # noqa: E402
 from kdcache.cache import topk_codec as tc  # noqa: E402
 
 KS = (16, 32, 64, 128)
@@ -172,14 +172,7 @@ def parquet_bytes(cols: dict, lengths: np.ndarray, path: Path, row_group_tokens:
             if tokens >= row_group_tokens or e == len(lengths) - 1:
                 w.write_table(table.slice(start, e + 1 - start))
                 start, tokens = e + 1, 0
-    md = pq.ParquetFile(path).metadata
-    sizes: dict[str, int] = {}
-    for g in range(md.num_row_groups):
-        for c in range(md.num_columns):
-            col = md.row_group(g).column(c)
-            name = col.path_in_schema.split(".")[0]
-            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
-    return sizes
+    return file_column_bytes(path)
 
 
 def kl_per_position(ids, lp, tail, d_ids, d_lp, d_tail) -> np.ndarray:

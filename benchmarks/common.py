@@ -98,14 +98,25 @@ class Timer:
 
 def column_bytes(cache_dir: Path) -> dict[str, int]:
     """zstd-compressed bytes per column over all shards and row groups."""
-    import pyarrow.parquet
-
     total: dict[str, int] = {}
     for f in sorted(cache_dir.glob("part-*.parquet")):
-        md = pyarrow.parquet.ParquetFile(f).metadata
-        for rg in range(md.num_row_groups):
-            for c in range(md.num_columns):
-                col = md.row_group(rg).column(c)
-                name = col.path_in_schema.split(".")[0]
-                total[name] = total.get(name, 0) + col.total_compressed_size
+        for name, n in file_column_bytes(f).items():
+            total[name] = total.get(name, 0) + n
     return total
+
+
+def file_column_bytes(path) -> dict[str, int]:
+    """zstd-compressed bytes per top-level column of one Parquet file (a list column's leaf counts as the column;
+    kdcache's dotted stream names such as ``topk.ids_b0`` are columns of their own)."""
+    import pyarrow.parquet
+
+    f = pyarrow.parquet.ParquetFile(path)
+    md, names = f.metadata, f.schema_arrow.names
+    sizes: dict[str, int] = {}
+    for rg in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            col = md.row_group(rg).column(c)
+            leaf = col.path_in_schema
+            name = next((n for n in names if leaf == n or leaf.startswith(n + ".")), leaf.split(".")[0])
+            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return sizes

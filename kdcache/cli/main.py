@@ -275,7 +275,7 @@ def eval_cmd(cache, student, eval_fraction, max_examples, batch_size, device, al
 @click.option("--dataset", default="embedded:word-problems-test", show_default=True, help="Rows with a prompt and its true answer.")
 @click.option("--prompt-field", default="prompt", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
-@click.option("--pattern", default=r"The answer is (-?\d+)", show_default=True, help="Regular expression whose first group is the answer.")
+@click.option("--pattern", help="Regular expression whose first group is the answer (default: the word problems', 'The answer is (-?\\d+)').")
 @click.option("--context", default="", help="Text read before each prompt (e.g. few-shot examples for a teacher).")
 @click.option("--where", "where", multiple=True, help="Only rows with FIELD=VALUE (repeatable).")
 @click.option("--max-rows", type=int, help="Answer at most N rows.")
@@ -293,7 +293,8 @@ def eval_answers(model, dataset, prompt_field, answer_field, pattern, context, w
             raise click.UsageError(f"--where {item!r}: write FIELD=VALUE, e.g. --where task=answer")
         key, value = item.split("=", 1)
         pairs[key] = value
-    result = _run(answer_accuracy, model, dataset, prompt_field=prompt_field, answer_field=answer_field, pattern=pattern,
+    result = _run(answer_accuracy, model, dataset, prompt_field=prompt_field, answer_field=answer_field,
+                  **({"pattern": pattern} if pattern is not None else {}),
                   context=context, where=pairs, max_rows=max_rows, max_new_tokens=max_new_tokens,
                   batch_size=batch_size, device=device)
     text = json.dumps(result, indent=2)
