@@ -68,22 +68,30 @@ def synthetic_topk(n_tokens: int, k: int = 64, vocab: int = 49_152, seed: int = 
     return np.concatenate(ids), np.concatenate(lps), np.concatenate(tails)
 
 
-def synthetic_examples(n_examples: int, length: int, pool: tuple, vocab: int = 49_152, seed: int = 0):
-    """Examples drawing their rows from a pool of synthetic teacher outputs (random offsets)."""
+def synthetic_examples(n_examples: int, length: int, pool: tuple, vocab: int = 49_152, seed: int = 0,
+                       min_length: int | None = None, prompt_fraction: float = 0.0):
+    """Examples drawing their rows from a pool of synthetic teacher outputs (random offsets). With ``min_length``,
+    lengths are uniform in [min_length, length]; with ``prompt_fraction``, up to that fraction of each example's
+    first targets are masked out (a prompt), as chat data is."""
     ids, lps, tails = pool
     rng = np.random.default_rng(seed)
     for e in range(n_examples):
-        off = int(rng.integers(0, len(ids) - length))
+        n = length if min_length is None else int(rng.integers(min_length, length + 1))
+        off = int(rng.integers(0, len(ids) - n))
+        input_ids = rng.integers(0, vocab, n, dtype=np.int32)
+        mask = np.ones(n - 1, dtype=bool)
+        if prompt_fraction > 0:
+            mask[: int(rng.integers(0, int(prompt_fraction * (n - 1)) + 1))] = False
         yield {
             "example_id": str(e),
-            "input_ids": rng.integers(0, vocab, length, dtype=np.int32),
-            "loss_mask": np.ones(length - 1, dtype=bool),
-            "topk_ids": ids[off : off + length - 1],
-            "topk_logprobs": lps[off : off + length - 1],
-            "tail_logprob": tails[off : off + length - 1],
+            "input_ids": input_ids,
+            "loss_mask": mask,
+            "topk_ids": ids[off : off + n - 1],
+            "topk_logprobs": lps[off : off + n - 1],
+            "tail_logprob": tails[off : off + n - 1],
             "teacher_nll": 2.0,
             "teacher_entropy": 3.0,
-            "num_loss_tokens": length - 1,
+            "num_loss_tokens": int(mask.sum()),
         }
 
 

@@ -195,6 +195,10 @@ class GenerateConfig:
         "shard_tokens tokens (its last row group is then shorter too): Ctrl-C or a crash loses at most this much "
         "teacher work. A fast teacher fills shards by tokens first.", 60.0, valid=POSITIVE)
     compression_level: int = doc("zstd level.", 1, valid=Valid(1, 22))
+    write_queue: int = doc(
+        "Input rows queued for the writer thread, which encodes, compresses, writes and fsyncs while the teacher runs on "
+        "(0: write in the teacher's thread). Queued rows are work in flight: a kill loses them, a rerun redoes them.",
+        256, valid=NON_NEGATIVE)
     num_shards: int | None = doc(
         "Job array: split the dataset into this many parts, each written by its own task into OUT/part-IIIII-of-NNNNN "
         "(input row r belongs to part r % num_shards), then joined by `kdcache merge --out OUT`. null: 1 (one cache in OUT); "

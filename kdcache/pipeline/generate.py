@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
+from kdcache.cache.background import BackgroundWriter
 from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.hidden import orthogonal_projection, parse_positions, select_positions
 from kdcache.cache.schema import CLASS_LOGITS_COLUMN, CONTEXT_COLUMN, HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS, pooled_column
@@ -279,17 +280,18 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
     if writer.complete:
         log.info("cache %s is already complete (%d rows); nothing to do", out, writer.manifest.num_rows)
         return writer.manifest
+    sink = BackgroundWriter(writer, cfg.write_queue)  # encoding, zstd and fsync in a thread: the teacher never waits
     try:
         _save_tokenizer(teacher.tokenizer, out)
-        manifest = _run(cfg, teacher, stored, writer, first, rows, tokenize, progress, context, kept)
+        manifest = _run(cfg, teacher, stored, sink, first, rows, tokenize, progress, context, kept)
     except BaseException:
         # Nothing committed in a directory this run created: leave no half-made cache behind (under the lock).
-        writer.abort(discard_new=True)
+        sink.abort(discard_new=True)
         raise
     return manifest
 
 
-def _run(cfg, teacher: Teacher, stored: _Stored, writer: CacheWriter, first, rows, tokenize, progress,
+def _run(cfg, teacher: Teacher, stored: _Stored, writer: BackgroundWriter, first, rows, tokenize, progress,
          context: TeacherContext | None, kept: dict[str, str]) -> Manifest:
     start = writer.resume_input_row
     if start:
