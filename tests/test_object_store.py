@@ -185,14 +185,35 @@ def test_an_interrupted_generate_resumes_on_s3(s3_server, tiny_teacher, text_jso
     names = set(objects(s3_server, s3))
     assert {n for n in names if n.endswith(".parquet")} == {s.name for s in kept.shards}  # the in-flight upload left nothing
     assert LOCK_NAME not in names
-    stray = f"part-{len(kept.shards):05d}.parquet"  # as if a run died after its PUT, before the manifest listed it
-    s3_server.pipe_file(f"{s3.removeprefix('s3://')}/{stray}", b"not parquet")
+    # as if runs died after a shard's PUT, before the manifest listed it: the next index, and one past the end
+    for index in (len(kept.shards), 90):
+        s3_server.pipe_file(f"{s3.removeprefix('s3://')}/part-{index:05d}.parquet", b"not parquet")
     monkeypatch.setattr(CacheWriter, "add_row", real)
     generate(cfg(tiny_teacher, s3, text_jsonl, commit_seconds=1e-6), progress=False)
     m = read_manifest(s3)
     assert m.status == "complete" and m.shards[: len(kept.shards)] == kept.shards
+    assert {n for n in objects(s3_server, s3) if n.endswith(".parquet")} == {s.name for s in m.shards}  # strays removed
     assert verify_cache(s3, deep=True).ok
     assert_same_examples(examples(s3), examples(local))
+
+
+def test_a_stop_before_any_commit_leaves_no_object(s3_server, tiny_teacher, text_jsonl, s3, monkeypatch):
+    """Row groups already uploaded into a shard that was never completed (a multipart upload or a buffer) leave
+    nothing: the upload is aborted, and the manifest and tokenizer this run created are removed under its lock."""
+    real = CacheWriter.add_row
+    calls: list[int] = []
+
+    def dies_after_twenty_rows(self, examples, input_rows_end):
+        calls.append(input_rows_end)
+        if len(calls) > 20:
+            assert self._shard is not None and self._shard_row_groups  # a shard is open, with row groups in it
+            raise KeyboardInterrupt
+        return real(self, examples, input_rows_end)
+
+    monkeypatch.setattr(CacheWriter, "add_row", dies_after_twenty_rows)
+    with pytest.raises(Interrupted, match="nothing was committed yet"):
+        generate(cfg(tiny_teacher, s3, text_jsonl, row_group_tokens=16, shard_tokens=10**6, commit_seconds=3600), progress=False)
+    assert objects(s3_server, s3) == {}
 
 
 def test_two_writers_are_refused_and_a_stale_lock_is_taken_explicitly(s3_server, tiny_teacher, text_jsonl, s3):

@@ -29,7 +29,7 @@ import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kdcache.cache import object_lock
+from kdcache.cache.object_lock import acquire as acquire_object, read as read_object, release as release_object
 from kdcache.cache.filesystem import RemotePath, as_path, is_remote
 from kdcache.cache.manifest import write_atomic
 from kdcache.errors import CacheLockedError, KDCacheError, OutOfSpaceError
@@ -158,7 +158,7 @@ def _release(path: str, token: str, pid: int) -> None:
     if os.getpid() != pid:  # a forked child never releases its parent's lock
         return
     if is_remote(path):
-        object_lock.release(RemotePath(path).parent, token)
+        release_object(RemotePath(path).parent, token)
         return
     p = Path(path)
     try:
@@ -199,7 +199,7 @@ class CacheLock:
         if self.held:
             return self
         if is_remote(self.root):  # a conditional PUT instead of O_EXCL (kdcache/cache/object_lock.py)
-            object_lock.acquire(self.root, self._info(), _stale)
+            acquire_object(self.root, self._info(), _stale)
             return self._held()
         data = json.dumps(self._info()).encode()
         for _ in range(5):
@@ -288,7 +288,7 @@ def read_lock(root: str | Path) -> dict | None:
     """The current holder of ``root``'s lock, or None when it is free."""
     root = as_path(root)
     if is_remote(root):
-        return object_lock._read(root / LOCK_NAME)[0]
+        return read_object(root / LOCK_NAME)[0]
     path = root / LOCK_NAME
     return _read(path) if path.exists() else None
 

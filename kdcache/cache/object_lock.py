@@ -21,7 +21,7 @@ from kdcache.cache.filesystem import RemotePath
 from kdcache.errors import CacheLockedError, KDCacheError
 
 
-def _read(path: RemotePath) -> tuple[dict | None, str | None]:
+def read(path: RemotePath) -> tuple[dict | None, str | None]:
     """The lock's JSON and ETag, or (None, None) when there is no lock; an unreadable one is ``{"damaged": True}``."""
     try:
         etag = path.etag()
@@ -58,7 +58,7 @@ def acquire(root: RemotePath, info: dict, is_stale) -> None:
         except OSError as exc:
             raise KDCacheError(f"cannot write the lock object {path} ({' '.join(str(exc).split())}); check the bucket, "
                                "credentials and permissions, then rerun") from None
-        holder, etag = _read(path)
+        holder, etag = read(path)
         if holder is None:
             continue  # released meanwhile: try again
         if holder.get("damaged") or not is_stale(holder):
@@ -68,16 +68,16 @@ def acquire(root: RemotePath, info: dict, is_stale) -> None:
         except NotImplementedError:
             raise CacheLockedError(describe(root, holder) + f" (the holder's process has exited, but {root.protocol}:// "
                                    "offers no conditional overwrite here, so it is not taken over automatically)") from None
-        if replaced and (_read(path)[0] or {}).get("token") == info["token"]:
+        if replaced and (read(path)[0] or {}).get("token") == info["token"]:
             return
-    holder, _ = _read(path)
+    holder, _ = read(path)
     raise CacheLockedError(describe(root, holder or {"damaged": True}))
 
 
 def release(root: RemotePath, token: str) -> None:
     path = root / ".kdcache.lock"
     try:
-        holder, _ = _read(path)
+        holder, _ = read(path)
         if holder is not None and holder.get("token") == token:
             path.unlink(missing_ok=True)
     except OSError:
