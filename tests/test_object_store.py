@@ -242,6 +242,17 @@ def test_two_writers_are_refused_and_a_stale_lock_is_taken_explicitly(s3_server,
     assert not RemotePath(s3 + "/" + LOCK_NAME).exists()
 
 
+def test_unlock_removes_a_local_lock_too(tmp_path):
+    holder = {"host": "gpu-node-17", "pid": 4242, "started": "2026-12-01T00:00:00+00:00", "command": "kdcache generate", "token": "ab"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(holder))
+    with pytest.raises(CacheLockedError, match="host gpu-node-17"):
+        CacheLock(tmp_path).acquire()
+    result = CliRunner().invoke(main, ["unlock", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0 and "pid 4242" in result.stdout and not (tmp_path / LOCK_NAME).exists()
+    again = CliRunner().invoke(main, ["unlock", str(tmp_path)], catch_exceptions=False)
+    assert again.exit_code == 0 and "not locked" in again.stdout
+
+
 def test_merge_of_parts_on_s3(tiny_teacher, text_jsonl, local, s3):
     from kdcache.cache.merge import merge_parts
 
@@ -276,3 +287,49 @@ def test_bad_storage_options_are_one_line(s3, monkeypatch):
     result = CliRunner().invoke(main, ["inspect", s3])
     assert result.exit_code != 0 and "KDCACHE_STORAGE_OPTIONS is not valid JSON" in result.output
     assert os.environ["KDCACHE_STORAGE_OPTIONS"] == "{not json"
+
+
+def test_a_killed_generate_resumes_on_s3_and_takes_over_its_lock(s3, tmp_path):
+    """A real ``kdcache generate --out s3://...`` process killed with SIGKILL after its first commit: its lock object
+    stays (no cleanup ran), and the same command rerun takes it over (same host, dead pid: an If-Match overwrite) and
+    resumes; the cache equals an uninterrupted local run's."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import _sentences, build_tiny_llama, build_tiny_tokenizer
+    from test_interrupt import assert_same_rows, command
+
+    teacher = tmp_path / "teacher"
+    build_tiny_llama(teacher, build_tiny_tokenizer(teacher))
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(500, seed=5)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(command(teacher, data, s3, 0.1), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if read_manifest(s3).shards:
+                    break
+            except CacheFormatError:
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, f"generate ended before its first commit: {proc.communicate()[1][-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = read_manifest(s3)
+    assert kept.status == "in_progress" and kept.shards
+    assert RemotePath(s3 + "/" + LOCK_NAME).exists()  # left behind by the kill
+    rerun = subprocess.run(command(teacher, data, s3, 0.1), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    m = read_manifest(s3)
+    assert m.status == "complete" and m.shards[: len(kept.shards)] == kept.shards and not RemotePath(s3 + "/" + LOCK_NAME).exists()
+    local = tmp_path / "local"
+    ref = subprocess.run(command(teacher, data, local, 0.1), env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert_same_rows(s3, local)
+    assert verify_cache(s3, deep=True).ok

@@ -13,6 +13,10 @@ is replaced atomically (``os.replace``) and re-read to confirm the new owner. A 
 taken over: its process cannot be checked from here, so the user decides. The lock is released by
 ``release()`` (also on garbage collection of the lock object); a ``kill -9`` leaves it behind, and the next
 writer on the same host takes it over.
+
+On an object store (``s3://``, ``gs://``) the lock is an object created by a conditional write instead
+(kdcache/cache/object_lock.py), with the same JSON and the same rules; ``unlock()`` (``kdcache unlock``) is the
+explicit way past a holder that cannot be checked from here.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ A shard is committed when it holds ``shard_tokens`` tokens or when its first row
 ``commit_seconds`` (whichever comes first), so an interrupted run keeps all but the last
 ``commit_seconds`` of teacher work however slow the teacher is. The clock is read once per row
 (``time.monotonic``, no syscall), and shards are only ever cut between input rows.
+
+On an object store (kdcache/cache/filesystem.py) there is no rename: a shard is uploaded straight to its name and
+appears only when its upload completes (an aborted one leaves nothing), then the manifest is replaced in one PUT.
 """
 
 from __future__ import annotations
