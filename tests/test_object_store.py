@@ -333,3 +333,13 @@ def test_a_killed_generate_resumes_on_s3_and_takes_over_its_lock(s3, tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert_same_rows(s3, local)
     assert verify_cache(s3, deep=True).ok
+
+
+@pytest.mark.parametrize("args", [["train", "--cache", "CACHE", "--out", "s3://kdcache-test/run"],
+                                  ["export", "CACHE", "--out", "s3://kdcache-test/export"],
+                                  ["import", "s3://kdcache-test/distillkit", "--out", "OUT"]])
+def test_commands_that_write_local_folders_refuse_an_object_store_in_one_line(args, remote, tmp_path):
+    args = [remote if a == "CACHE" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "object store" in result.output and "Traceback" not in result.output, result.output
+    assert not any(p.name.startswith("s3:") for p in Path.cwd().iterdir()) and not (tmp_path / "out").exists()
