@@ -195,8 +195,8 @@ class RemotePath:
         try:
             self.fs.pipe_file(self.key, bytes(data), mode="create")
         except FileExistsError:
-            raise
-        except OSError as exc:
+            raise  # s3fs maps HTTP 412 to it
+        except OSError as exc:  # other clients: the server's precondition message
             if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
                 raise FileExistsError(str(exc)) from None
             raise
