@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.cache.filesystem import as_path
 from kdcache.cache.manifest import Manifest, require_same_tokenizer
 from kdcache.cache.reader import open_cache
 from kdcache.cache.schema import GENERATION_COLUMNS, make_signals
@@ -65,7 +66,7 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
         raise ConfigError(f"ensemble weights must be non-negative and sum to a positive number, got {list(weights)}")
     w = w / w.sum()
     for s in sources:
-        if Path(s).resolve() == Path(out).resolve():
+        if as_path(s).resolve() == as_path(out).resolve():
             raise ConfigError(f"the output {out} is also one of the caches to combine; choose another --out")
     caches = [open_cache(s) for s in sources]
     first = caches[0].manifest
@@ -94,7 +95,7 @@ def combine_caches(sources: list[str | Path], weights: list[float], out: str | P
                     **({"codec": codec, "codec_options": dict(codec_options or {})} if codec != "lists" or codec_options else {})},
     }
     signals = make_signals(top_k, vocab, logprob_codec, generation=bool(gen_cols), topk_codec=codec, topk_codec_options=codec_options)
-    out = Path(out)
+    out = as_path(out)
     writer = CacheWriter(out, settings, signals, overwrite=overwrite, created_by="kdcache combine")
     if writer.complete:
         return writer.manifest

@@ -33,6 +33,7 @@ from kdcache.cache.distillkit_format import (
 )
 from kdcache.cache.manifest import Manifest
 from kdcache.cache.schema import make_signals
+from kdcache.cache.filesystem import is_remote
 from kdcache.cache.writer import CacheWriter, install_tokenizer
 from kdcache.config import show as _show
 from kdcache.errors import ConfigError, DataError
@@ -51,6 +52,8 @@ def _natural(path: Path) -> list:
 def source_files(src: str | Path) -> list[Path]:
     """The Parquet files of SRC: the file itself, or every ``*.parquet`` under the folder in natural order
     (``data_2`` before ``data_10``, as DistillKit numbers them)."""
+    if is_remote(src):
+        raise ConfigError(f"kdcache import reads local files, not {src} (an object store); download the DistillKit files first")
     src = Path(src)
     if src.is_file():
         return [src]
@@ -328,6 +331,8 @@ def import_distillkit(src: str | Path, out: str | Path, config: DistillKitConfig
         raise ConfigError(f"k ({cfg.k}) is larger than the vocabulary ({vocab}); pass --vocab-size {cfg.k} or more")
     if max_rows is not None and max_rows < 1:
         raise ConfigError(f"max_rows must be at least 1, got {max_rows}")
+    if is_remote(out):
+        raise ConfigError(f"kdcache import writes a local cache, not {out} (an object store); import into a local folder")
     src, out = Path(src), Path(out)
     files = source_files(src)
     resolved = src.resolve()

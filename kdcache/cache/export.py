@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdcache.cache.filesystem import is_remote
 from kdcache.cache.manifest import shard_name, write_atomic
 from kdcache.cache.reader import open_cache
 from kdcache.errors import ConfigError
@@ -26,6 +27,8 @@ DESCRIPTION = "_export.json"
 
 
 def export_cache(src: str | Path, out: str | Path) -> Path:
+    if is_remote(out):
+        raise ConfigError(f"kdcache export writes a local folder, not {out}; export locally (the source may be on an object store)")
     cache = open_cache(src)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -52,7 +55,7 @@ def export_cache(src: str | Path, out: str | Path) -> Path:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-    description = {"source": str(Path(src).resolve()), "settings_hash": cache.manifest.settings_hash, "rows": cache.manifest.num_rows,
+    description = {"source": str(src) if is_remote(src) else str(Path(src).resolve()), "settings_hash": cache.manifest.settings_hash, "rows": cache.manifest.num_rows,
                    "widths": widths, "layout": "one Parquet file per source shard; 2-D columns are row-major lists of [rows, width]"}
     write_atomic(out / DESCRIPTION, json.dumps(description, indent=2).encode())
     return out

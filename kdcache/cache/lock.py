@@ -13,6 +13,10 @@ is replaced atomically (``os.replace``) and re-read to confirm the new owner. A 
 taken over: its process cannot be checked from here, so the user decides. The lock is released by
 ``release()`` (also on garbage collection of the lock object); a ``kill -9`` leaves it behind, and the next
 writer on the same host takes it over.
+
+On an object store (``s3://``, ``gs://``) the lock is an object created by a conditional write instead
+(kdcache/cache/object_lock.py), with the same JSON and the same rules; ``unlock()`` (``kdcache unlock``) is the
+explicit way past a holder that cannot be checked from here.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kdcache.cache.object_lock import acquire as acquire_object, read as read_object, release as release_object
+from kdcache.cache.filesystem import RemotePath, as_path, is_remote
 from kdcache.cache.manifest import write_atomic
 from kdcache.errors import CacheLockedError, KDCacheError, OutOfSpaceError
 
@@ -155,6 +161,9 @@ def _write_failed(path: Path, exc: OSError) -> KDCacheError:
 def _release(path: str, token: str, pid: int) -> None:
     if os.getpid() != pid:  # a forked child never releases its parent's lock
         return
+    if is_remote(path):
+        release_object(RemotePath(path).parent, token)
+        return
     p = Path(path)
     try:
         holder = json.loads(p.read_text())
@@ -171,7 +180,7 @@ class CacheLock:
     """The lock of the cache at ``root``; ``acquire()`` or use as a context manager."""
 
     def __init__(self, root: str | Path, command: str | None = None):
-        self.root = Path(root)
+        self.root = as_path(root)
         self.path = self.root / LOCK_NAME
         self.command = command if command is not None else shlex.join(sys.argv)[:300]
         self.token = secrets.token_hex(8)
@@ -193,6 +202,9 @@ class CacheLock:
         """Take the lock or raise :class:`CacheLockedError` at once; takes over a dead local holder's lock."""
         if self.held:
             return self
+        if is_remote(self.root):  # a conditional PUT instead of O_EXCL (kdcache/cache/object_lock.py)
+            acquire_object(self.root, self._info(), _stale)
+            return self._held()
         data = json.dumps(self._info()).encode()
         for _ in range(5):
             try:
@@ -278,5 +290,26 @@ class CacheLock:
 
 def read_lock(root: str | Path) -> dict | None:
     """The current holder of ``root``'s lock, or None when it is free."""
-    path = Path(root) / LOCK_NAME
+    root = as_path(root)
+    if is_remote(root):
+        return read_object(root / LOCK_NAME)[0]
+    path = root / LOCK_NAME
     return _read(path) if path.exists() else None
+
+
+def _stale(holder: dict) -> bool:
+    """A lock of this host whose process is gone (the only kind taken over without the user)."""
+    try:
+        return holder.get("host") == _hostname() and not holder_alive(holder)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def unlock(root: str | Path) -> dict | None:
+    """``kdcache unlock``: remove the lock of ``root`` whoever holds it, for a holder the user knows is gone (a
+    process killed on another machine). Returns the holder it removed (None: there was no lock)."""
+    root = as_path(root)
+    holder = read_lock(root)
+    if holder is not None:
+        (root / LOCK_NAME).unlink(missing_ok=True)
+    return holder

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache import __version__
+from kdcache.cache.filesystem import as_path, is_remote
 from kdcache.errors import CacheFormatError, CacheMismatchError
 
 FORMAT_VERSION = 2
@@ -54,7 +55,7 @@ def layout_of(path: str | Path) -> Layout:
     written before the rename keeps its names when it is read, resumed or verified, so a directory never
     holds two manifests), else the current ones (also for a directory that is not a cache yet).
     ``--overwrite`` moves an old cache to the current names once its old content is gone."""
-    path = Path(path)
+    path = as_path(path)
     if not (path / MANIFEST_NAME).exists() and (path / LEGACY_MANIFEST_NAME).is_file():
         return LEGACY_LAYOUT
     return LAYOUT
@@ -62,7 +63,7 @@ def layout_of(path: str | Path) -> Layout:
 
 def manifest_path(path: str | Path) -> Path:
     """Where the manifest of the cache at ``path`` is (or will be written)."""
-    return Path(path) / layout_of(path).manifest
+    return as_path(path) / layout_of(path).manifest
 
 
 def check_one_manifest(path: Path) -> None:
@@ -77,7 +78,7 @@ def check_one_manifest(path: Path) -> None:
 
 def tokenizer_path(path: str | Path) -> Path:
     """Where the tokenizer copy of the cache at ``path`` is (or will be written)."""
-    return Path(path) / layout_of(path).tokenizer
+    return as_path(path) / layout_of(path).tokenizer
 
 SHARD_RE = re.compile(r"part-(?:\d{5}|[1-9]\d{5,})\.parquet")
 """kdcache's shard names, exactly as the writer makes them: ``part-{index:05d}.parquet``. pyarrow's
@@ -247,7 +248,7 @@ def require_same_tokenizer(a: Manifest, b: Manifest, a_name: str, b_name: str, p
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    path = Path(path)
+    path = as_path(path)
     mpath = manifest_path(path)
     if not path.exists():
         raise CacheFormatError(f"cache {path} does not exist; run `kdcache generate --out {path}` first")
@@ -260,7 +261,11 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the new one, never a torn one."""
+    """Write, fsync, rename: readers see the old file or the new one, never a torn one. On an object store one PUT
+    does the same (an object is replaced whole)."""
+    if is_remote(path):
+        path.write_bytes(data)
+        return
     tmp = path.with_name(f".{path.name}.{temp_suffix()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -277,7 +282,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 4 MiB chunks (memory stays flat however large the shard)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") if is_remote(path) else open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
@@ -293,6 +298,8 @@ def fsync_file(path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    if is_remote(path):
+        return  # a completed PUT is durable; prefixes are not objects
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kdcache.cache.filesystem import as_path, is_remote
 from kdcache.cache.lock import LOCK_NAME, CacheLock
 from kdcache.cache.manifest import (
     MANIFEST_NAME,
@@ -71,7 +72,7 @@ def part_folders(out: Path) -> list[Path]:
 def merge_parts(out: str | Path, parts: list[str | Path] | None = None) -> Manifest:
     """Join the complete parts in ``out`` (``parts``: exactly these folders of ``out``; default: every part
     folder there) into the cache ``out``; returns its manifest."""
-    out = Path(out)
+    out = as_path(out)
     if not out.is_dir():
         raise ConfigError(f"{out} is not a folder; merge joins the parts that `kdcache generate --num-shards N --out {out}` "
                           f"wrote into {out}/part-IIIII-of-NNNNN")
@@ -88,7 +89,7 @@ def merge_parts(out: str | Path, parts: list[str | Path] | None = None) -> Manif
             target = out / TOKENIZER_DIR
             if target.exists() and not _same_tree(source, target):
                 raise CacheMismatchError(f"{target} is not a copy of {source} (an earlier merge's would be); remove it and merge again")
-            install_tokenizer(out, lambda tmp: shutil.copytree(source, tmp))  # nothing when it is there already
+            install_tokenizer(out, lambda tmp: copy_tree(source, tmp))  # nothing when it is there already
         write_atomic(out / MANIFEST_NAME, merged.to_json().encode())  # last: the commit marker
     log.info("merged %s into %s: %s, %s (no data copied)", plural(len(folders), "part"), out,
              plural(merged.num_rows, "row"), plural(len(merged.shards), "shard"))
@@ -99,7 +100,7 @@ def _chosen(out: Path, parts: list[str | Path] | None) -> list[Path]:
     """The part folders to merge, checked to be folders of ``out`` and alone there."""
     if parts:
         folders: list[Path] = []
-        for given in map(Path, parts):
+        for given in map(as_path, parts):
             if not (given.is_dir() and PART_DIR_RE.fullmatch(given.name)) or given.is_symlink() or given.resolve().parent != out.resolve():
                 raise ConfigError(
                     f"{given} is not a part folder of {out} (part-IIIII-of-NNNNN directly inside it, as `kdcache generate "
@@ -215,8 +216,20 @@ def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def copy_tree(source, tmp: Path) -> None:
+    """A (local or remote) folder copied into the new local folder ``tmp``."""
+    if is_remote(source):
+        source.download_tree(tmp)
+    else:
+        shutil.copytree(source, tmp)
+
+
 def _same_tree(a: Path, b: Path) -> bool:
     """Two folders hold the same files with the same bytes."""
+    if is_remote(a) or is_remote(b):  # object stores: the same names with the same bytes
+        names = a.tree_sizes() if is_remote(a) else {p.relative_to(a).as_posix(): p.stat().st_size for p in a.rglob("*") if p.is_file()}
+        other = b.tree_sizes() if is_remote(b) else {p.relative_to(b).as_posix(): p.stat().st_size for p in b.rglob("*") if p.is_file()}
+        return names == other and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     cmp = filecmp.dircmp(a, b)
     if cmp.left_only or cmp.right_only or cmp.funny_files:
         return False

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
+from kdcache.cache.filesystem import as_path, is_remote, local_copy
 from kdcache.cache.manifest import Manifest, file_sha256, manifest_path, read_manifest, tokenizer_path
 from kdcache.cache.schema import HIDDEN_POSITIONS_COLUMN, build_schema, column_codecs, scale_columns
 from kdcache.cache.topk_storage import LOGICAL as TOPK_LOGICAL, coded, storage_of
@@ -192,7 +193,10 @@ def damaged_error(cache_path: str | Path, shard: str, what: str, *, row_group: i
 
 
 def open_parquet(path: Path) -> pq.ParquetFile:
-    """A shard with page checksum verification on: every page decoded is CRC-checked."""
+    """A shard with page checksum verification on: every page decoded is CRC-checked. A remote shard is read
+    through an fsspec file, row group by row group (only the footer and the column chunks asked for are fetched)."""
+    if is_remote(path):
+        return pq.ParquetFile(path.open("rb"), page_checksum_verification=True)
     return pq.ParquetFile(path, page_checksum_verification=True)
 
 
@@ -256,7 +260,7 @@ class Cache:
     def __init__(self, path: str | Path, *, verify_sha256: bool = True, topk_order: str = "rank", keep_float16: bool = False):
         if topk_order not in ("rank", "any"):
             raise ValueError(f"topk_order must be 'rank' or 'any', got {topk_order!r}")
-        self.path = Path(path)
+        self.path = as_path(path)
         self.topk_order = topk_order
         """rank: each position's top-k most likely first (the schema's contract); any: the storage's cheapest order,
         for readers that treat the top-k as a set (the trainer's losses; ~1.5x faster decoding of a sqrt-delta cache)."""
@@ -291,7 +295,7 @@ class Cache:
     def _check_size(self, shard) -> None:
         path = self.path / shard.name
         try:
-            size = os.stat(path).st_size
+            size = path.stat().st_size if is_remote(path) else os.stat(path).st_size
         except FileNotFoundError:
             raise self._missing(shard) from None
         if size != shard.bytes:
@@ -313,9 +317,14 @@ class Cache:
     @property
     def tokenizer_dir(self) -> Path | None:
         """The teacher's tokenizer stored with the cache (``_tokenizer/``, or ``tokenizer/`` in a cache
-        written before the rename); None if the cache holds none."""
+        written before the rename); None if the cache holds none. A remote cache's is downloaded once into a local
+        folder named by the tokenizer's fingerprint (kdcache.cache.filesystem.local_copy), which tokenizers load."""
         path = tokenizer_path(self.path)
-        return path if path.is_dir() else None
+        if not path.is_dir():
+            return None
+        if is_remote(path):
+            return local_copy(path, str(self.manifest.tokenizer.get("fingerprint") or self.manifest.settings_hash))
+        return path
 
     @property
     def manifest_path(self) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from kdcache.cache.filesystem import as_path
 from kdcache.cache.manifest import Manifest, ShardInfo, file_sha256, read_manifest
 from kdcache.cache.reader import (
     READ_ERRORS,
@@ -95,7 +96,7 @@ class VerifyReport:
 
 def verify_cache(path: str | Path, deep: bool = False) -> VerifyReport:
     """Check every shard of the cache at ``path``; a manifest that cannot be read raises CacheFormatError."""
-    path = Path(path)
+    path = as_path(path)
     manifest = read_manifest(path)
     schema = build_schema(manifest.signals)
     reports = [_verify_shard(path, manifest, shard, schema, deep) for shard in manifest.shards]

@@ -16,6 +16,9 @@ A shard is committed when it holds ``shard_tokens`` tokens or when its first row
 ``commit_seconds`` (whichever comes first), so an interrupted run keeps all but the last
 ``commit_seconds`` of teacher work however slow the teacher is. The clock is read once per row
 (``time.monotonic``, no syscall), and shards are only ever cut between input rows.
+
+On an object store (kdcache/cache/filesystem.py) there is no rename: a shard is uploaded straight to its name and
+appears only when its upload completes (an aborted one leaves nothing), then the manifest is replaced in one PUT.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -36,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
+from kdcache.cache.filesystem import as_path, is_complete_tree, is_remote
 from kdcache.cache.lock import LOCK_NAME, CacheLock
 from kdcache import __version__
 from kdcache.cache.manifest import (
@@ -83,8 +88,19 @@ def install_tokenizer(out: Path, write: Callable[[Path], None]) -> None:
     """``out/_tokenizer`` (``tokenizer`` in a cache of the old layout) written by ``write(folder)`` into a
     uniquely named temporary folder, then renamed: a crash never leaves half a tokenizer, and two processes
     never share a temporary name. Call it under the cache's writer lock, after the writer has opened the
-    cache (it does nothing when the tokenizer is already there)."""
+    cache (it does nothing when the tokenizer is already there).
+
+    On an object store (no rename) the folder is written locally, then every file missing or of another size
+    there is uploaded: a copy an interrupted run left half made is completed by the rerun."""
+    out = as_path(out)
     target = tokenizer_path(out)
+    if is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-") as tmp:
+            local = Path(tmp) / target.name
+            write(local)
+            if not is_complete_tree(target, local):
+                target.upload_tree(local)
+        return
     if target.is_dir():
         return
     tmp = out / f".{target.name}.tmp.{temp_suffix()}"
@@ -136,7 +152,7 @@ class CacheWriter:
                 f"shard_tokens ({shard_tokens}) and row_group_tokens ({row_group_tokens}) must be positive and "
                 f"commit_seconds ({commit_seconds}) positive or None"
             )
-        self.path = Path(path)
+        self.path = as_path(path)
         self.schema = build_schema(signals)
         self._codecs = {name: get_codec(c) for name, c in column_codecs(signals).items()}
         self._list_cols = [f.name for f in self.schema if pa.types.is_list(f.type)]
@@ -239,6 +255,9 @@ class CacheWriter:
         the folder holds one manifest at every moment. A crash before it leaves an empty old-layout cache."""
         if self.layout == LAYOUT:
             return
+        if is_remote(self.path):
+            raise KDCacheError(f"{self.path} holds a cache of the old layout ({LEGACY_MANIFEST_NAME}), which an object store "
+                               "cannot rename in place; remove its objects (or choose another --out) and rerun")
         try:
             os.replace(self.path / LEGACY_MANIFEST_NAME, self.path / MANIFEST_NAME)
             fsync_dir(self.path)
@@ -261,7 +280,9 @@ class CacheWriter:
 
     @staticmethod
     def _remove(p: Path) -> None:
-        if p.is_dir() and not p.is_symlink():
+        if is_remote(p):
+            p.remove_tree()  # an object, or a prefix (the tokenizer) and the objects under it
+        elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
@@ -409,7 +430,7 @@ class CacheWriter:
             self._shard = None
         if self._sink is not None:
             try:
-                self._sink.close()
+                self._sink.discard()
             except OSError:
                 pass  # (a full disk fails the flush too) the shard is discarded anyway
             self._sink = None
@@ -485,7 +506,9 @@ class CacheWriter:
         try:
             if self._shard is None:
                 index = len(self.manifest.shards)
-                self._shard_tmp = self.path / f".{shard_name(index)[:-8]}.{temp_suffix()}.parquet.tmp"
+                # no rename on an object store: the shard goes to its name, and appears only once its upload completes
+                self._shard_tmp = self.path / (shard_name(index) if is_remote(self.path) else
+                                               f".{shard_name(index)[:-8]}.{temp_suffix()}.parquet.tmp")
                 self._sink = _HashingFile(self._shard_tmp)
                 self._shard = pq.ParquetWriter(
                     self._sink,
@@ -523,8 +546,9 @@ class CacheWriter:
             self._shard = None
             digest, size = self._sink.finish()  # flushed, fsynced; its sha256 computed as the bytes went out
             self._sink = None
-            os.replace(self._shard_tmp, final)
-            fsync_dir(self.path)
+            if not is_remote(self.path):
+                os.replace(self._shard_tmp, final)
+                fsync_dir(self.path)
         except OSError as exc:
             self._fail(exc)
         self.manifest.shards.append(
@@ -577,7 +601,8 @@ class _HashingFile(io.RawIOBase):
 
     def __init__(self, path: Path):
         super().__init__()
-        self._file = open(path, "xb")
+        self._remote = is_remote(path)
+        self._file = path.open("wb") if self._remote else open(path, "xb")
         self._hash = hashlib.sha256()
         self._size = 0
 
@@ -595,10 +620,20 @@ class _HashingFile(io.RawIOBase):
 
     def finish(self) -> tuple[str, int]:
         """Flush and fsync the file, close it; (sha256 hex, bytes)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if self._remote:
+            self._file.close()  # completes the upload: the object appears now, whole
+        else:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         return self._hash.hexdigest(), self._size
+
+    def discard(self) -> None:
+        """Close without committing: on an object store the upload is aborted, so no object appears."""
+        if self._remote and not self._file.closed:
+            self._file.discard()
+            self._file.closed = True  # fsspec would otherwise commit what it buffered at close
+        self.close()
 
     def close(self) -> None:
         if not self._file.closed:

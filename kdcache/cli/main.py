@@ -449,6 +449,20 @@ def merge(parts, out) -> None:
                f"{plural(m.settings['job_array']['num_shards'], 'part')} merged in place ({plural(len(m.shards), 'shard')}, no data copied)")
 
 
+@main.command()
+@click.argument("cache")
+def unlock(cache) -> None:
+    """Remove CACHE's writer lock, for a holder you know is gone (e.g. killed on another machine)."""
+    from kdcache.cache.lock import unlock as remove_lock
+
+    holder = _run(remove_lock, cache)
+    if holder is None:
+        click.echo(f"cache {cache} is not locked; nothing to do")
+    else:
+        click.echo(f"removed the lock of cache {cache} (held by host {holder.get('host')}, pid {holder.get('pid')}, "
+                   f"since {holder.get('started')}: {holder.get('command')})")
+
+
 from kdcache.cli.import_cache import register as _register_import  # noqa: E402  (kdcache import: DistillKit logit datasets)
 
 _register_import(main, _run)

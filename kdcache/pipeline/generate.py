@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from kdcache.cache import CacheWriter, Manifest, make_signals, read_manifest
 from kdcache.cache.background import BackgroundWriter
+from kdcache.cache.filesystem import as_path
 from kdcache.cache.writer import install_tokenizer
 from kdcache.cache.hidden import orthogonal_projection, parse_positions, select_positions
 from kdcache.cache.schema import CLASS_LOGITS_COLUMN, CONTEXT_COLUMN, HIDDEN_POSITIONS_COLUMN, SAMPLED_COLUMNS, TEMPERED_TAIL_COLUMN, TOPK_COLUMNS, pooled_column
@@ -183,7 +184,7 @@ def _batches(
 def _interrupted(cfg: GenerateConfig, opened: bool) -> Interrupted:
     """What an interrupted run kept: the manifest on disk (not the writer's memory, which may list a shard
     whose manifest write the interrupt cut short)."""
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     try:
         manifest = read_manifest(out) if opened else None
     except CacheFormatError:
@@ -270,7 +271,7 @@ def _write(cfg: GenerateConfig, progress: bool, teacher: Teacher, opened: list[C
     teacher.attention_layers = tuple(stored.qkv_layers)
     tokenize = _row_tokenizer(cfg, teacher.tokenizer, first)
 
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     writer = CacheWriter(
         out, _settings(cfg, teacher, layers, stored), signals, overwrite=cfg.overwrite, shard_tokens=cfg.shard_tokens,
         row_group_tokens=cfg.row_group_tokens, commit_seconds=cfg.commit_seconds, compression_level=cfg.compression_level,

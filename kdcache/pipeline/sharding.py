@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping
 
+from kdcache.cache.filesystem import as_path
 from kdcache.cache.manifest import MANIFEST_NAME, PART_DIR_RE, part_dir_name, read_manifest
 from kdcache.cache.merge import CREATED_BY, JOB_ARRAY, part_settings
 from kdcache.errors import CacheMismatchError, ConfigError
@@ -75,14 +76,14 @@ def keeps(cfg: GenerateConfig) -> Callable[[int], bool]:
 def cache_dir(cfg: GenerateConfig) -> Path:
     """Where the cache of ``cfg`` goes: ``out``, or the part's folder in it."""
     n, i = parts(cfg)
-    return Path(cfg.out) / part_dir_name(i, n) if n > 1 else Path(cfg.out)
+    return as_path(cfg.out) / part_dir_name(i, n) if n > 1 else as_path(cfg.out)
 
 
 def part_config(cfg: GenerateConfig) -> GenerateConfig:
     """``cfg`` with ``out`` set to this task's part folder (unchanged without a split), once OUT is known to hold
     nothing else: another split's parts, a cache of its own, or a merged cache that ``--overwrite`` would break."""
     n, i = parts(cfg)
-    out = Path(cfg.out)
+    out = as_path(cfg.out)
     others = sorted(p.name for p in out.iterdir() if PART_DIR_RE.fullmatch(p.name)) if out.is_dir() else []
     if n == 1:
         if others and not (out / MANIFEST_NAME).exists():

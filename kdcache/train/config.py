@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from kdcache.cache.filesystem import is_remote
 from kdcache.config import FRACTION, NON_NEGATIVE, POSITIVE, Valid, at_least, check_fields, doc, show, typed_sections
 from kdcache.errors import ConfigError
 from kdcache.locations import check_model_folder
@@ -208,6 +209,9 @@ class TrainConfig:
             raise ConfigError("no cache given; pass --cache DIR (written by `kdcache generate`)")
         if not self.out:
             raise ConfigError("no run directory given; pass --out DIR")
+        if is_remote(self.out):  # the cache may be on an object store; checkpoints are renamed and fsynced in place
+            raise ConfigError(f"--out {self.out} is on an object store; a training run's folder must be local (the cache may be remote): "
+                              "pass a local --out and copy RUN/final up when it is done")
         if self.student.path:
             check_model_folder(self.student.path, "student", "--student")
 
