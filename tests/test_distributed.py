@@ -26,6 +26,8 @@ from kdcache.config import to_dict
 from kdcache.errors import ConfigError
 from kdcache.train.distributed import World, resume_position
 from kdcache.train.loop import train
+from safetensors.torch import load_file
+from test_terms import STUDENT2, hidden_cache  # noqa: F401 (a fixture: the tiny teacher's top-8 and hidden states)
 from test_train import assert_same_weights, final_weights, make_cfg, max_diff, train_rows, without_timing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +83,36 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(ddp_run, tmp_pat
     state = json.loads((out / "checkpoints" / f"step-{STEPS:07d}" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and [s["rank"] for s in state["data_ranks"]] == [0, 1]
     assert [s["seen"] for s in state["data_ranks"]] == [STEPS * 16 - 1, STEPS * 16]
+
+
+FAMILIES = {
+    # a hidden-state term whose projection trains with the student, frozen modules, then a stage without the term
+    # (its projection unused: DDP must allow that)
+    "terms-stages": dict(stages=[{"steps": 4, "freeze": ["model.embed_tokens", "model.layers.0"], "terms": {"hidden": 1.0}},
+                                 {"steps": 0, "loss": "kd", "terms": {}}]),
+    # packed rows, and targets from an EMA of the student's weights
+    "packing-ema": dict(packing=True, pseudo_teacher="ema", pseudo_teachers={"ema": {"decay": 0.5}}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_loss_families_under_ddp_equal_one_process(hidden_cache, tmp_path, family):
+    from kdcache.train.config import StudentConfig
+
+    cfg = ddp_cfg(hidden_cache, tmp_path / "ddp", steps=8, save_every=0, eval_every=0, grad_accum=1,
+                  student=StudentConfig(**STUDENT2), **FAMILIES[family])
+    r = subprocess.run(torchrun_cmd(cfg, tmp_path), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = dataclasses.replace(cfg, out=str(tmp_path / "single"), grad_accum=2)
+    train(single, progress=False)
+    assert max_diff(final_weights(cfg.out), final_weights(single.out)) < 1e-5
+    # what trains or moves beside the student (the projection, the EMA weights), from the last checkpoint
+    extra = [load_file(str(Path(o) / "checkpoints" / "step-0000008" / "trainer_state.safetensors")) for o in (cfg.out, single.out)]
+    assert "extra.rank_rng.1" in extra[0] and not any(k.startswith("extra.rank_rng") for k in extra[1])  # rank 1's RNG state
+    extra = [{k: v for k, v in e.items() if k.startswith("extra.") and not k.startswith("extra.rank_rng")} for e in extra]
+    assert extra[0] and max_diff(*extra) < 1e-5
+    for a, b in zip(train_rows(cfg.out), train_rows(single.out)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def _children(pid: int) -> list[int]:

@@ -11,6 +11,7 @@ Only rank 0 writes (run directory, metrics, checkpoints, ``final/``); every rank
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ class World:
         if box[0][0] == "error":
             raise box[0][1](box[0][2])
         return box[0][1]
+
+    def own_randoms(self, seed: int) -> None:
+        """Ranks > 0 reseed torch's RNG (rank 0 keeps one process's stream): dropout masks and augmentations differ
+        across ranks, as they do across one process's examples, instead of repeating rank 0's on every rank."""
+        if self.rank:
+            torch.manual_seed(int.from_bytes(hashlib.blake2b(f"{seed}:{self.rank}".encode(), digest_size=8).digest(), "little"))
 
     def barrier(self) -> None:
         if self.active:

@@ -154,6 +154,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
     projections.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pseudo = build_pseudo_teacher(cfg, model)
+    world.own_randoms(cfg.seed)
     for peer in (pseudo.extra_students().values() if cfg.packing and pseudo is not None else ()):
         packing.enable(peer)  # peers are students of their own
     # the projections train with the student (after its parameters, so a run without terms has the same optimizer)
