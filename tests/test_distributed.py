@@ -51,10 +51,11 @@ def torchrun_cmd(cfg, tmp: Path, nproc: int = 2) -> list[str]:
             "-m", "kdcache", "train", "--config", str(config), "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tiny_cache, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    cfg = ddp_cfg(tiny_cache, tmp / "ddp")
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def ddp_run(tiny_cache, tmp_path_factory, request):
+    """A 2-rank run of each strategy (FSDP2 fully_shard runs on CPU/gloo in torch 2.13)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    cfg = ddp_cfg(tiny_cache, tmp / request.param, distributed={"strategy": request.param})
     r = subprocess.run(torchrun_cmd(cfg, tmp), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return cfg, r
@@ -247,7 +248,8 @@ def test_reshard_continues_the_global_sequence_or_refuses_mid_round(tiny_cache, 
 @pytest.mark.parametrize("overrides, match", [
     (dict(pseudo_teacher="peers"), "pseudo_teacher peers"),
     (dict(curriculum={"by": "teacher_nll"}), "curriculum"),
-    (dict(distributed={"strategy": "fsdp"}), "distributed.strategy=ddp"),
+    (dict(distributed={"strategy": "fsdp"}, terms={"hidden": 1.0}), "fsdp trains a student with a logit loss only, not terms"),
+    (dict(distributed={"strategy": "fsdp"}, pseudo_teacher="ema"), "not pseudo_teacher ema"),
 ])
 def test_what_cannot_be_made_correct_across_ranks_is_refused_before_starting(tiny_cache, tmp_path, monkeypatch, overrides, match):
     monkeypatch.setenv("WORLD_SIZE", "2")

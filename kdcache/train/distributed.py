@@ -41,8 +41,11 @@ def refuse_unsupported(cfg: Any, world_size: int) -> None:
         return
     where = f"under torchrun ({world_size} processes)"
     if cfg.distributed.strategy == "fsdp":
-        raise ConfigError(f"distributed.strategy fsdp is not implemented in this version ({where}); "
-                          "use --set distributed.strategy=ddp (a full student copy per rank)")
+        used = [name for name, on in (("terms", bool(cfg.terms)), ("stages", bool(cfg.stages)), ("packing", cfg.packing),
+                                      (f"pseudo_teacher {cfg.pseudo_teacher}", cfg.pseudo_teacher != "none")) if on]
+        if used:
+            raise ConfigError(f"distributed.strategy fsdp trains a student with a logit loss only, not {used[0]} ({where}); "
+                              "use --set distributed.strategy=ddp for it")
     if cfg.pseudo_teacher == "peers":
         raise ConfigError(f"pseudo_teacher peers trains its peers with their own optimizers, whose gradients are not reduced {where}; "
                           "train peers in one process (python -m kdcache train) or choose another pseudo_teacher")
@@ -170,7 +173,7 @@ def device_for(cfg: Any, local_rank: int) -> torch.device:
     return device
 
 
-class _Closure(torch.nn.Module):
+class Closure(torch.nn.Module):
     """The trained modules as one module whose forward runs the given function: DDP wraps it, so the micro-batch's
     whole loss (student forward, loss terms, projections) runs inside DDP's forward and every trained parameter's
     gradient is reduced, whatever reads the student's internals (hooks, projections)."""
@@ -187,19 +190,22 @@ class DataParallel:
     """Runs micro-batches so that gradients are summed over the ranks once per optimizer step (the last micro-batch);
     for one process, just runs them."""
 
-    def __init__(self, world: World, trained: torch.nn.Module, find_unused: bool):
+    def __init__(self, world: World, trained: torch.nn.Module, find_unused: bool, sharded_root: torch.nn.Module | None = None):
         self.world = world
         self.ddp = None
-        if world.active:
+        self.sharded_root = sharded_root  # FSDP (kdcache.train.sharded) reduces the gradients itself, averaged as DDP does
+        if world.active and sharded_root is None:
             from torch.nn.parallel import DistributedDataParallel
 
             # no buffer sync per forward: the student's buffers (rotary tables) are computed, the same on every rank
-            self.ddp = DistributedDataParallel(_Closure(trained), device_ids=None, forward_sync_buffers=False,
+            self.ddp = DistributedDataParallel(Closure(trained), device_ids=None, forward_sync_buffers=False,
                                                find_unused_parameters=find_unused)
 
     def run(self, fn: Callable[[], T], last: bool) -> T:
         """``fn()``, the micro-batch's loss; its backward reduces the gradients over the ranks if ``last``. DDP averages
         them, so the caller divides each rank's loss sum by the global token count over the world size."""
+        if self.sharded_root is not None:
+            return self.sharded_root(fn)
         if self.ddp is None:
             return fn()
         with contextlib.nullcontext() if last else self.ddp.no_sync():  # the forward decides whether backward syncs

@@ -37,6 +37,8 @@ from kdcache.train.optim import build_optimizer, lr_lambda
 import kdcache.train.packing as packing
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
+from kdcache.train.sharded import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state, \
+    shard_student
 from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
 from kdcache.train.pseudo_teachers import build_pseudo_teacher, pseudo_teacher_options
 from kdcache.train.student import build_student
@@ -151,6 +153,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
         packing.enable(model)
     out, ckpt = world.on_main(lambda: prepare_run_dir(cfg, comparable_config))  # same config resumes, a different one is refused
     model.to(device).train()
+    sharded = world.active and cfg.distributed.strategy == "fsdp"
+    sharded_root = shard_student(model) if sharded else None  # before the optimizer, which must hold the shards
     projections.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pseudo = build_pseudo_teacher(cfg, model)
@@ -174,7 +178,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
 
     step = 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device, *(
+            (load_full_model_state, lambda sd: load_full_optimizer_state(model, optimizer, sd)) if sharded else ()))
         extra = state["extra_tensors"]
         if len(projections):
             projections.load_state_dict({k[len(_PROJ):]: v.to(device) for k, v in extra.items() if k.startswith(_PROJ)})
@@ -193,18 +198,19 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
     data = batches(examples, cfg.batch_size, pad_id, tail_index, packing.pack if cfg.packing else collate)
     saved = ckpt  # the newest checkpoint, whose weights are the model's whenever its step is `step`
     # DDP around everything trained (the student and the terms' projections); one process: no wrapper
-    parallel = DataParallel(world, torch.nn.ModuleList([model, projections]), find_unused=bool(cfg.stages))
+    parallel = DataParallel(world, torch.nn.ModuleList([model, projections]), find_unused=bool(cfg.stages), sharded_root=sharded_root)
 
     def checkpoint(at: int) -> None:
         nonlocal saved
         positions, rngs = world.gather(stream.state_dict()), world.gather(torch.get_rng_state())  # every rank's; rank 0 writes
+        full = (full_model_state(model), full_optimizer_state(model, optimizer)) if sharded else None  # gathered by every rank
         saved = world.on_main(lambda: save_checkpoint(
             out, at, model, tokenizer, optimizer, scheduler,
             {"data": positions[0], **({"data_ranks": positions} if world.active else {}), "world_size": world.size,
              "config_hash": json_hash(to_dict(cfg)), "kdcache_version": kdcache.__version__},
             cfg.keep_checkpoints, extra_tensors={**(pseudo.state_tensors() if pseudo is not None else {}),
                                                  **{_PROJ + k: v for k, v in projections.state_dict().items()},
-                                                 **{f"{RANK_RNG}{r}": t for r, t in enumerate(rngs) if r}}))
+                                                 **{f"{RANK_RNG}{r}": t for r, t in enumerate(rngs) if r}}, full_state=full))
 
     with (open(out / "metrics.jsonl", "a") if world.main else contextlib.nullcontext()) as metrics_file, \
             tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress) as bar:
@@ -257,7 +263,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 sums, tokens_since, t0 = {}, 0, time.perf_counter()
             if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                final = world.on_main(lambda: {"step": step, **evaluate(model, eval_batches, device, autocast)})  # rank 0's copy
+                evaluated = lambda: {"step": step, **evaluate(model, eval_batches, device, autocast)}  # noqa: E731
+                final = parallel.run(evaluated, last=True) if sharded else world.on_main(evaluated)  # sharded: every rank
                 if world.main:
                     _log_row(metrics_file, final)
                     log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
