@@ -71,8 +71,9 @@ class DistributedConfig:
     """Data-parallel training under torchrun (kdcache/train/distributed.py); its own section, `distributed.*`."""
 
     strategy: Literal["ddp", "fsdp"] = doc(
-        "How the ranks of a torchrun launch share the student: ddp (a full copy per rank, gradients summed across ranks). "
-        "fsdp (FSDP2 fully_shard, for students that do not fit one device) is refused in this version. "
+        "How the ranks of a torchrun launch share the student: ddp (a full copy per rank, gradients summed across ranks); "
+        "fsdp (FSDP2 fully_shard per decoder block: parameters, gradients and optimizer moments split across the ranks, "
+        "for students that do not fit one device; a logit loss only: terms, stages, packing and pseudo-teachers are refused). "
         "Ignored by a single-process run.", "ddp")
     backend: Literal["auto", "gloo", "nccl"] = doc("torch.distributed backend; auto: nccl on CUDA devices, gloo on CPU.", "auto")
 
