@@ -101,7 +101,7 @@ FAMILIES = {
 def test_loss_families_under_ddp_equal_one_process(hidden_cache, tmp_path, family):
     from kdcache.train.config import StudentConfig
 
-    cfg = ddp_cfg(hidden_cache, tmp_path / "ddp", steps=8, save_every=0, eval_every=0, grad_accum=1,
+    cfg = ddp_cfg(hidden_cache, tmp_path / "ddp", steps=8, save_every=0, eval_every=0, grad_accum=1, grad_clip=1.0,
                   student=StudentConfig(**STUDENT2), **FAMILIES[family])
     r = subprocess.run(torchrun_cmd(cfg, tmp_path), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

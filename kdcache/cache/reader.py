@@ -67,7 +67,7 @@ class RowGroupBlock:
     group at once; the scale column itself is consumed (examples hold the float32 values only)."""
 
     def __init__(self, table: pa.Table, manifest: Manifest, codecs: dict, footer_values: dict[str, int] | None = None,
-                 topk_order: str = "rank"):
+                 topk_order: str = "rank", keep_float16: bool = False):
         self.num_rows = table.num_rows
         self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.scalars: dict[str, Any] = {}
@@ -88,7 +88,7 @@ class RowGroupBlock:
                 if footer_values is not None:
                     check_value_count(name, col, footer_values, offsets)
                 values = col.values.to_numpy(zero_copy_only=False)
-                if name in codecs and not codecs[name].scaled:
+                if name in codecs and not codecs[name].scaled and not (keep_float16 and name == "topk_logprobs" and values.dtype == np.float16):
                     values = codecs[name].decode(values)
                 self.lists[name] = (offsets, values)
                 if name in _SECOND_DIM:
@@ -253,13 +253,16 @@ class Cache:
     run does not load) or the reader itself is the bottleneck.
     """
 
-    def __init__(self, path: str | Path, *, verify_sha256: bool = True, topk_order: str = "rank"):
+    def __init__(self, path: str | Path, *, verify_sha256: bool = True, topk_order: str = "rank", keep_float16: bool = False):
         if topk_order not in ("rank", "any"):
             raise ValueError(f"topk_order must be 'rank' or 'any', got {topk_order!r}")
         self.path = Path(path)
         self.topk_order = topk_order
         """rank: each position's top-k most likely first (the schema's contract); any: the storage's cheapest order,
         for readers that treat the top-k as a set (the trainer's losses; ~1.5x faster decoding of a sqrt-delta cache)."""
+        self.keep_float16 = keep_float16
+        """True: top-k log-probs stored as fp16 come back as float16, for a reader that casts them where they are used
+        (the trainer, on the device: half the host bytes and no host-side cast)."""
         self.manifest = read_manifest(self.path)
         self.verify_sha256 = verify_sha256
         self._codecs = {name: get_codec(c) for name, c in column_codecs(self.manifest.signals).items()}
@@ -377,7 +380,8 @@ class Cache:
             table = f.read_row_group(group_index, columns=columns)
             if table.num_rows != rows:
                 raise DamagedShard(f"decoded {table.num_rows} rows, the manifest records {rows}")
-            return RowGroupBlock(table, self.manifest, self._codecs, footer_value_counts(f, group_index, table.column_names), self.topk_order)
+            return RowGroupBlock(table, self.manifest, self._codecs, footer_value_counts(f, group_index, table.column_names), self.topk_order,
+                                 self.keep_float16)
         except DamagedShard as exc:
             raise self._damaged(self.manifest.shards[shard_index].name, str(exc), row_group=group_index) from None
         except READ_ERRORS as exc:
@@ -526,9 +530,9 @@ def reshard_states(states: list[dict], world: int) -> list[dict] | None:
     return [{**frontier, "seen": seen, "base": seen, "rank": r, "world": world} for r in range(world)]
 
 
-def open_cache(path: str | Path, *, verify_sha256: bool = True, topk_order: str = "rank") -> Cache:
-    """Open a cache directory written by ``kdcache generate`` (see :class:`Cache` for ``verify_sha256``)."""
-    return Cache(path, verify_sha256=verify_sha256, topk_order=topk_order)
+def open_cache(path: str | Path, *, verify_sha256: bool = True, topk_order: str = "rank", keep_float16: bool = False) -> Cache:
+    """Open a cache directory written by ``kdcache generate`` (see :class:`Cache` for the options)."""
+    return Cache(path, verify_sha256=verify_sha256, topk_order=topk_order, keep_float16=keep_float16)
 
 
 def holdout_fraction_filter(fraction: float, salt: str = "kdcache-eval") -> Callable[[str], bool]:

@@ -145,9 +145,11 @@ def _split(x: np.ndarray, planes: int) -> list[np.ndarray]:
 
 
 def _join(planes: Sequence[np.ndarray], dtype) -> np.ndarray:
-    out = planes[0].astype(dtype)
-    for j, p in enumerate(planes[1:], 1):
-        out |= p.astype(dtype) << (8 * j)
+    """Byte planes -> integers, most significant plane first, shifted in place (two passes a plane)."""
+    out = planes[-1].astype(dtype)
+    for p in planes[-2::-1]:
+        out <<= 8
+        out |= p
     return out
 
 
@@ -220,33 +222,48 @@ def decode(streams: Mapping[str, object], params: Mapping, order: str = "id") ->
     ids = np.empty((n, k), dtype=np.int32 if V <= 2**31 else np.int64)
     logprobs, tail = np.empty((n, k), dtype=np.float32), np.empty(n, dtype=np.float32)
     for a, b in _blocks(n, k):
-        ids[a:b], logprobs[a:b], tail[a:b] = _decode_block(
-            [p[a:b] for p in id_planes], [p[a:b] for p in val_planes], k, V, step, max_code, order)
+        _decode_block([p[a:b] for p in id_planes], [p[a:b] for p in val_planes], k, V, step, max_code, order,
+                      ids[a:b], logprobs[a:b], tail[a:b])
     return ids, logprobs, tail
 
 
-def _decode_block(id_planes, val_planes, k, V, step, max_code, order):
+def _decode_block(id_planes, val_planes, k, V, step, max_code, order, ids_out, logprobs_out, tail_out) -> None:
+    """One block of rows, written into the ``*_out`` views. The normaliser is computed from the codes, not looked
+    up: a code c >= 1 has mass ((c-1)^2 + 1/12) step^2, so a row's sum is step^2 (sum (c-1)^2 + k/12) less 13/12
+    step^2 per exact zero, one float32 dot product per row (the table lookup and sum took 3x as long)."""
     acc = np.int32 if 8 * len(id_planes) + _bits(k) <= 31 else np.int64
-    ids = np.cumsum(_join(id_planes, acc), axis=1, dtype=acc)
+    direct = order == "id" and ids_out.dtype == acc  # the ids are final: accumulate straight into the output
+    ids = np.cumsum(_join(id_planes, acc), axis=1, dtype=acc, out=ids_out if direct else None)
     ids += np.arange(k, dtype=acc)
     if ids[:, -1].max() >= V or (acc is np.int64 and ids.min() < 0):
         raise ValueError(f"corrupt {CODEC} data: decoded ids reach {ids[:, -1].max()} >= vocab_size {V}")
     vals = _join(val_planes, np.int32)
-    codes = vals[:, :k] + vals[:, k : k + 1]
-    tail_codes = vals[:, k + 1].astype(np.intp)
+    codes = vals[:, :k]
+    codes += vals[:, k : k + 1]
+    tail_codes = vals[:, k + 1]
     if max(codes.max(), tail_codes.max()) > max_code:
         raise ValueError(f"corrupt {CODEC} data: a value code exceeds {max_code}, the code of p = 1 at step {step}")
     mass, logmass = _tables(step)
-    total = np.take(mass, codes.astype(np.intp)).sum(1, dtype=np.float32) + np.take(mass, tail_codes)
+    centred = codes.astype(np.float32)
+    centred -= 1
+    total = np.einsum("ij,ij->i", centred, centred)
+    total += np.float32(k / 12)
+    if codes.min() == 0:  # exact zeros (-inf log-probs) carry no mass
+        total -= np.count_nonzero(codes == 0, axis=1).astype(np.float32) * np.float32(13 / 12)
+    total *= np.float32(step * step)
+    total += np.take(mass, tail_codes)
     if not total.min() > 0:
         raise ValueError(f"corrupt {CODEC} data: a row decodes to no probability mass")
     if order == "rank":  # one sort of (max_code - code, column) keys; the codes come back sorted with them
         down, cols = _sort_key(max_code - codes, k, _bits(max_code))
         codes, ids = max_code - down, _gather(ids, cols)
     log_total = np.log(total)
-    logprobs = np.take(logmass, codes.astype(np.intp))
-    logprobs -= log_total[:, None]
-    return ids, logprobs, np.take(logmass, tail_codes) - log_total
+    if not direct:
+        ids_out[...] = ids
+    np.take(logmass, codes, out=logprobs_out)
+    logprobs_out -= log_total[:, None]
+    np.take(logmass, tail_codes, out=tail_out)
+    tail_out -= log_total
 
 
 def encode_many(ids, logprobs, tail_logprob, lengths, params: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -159,6 +159,8 @@ class TrainConfig:
     save_every: int = doc("Checkpoint every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
     keep_checkpoints: int = doc("Checkpoints to keep (oldest removed once a newer one is on disk); resuming reads only the latest.", 1, valid=POSITIVE)
     shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4, valid=POSITIVE)
+    prefetch: int = doc("Micro-batches read, decoded and collated ahead in a background thread, so the step never waits "
+                        "for the cache (0: in the step's thread). Changes no result.", 2, valid=NON_NEGATIVE)
     resume: bool = doc("Continue from the latest checkpoint in `out` even if the config changed (e.g. more steps).", False)
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
 

@@ -44,10 +44,27 @@ class Batch:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
+        """On ``device``, ready for the losses: int32 ids become int64 and fp16 values float32 there, after the copy
+        (the host keeps the cache's narrow dtypes: half the bytes to move, no host-side cast)."""
         t = self.targets
-        moved = replace(t, **{f.name: getattr(t, f.name).to(device, non_blocking=True) for f in fields(t) if getattr(t, f.name) is not None})
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device), moved, self.num_tokens,
+        moved = replace(t, **{f.name: _widen(getattr(t, f.name).to(device, non_blocking=True))
+                              for f in fields(t) if getattr(t, f.name) is not None})
+        return Batch(self.input_ids.to(device, non_blocking=True), self.attention_mask.to(device, non_blocking=True),
+                     self.select.to(device, non_blocking=True), moved, self.num_tokens,
                      self.teacher_nll_sum, {k: v.to(device, non_blocking=True) for k, v in self.signals.items()})
+
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked host memory, so that ``to(cuda)`` copies asynchronously."""
+        t = self.targets
+        return Batch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.select.pin_memory(),
+                     replace(t, **{f.name: getattr(t, f.name).pin_memory() for f in fields(t) if getattr(t, f.name) is not None}),
+                     self.num_tokens, self.teacher_nll_sum, {k: v.pin_memory() for k, v in self.signals.items()})
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.int32:
+        return x.long()
+    return x.float() if x.is_floating_point() else x
 
 
 def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None) -> Batch:
@@ -70,9 +87,9 @@ def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None
         def gather(name: str) -> np.ndarray:
             return np.concatenate([ex[name] if full else ex[name][m] for ex, m in zip(examples, masks)])
 
-        topk_ids = torch.from_numpy(gather("topk_ids")).long()
-        topk_lp = torch.from_numpy(gather("topk_logprobs")).float()
-        tail = torch.from_numpy(gather("tail_logprob")).float()
+        topk_ids = torch.from_numpy(gather("topk_ids"))  # int32 / fp16 as stored: Batch.to widens them on the device
+        topk_lp = torch.from_numpy(gather("topk_logprobs"))
+        tail = torch.from_numpy(gather("tail_logprob"))
         if tail_index is not None:
             tail_t = torch.from_numpy(np.ascontiguousarray(gather(TEMPERED_TAIL)[:, tail_index])).float()
     s_ids = s_w = None

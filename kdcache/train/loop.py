@@ -34,6 +34,7 @@ from kdcache.train.distributed import RANK_RNG, DataParallel, World, device_for,
 from kdcache.train.data import TEMPERED_TAIL, batches, collate, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
+from kdcache.train.prefetch import Prefetcher
 import kdcache.train.packing as packing
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
@@ -130,7 +131,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
     pseudo_teacher_options(cfg)
     if cfg.packing:
         packing.refuse_unsupported(cfg)
-    cache = open_cache(cfg.cache, topk_order="any")  # the losses treat the top-k as a set: no sort on read
+    # the losses treat the top-k as a set (no sort on read) and get fp16 values widened on the device (Batch.to)
+    cache = open_cache(cfg.cache, topk_order="any", keep_float16=True)
     if cache.manifest.status != "complete":
         log.warning("cache %s is still being written (%d rows so far); training on what is committed", cfg.cache, cache.manifest.num_rows)
     loss_spec = get_loss(cfg.loss) if cfg.loss != "none" else None
@@ -193,16 +195,21 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
             truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
     where.step = step
-    # A curriculum skips the examples above the current step's difficulty as the stream passes them.
-    examples = curriculum.filter(stream, lambda: step) if curriculum is not None else stream
-    data = batches(examples, cfg.batch_size, pad_id, tail_index, packing.pack if cfg.packing else collate)
+    # A curriculum skips the examples above the difficulty of the step a batch is made for, as the stream passes
+    # them: batch number `data.produced` of this run (late-bound: read only once batches are being made).
+    examples = curriculum.filter(stream, lambda: step0 + data.produced // cfg.grad_accum) if curriculum is not None else stream
+    step0 = step
+    # Made ahead in a thread, each batch with the reader's state after it (what a checkpoint saves); pinned for CUDA.
+    data = Prefetcher(batches(examples, cfg.batch_size, pad_id, tail_index, packing.pack if cfg.packing else collate),
+                      stream.state_dict, cfg.prefetch, transform=(lambda b: b.pin_memory()) if device.type == "cuda" else None)
+    data_state = stream.state_dict()  # the reader's position after the last batch the step consumed
     saved = ckpt  # the newest checkpoint, whose weights are the model's whenever its step is `step`
     # DDP around everything trained (the student and the terms' projections); one process: no wrapper
     parallel = DataParallel(world, torch.nn.ModuleList([model, projections]), find_unused=bool(cfg.stages), sharded_root=sharded_root)
 
     def checkpoint(at: int) -> None:
         nonlocal saved
-        positions, rngs = world.gather(stream.state_dict()), world.gather(torch.get_rng_state())  # every rank's; rank 0 writes
+        positions, rngs = world.gather(data_state), world.gather(torch.get_rng_state())  # every rank's; rank 0 writes
         full = (full_model_state(model), full_optimizer_state(model, optimizer)) if sharded else None  # gathered by every rank
         saved = world.on_main(lambda: save_checkpoint(
             out, at, model, tokenizer, optimizer, scheduler,
@@ -212,7 +219,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
                                                  **{_PROJ + k: v for k, v in projections.state_dict().items()},
                                                  **{f"{RANK_RNG}{r}": t for r, t in enumerate(rngs) if r}}, full_state=full))
 
-    with (open(out / "metrics.jsonl", "a") if world.main else contextlib.nullcontext()) as metrics_file, \
+    with data, (open(out / "metrics.jsonl", "a") if world.main else contextlib.nullcontext()) as metrics_file, \
             tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress) as bar:
         sums: dict[str, Any] = {}
         tokens_since = 0
@@ -220,7 +227,10 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
         final: dict[str, Any] = {}
         while step < cfg.steps:
             try:
-                micro = [next(data).to(device) for _ in range(cfg.grad_accum)]
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    batch, data_state = next(data)
+                    micro.append(batch.to(device))
             except StopIteration:
                 raise DataError(
                     f"no training examples in {cfg.cache}: all {cache.manifest.num_rows} rows are held out for evaluation; "
@@ -309,7 +319,7 @@ def _tail_mode(cfg: TrainConfig, cache: Cache) -> int | None:
 def _open_eval_cache(cfg: TrainConfig, cache: Cache) -> Cache | None:
     if not cfg.eval_cache:
         return None
-    source = open_cache(cfg.eval_cache, topk_order="any")
+    source = open_cache(cfg.eval_cache, topk_order="any", keep_float16=True)
     require_same_tokenizer(cache.manifest, source.manifest, cfg.cache, cfg.eval_cache, "evaluating on another cache")
     return source
 
