@@ -405,15 +405,19 @@ class Cache:
         epochs: int | None = 1,
         columns: list[str] | None = None,
         keep: Callable[[str], bool] | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> ExampleStream:
-        """Examples as dicts of numpy arrays. ``epochs=None`` loops forever; ``keep(example_id)`` filters."""
+        """Examples as dicts of numpy arrays. ``epochs=None`` loops forever; ``keep(example_id)`` filters;
+        ``rank`` of ``world`` gets every ``world``-th kept example (see :class:`ExampleStream`)."""
         if columns is not None:
             missing = sorted(set(columns) - set(self.columns))
             if missing:
                 raise CacheFormatError(f"cache {self.path} has no column {missing[0]}; it has: {', '.join(self.columns)}")
         if keep is not None and columns is not None and "example_id" not in columns:
             columns = ["example_id", *columns]  # the filter reads it
-        return ExampleStream(self, shuffle=shuffle, seed=seed, window=window, epochs=epochs, columns=columns, keep=keep)
+        return ExampleStream(self, shuffle=shuffle, seed=seed, window=window, epochs=epochs, columns=columns, keep=keep,
+                             rank=rank, world=world)
 
 
 def read_units(manifest: Manifest) -> list[list[int]]:
@@ -436,11 +440,20 @@ def read_units(manifest: Manifest) -> list[list[int]]:
 
 
 class ExampleStream:
-    """An iterator over a cache's examples with ``state_dict()``/``load_state_dict()``."""
+    """An iterator over a cache's examples with ``state_dict()``/``load_state_dict()``.
 
-    def __init__(self, cache: Cache, *, shuffle, seed, window, epochs, columns, keep):
+    Rank sharding (``rank`` of ``world``, data-parallel training): every rank walks the same global sequence (the
+    seeded order, after ``keep``) and yields the kept examples whose index ``i`` (counted across epochs, from
+    ``base``) has ``(i - base) % world == rank``. The ranks' streams are disjoint, together they are the global
+    sequence with nothing read twice per epoch, and the n-th examples of the W ranks are the global sequence's
+    examples nW .. nW + W - 1: W ranks taking B examples each per step see exactly one process's B x W. Each rank
+    decodes every row group (the price of that equality: W times the decoding, the same memory)."""
+
+    def __init__(self, cache: Cache, *, shuffle, seed, window, epochs, columns, keep, rank: int = 0, world: int = 1):
         if window < 1:
             raise ValueError("window must be >= 1")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
         self.cache = cache
         self.shuffle = shuffle
         self.seed = seed
@@ -451,15 +464,23 @@ class ExampleStream:
         self.epoch = 0
         self.window_index = 0
         self.offset = 0
+        self.rank, self.world = rank, world
+        self.seen = 0  # kept examples of the global sequence passed so far (every rank's)
+        self.base = 0  # the global index at which the dealing to ranks starts (moved by a reshard)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "window": self.window_index, "offset": self.offset, "seed": self.seed,
-                "shuffle": self.shuffle, "window_size": self.window}
+                "shuffle": self.shuffle, "window_size": self.window, "seen": self.seen, "base": self.base,
+                "rank": self.rank, "world": self.world}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["seed"], state["shuffle"], state["window_size"]) != (self.seed, self.shuffle, self.window):
             raise ValueError("reader state was saved with a different seed, shuffle or window; it cannot be restored here")
+        if (state.get("rank", 0), state.get("world", 1)) != (self.rank, self.world):
+            raise ValueError(f"reader state of rank {state.get('rank', 0)} of {state.get('world', 1)} cannot be restored as rank "
+                             f"{self.rank} of {self.world}; reshard it first (kdcache.cache.reader.reshard_states)")
         self.epoch, self.window_index, self.offset = state["epoch"], state["window"], state["offset"]
+        self.seen, self.base = state.get("seen", 0), state.get("base", 0)
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
@@ -488,7 +509,11 @@ class ExampleStream:
                     self.offset += 1
                     if self.keep is not None and not self.keep(block.scalars["example_id"][row]):
                         continue
-                    yielded = True
+                    yielded = True  # by some rank: an epoch that keeps anything is never the last
+                    index_ = self.seen - self.base
+                    self.seen += 1
+                    if index_ % self.world != self.rank:
+                        continue
                     yield block.example(row)
                 self.window_index += 1
                 self.offset = 0
@@ -496,6 +521,22 @@ class ExampleStream:
             self.window_index = 0
             if not yielded:
                 return  # the filter keeps nothing: stop instead of looping over empty epochs forever
+
+
+def reshard_states(states: list[dict], world: int) -> list[dict] | None:
+    """The states of ``world`` ranks that continue the global sequence where the ranks of ``states`` (one per rank,
+    in rank order) stopped; None if they stopped mid-round (not every rank has yielded as many examples), where no
+    position continues every rank exactly. The example after the last one any rank yielded comes next."""
+    old_world = len(states)
+    base = states[0].get("base", 0)
+    counts = [max(0, -(-(s.get("seen", 0) - base - r) // old_world)) for r, s in enumerate(states)]
+    if len(set(counts)) != 1 or any(s.get("world", 1) != old_world or s.get("rank", 0) != r for r, s in enumerate(states)):
+        return None
+    frontier = states[-1]
+    seen = frontier.get("seen", 0)
+    if seen != base + counts[0] * old_world:
+        return None
+    return [{**frontier, "seen": seen, "base": seen, "rank": r, "world": world} for r in range(world)]
 
 
 def open_cache(path: str | Path, *, verify_sha256: bool = True, topk_order: str = "rank", keep_float16: bool = False) -> Cache:

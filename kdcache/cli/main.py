@@ -8,6 +8,7 @@ and exit non-zero.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import logging
 import signal
@@ -249,8 +250,12 @@ def train(config_path, recipe, overrides, quiet, **flags) -> None:
     _run(cfg.validate)  # before torch is imported
     from kdcache.train.loop import train as run
 
+    rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 logs and prints, the others only warn
+    if rank != "0":
+        logging.getLogger().setLevel(logging.WARNING)
     metrics = _run(run, cfg, progress=not quiet)
-    click.echo(json.dumps(metrics, indent=2))
+    if rank == "0":
+        click.echo(json.dumps(metrics, indent=2))
 
 
 @main.command(name="eval")

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,8 +39,8 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(folder)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, sd: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in sd["state"].items():
@@ -52,7 +52,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                       load: Callable[[dict], None] | None = None) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -60,17 +61,19 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
             state.setdefault(int(pid), {})[key] = value
     for pid, extra in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(extra)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    (load or optimizer.load_state_dict)({"state": state, "param_groups": meta["param_groups"]})
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimizer, scheduler, trainer_state: dict, keep: int,
-                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra_tensors: dict[str, torch.Tensor] | None = None, full_state: tuple[dict, dict] | None = None) -> Path:
     """Write ``checkpoints/step-N`` atomically; a failure (e.g. a full disk) leaves the previous one in place.
-    ``extra_tensors`` (e.g. a pseudo-teacher's weights) come back from :func:`load_checkpoint`."""
+    ``extra_tensors`` (e.g. a pseudo-teacher's weights) come back from :func:`load_checkpoint`. ``full_state``:
+    the model's and the optimizer's state dicts, gathered from shards (kdcache.train.sharded), written instead
+    of the model's and optimizer's own."""
     ckpt_root = run_dir / "checkpoints"
     tmp = ckpt_root / f".step-{step:07d}.tmp"
     try:
-        return _save(ckpt_root, tmp, step, model, tokenizer, optimizer, scheduler, trainer_state, keep, extra_tensors or {})
+        return _save(ckpt_root, tmp, step, model, tokenizer, optimizer, scheduler, trainer_state, keep, extra_tensors or {}, full_state)
     except KeyboardInterrupt:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder; `latest` still names the previous one
         raise
@@ -85,14 +88,15 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimi
 
 
 def _save(ckpt_root: Path, tmp: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict, keep: int,
-          extra_tensors: dict[str, torch.Tensor]) -> Path:
+          extra_tensors: dict[str, torch.Tensor], full_state: tuple[dict, dict] | None) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model_state, optimizer_state = full_state or (None, None)
+    model.save_pretrained(tmp / "model", safe_serialization=True, **({"state_dict": model_state} if model_state is not None else {}))
     if tokenizer is not None:  # an image student has none
         tokenizer.save_pretrained(tmp / "model")
-    tensors, optim_meta = _optimizer_tensors(optimizer)
+    tensors, optim_meta = _optimizer_tensors(optimizer, optimizer_state)
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -149,21 +153,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "trainer_state.json").is_file() else None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer, scheduler, device: torch.device) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, data position, ...)."""
+def load_checkpoint(path: Path, model: Any, optimizer, scheduler, device: torch.device,
+                    restore_weights: Callable[[Any, dict], tuple[list, list]] | None = None,
+                    load_optimizer: Callable[[dict], None] | None = None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, data position, ...).
+    ``restore_weights(model, full_weights)`` / ``load_optimizer(full_state)``: for a sharded model (kdcache.train.sharded)."""
     from safetensors.torch import load_file as load_weights
 
     weights: dict[str, torch.Tensor] = {}
     for f in sorted((path / "model").glob("*.safetensors")):
         weights.update(load_weights(str(f)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = (restore_weights or (lambda m, w: m.load_state_dict(w, strict=False)))(model, weights)
     tied = {k for k in missing if "lm_head" in k} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     state = json.loads((path / "trainer_state.json").read_text())
     tensors = load_file(str(path / "trainer_state.safetensors"))
-    _restore_optimizer(optimizer, {k: v.to(device) if k.startswith("optim.") and v.dim() > 0 else v for k, v in tensors.items()}, state["optimizer"])
+    _restore_optimizer(optimizer, {k: v.to(device) if k.startswith("optim.") and v.dim() > 0 else v for k, v in tensors.items()}, state["optimizer"], load_optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]

@@ -68,6 +68,21 @@ class StageConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training under torchrun (kdcache/train/distributed.py); its own section, `distributed.*`."""
+
+    strategy: Literal["ddp", "fsdp"] = doc(
+        "How the ranks of a torchrun launch share the student: ddp (a full copy per rank, gradients summed across ranks); "
+        "fsdp (FSDP2 fully_shard per decoder block: parameters, gradients and optimizer moments split across the ranks, "
+        "for students that do not fit one device; a logit loss only: terms, stages, packing and pseudo-teachers are refused). "
+        "Ignored by a single-process run.", "ddp")
+    backend: Literal["auto", "gloo", "nccl"] = doc("torch.distributed backend; auto: nccl on CUDA devices, gloo on CPU.", "auto")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
 class TrainConfig:
     cache: str = doc("Cache directory written by `kdcache generate`.", "")
     out: str = doc("Run directory: checkpoints, final model, metrics.", "")
@@ -110,6 +125,9 @@ class TrainConfig:
     curriculum: CurriculumConfig = doc(
         "Curriculum by the teacher's per-example difficulty (curriculum.by=teacher_nll): the easiest fraction first, "
         "growing by a pacing function to every example (kdcache/train/curriculum.py).", default_factory=CurriculumConfig)
+    distributed: DistributedConfig = doc(
+        "Training under `torchrun --nproc-per-node N -m kdcache train ...` (kdcache/train/distributed.py): each rank "
+        "trains on every N-th example, so one step sees batch_size x grad_accum x N examples.", default_factory=DistributedConfig)
     steps: int = doc("Optimizer steps.", 300, valid=POSITIVE)
     batch_size: int = doc("Examples per micro-batch.", 8, valid=POSITIVE)
     grad_accum: int = doc("Micro-batches per optimizer step.", 1, valid=POSITIVE)

@@ -6,6 +6,7 @@ steps, logs, evaluates and checkpoints. Components live in their own modules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,12 +23,14 @@ from kdcache.cache import Cache, holdout_fraction_filter, open_cache, require_sa
 from kdcache.config import from_dict, to_dict, upgraded
 from kdcache.errors import ConfigError, DataError, Interrupted, KDCacheError
 from kdcache.fingerprint import json_hash
-from kdcache.modeling import autocast_for, resolve_device
+from kdcache.modeling import autocast_for
 from kdcache.train.checkpoint import (
     checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
 from kdcache.train.config import TrainConfig
 from kdcache.train.curriculum import Curriculum, competence, training_difficulties
+from kdcache.train.distributed import RANK_RNG, DataParallel, World, device_for, launched_world_size, refuse_unsupported, \
+    resume_position, start, stop
 from kdcache.train.data import TEMPERED_TAIL, batches, collate, heldout_batches, tempered_tail_index, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
@@ -35,6 +38,8 @@ from kdcache.train.prefetch import Prefetcher
 import kdcache.train.packing as packing
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
+from kdcache.train.sharded import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state, \
+    shard_student
 from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
 from kdcache.train.pseudo_teachers import build_pseudo_teacher, pseudo_teacher_options
 from kdcache.train.student import build_student
@@ -89,11 +94,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     Ctrl-C (KeyboardInterrupt) becomes :class:`Interrupted`, whose message says what is kept on disk."""
     cfg.validate()
     where = _Position()
+    world_size = launched_world_size()  # torchrun's processes; 1 without it
+    refuse_unsupported(cfg, world_size)
+    world = start(cfg, world_size)
     try:
-        with transformers_bars(progress):
-            return _train(cfg, progress, where)
+        with transformers_bars(progress and world.main):
+            return _train(cfg, progress and world.main, where, world)
     except KeyboardInterrupt:
         raise Interrupted(_interrupt_message(cfg, where)) from None
+    finally:
+        stop(world)
 
 
 def _interrupt_message(cfg: TrainConfig, where: _Position) -> str:
@@ -115,7 +125,7 @@ def _interrupt_message(cfg: TrainConfig, where: _Position) -> str:
     return f"{stopped} before the first checkpoint ({every}: --set save_every=N); rerun to start over"
 
 
-def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]:
+def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> dict[str, Any]:
     # each loss's and pseudo-teacher's own section (losses.<name>, pseudo_teachers.<name>), checked by its registry
     options = loss_options(cfg)
     pseudo_teacher_options(cfg)
@@ -137,17 +147,20 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
             raise ConfigError(f"loss {name!r} needs the cache signal {missing[0]}, which {cfg.cache} lacks; regenerate it with `kdcache generate {flag}`")
     eval_source = _open_eval_cache(cfg, cache)
     tail_index = _tail_mode(cfg, cache)
-    device = resolve_device(cfg.device)
+    device = device_for(cfg, world.local_rank)
     autocast = autocast_for(cfg.precision, device)
     model, tokenizer = build_student(cfg.student, cache, seed=cfg.seed)
     objectives, projections = build_objectives(cfg, model, cache)  # every term's bad input is refused here, before the run dir
     if cfg.packing:  # a student that cannot keep packed examples apart too; before the pseudo-teacher, whose EMA copy keeps the hook
         packing.enable(model)
-    out, ckpt = prepare_run_dir(cfg, comparable_config)  # same config resumes, a different one is refused
+    out, ckpt = world.on_main(lambda: prepare_run_dir(cfg, comparable_config))  # same config resumes, a different one is refused
     model.to(device).train()
+    sharded = world.active and cfg.distributed.strategy == "fsdp"
+    sharded_root = shard_student(model) if sharded else None  # before the optimizer, which must hold the shards
     projections.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pseudo = build_pseudo_teacher(cfg, model)
+    world.own_randoms(cfg.seed)
     for peer in (pseudo.extra_students().values() if cfg.packing and pseudo is not None else ()):
         packing.enable(peer)  # peers are students of their own
     # the projections train with the student (after its parameters, so a run without terms has the same optimizer)
@@ -163,19 +176,23 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
     curriculum = (Curriculum(cfg.curriculum, training_difficulties(cache, cfg.curriculum.by, is_heldout), cfg.steps)
                   if cfg.curriculum.enabled else None)
     stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=train_columns(cache, reads),
-                          keep=lambda i: not is_heldout(i))
+                          keep=lambda i: not is_heldout(i), rank=world.rank, world=world.size)
 
     step = 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device, *(
+            (load_full_model_state, lambda sd: load_full_optimizer_state(model, optimizer, sd)) if sharded else ()))
         extra = state["extra_tensors"]
         if len(projections):
             projections.load_state_dict({k[len(_PROJ):]: v.to(device) for k, v in extra.items() if k.startswith(_PROJ)})
         if pseudo is not None:
-            pseudo.load_state_tensors({k: v for k, v in extra.items() if not k.startswith(_PROJ)})
-        stream.load_state_dict(state["data"])
+            pseudo.load_state_tensors({k: v for k, v in extra.items() if not k.startswith((_PROJ, RANK_RNG))})
+        stream.load_state_dict(resume_position(state, world, cfg))
+        if RANK_RNG + str(world.rank) in extra:  # ranks other than 0 continue their own random stream
+            torch.set_rng_state(extra[RANK_RNG + str(world.rank)])
         step = state["step"]
-        truncate_metrics(out / "metrics.jsonl", step)
+        if world.main:
+            truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
     where.step = step
     # A curriculum skips the examples above the difficulty of the step a batch is made for, as the stream passes
@@ -187,15 +204,22 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                       stream.state_dict, cfg.prefetch, transform=(lambda b: b.pin_memory()) if device.type == "cuda" else None)
     data_state = stream.state_dict()  # the reader's position after the last batch the step consumed
     saved = ckpt  # the newest checkpoint, whose weights are the model's whenever its step is `step`
+    # DDP around everything trained (the student and the terms' projections); one process: no wrapper
+    parallel = DataParallel(world, torch.nn.ModuleList([model, projections]), find_unused=bool(cfg.stages), sharded_root=sharded_root)
 
     def checkpoint(at: int) -> None:
         nonlocal saved
-        saved = save_checkpoint(out, at, model, tokenizer, optimizer, scheduler,
-                                {"data": data_state, "config_hash": json_hash(to_dict(cfg)), "kdcache_version": kdcache.__version__},
-                                cfg.keep_checkpoints, extra_tensors={**(pseudo.state_tensors() if pseudo is not None else {}),
-                                                                     **{_PROJ + k: v for k, v in projections.state_dict().items()}})
+        positions, rngs = world.gather(data_state), world.gather(torch.get_rng_state())  # every rank's; rank 0 writes
+        full = (full_model_state(model), full_optimizer_state(model, optimizer)) if sharded else None  # gathered by every rank
+        saved = world.on_main(lambda: save_checkpoint(
+            out, at, model, tokenizer, optimizer, scheduler,
+            {"data": positions[0], **({"data_ranks": positions} if world.active else {}), "world_size": world.size,
+             "config_hash": json_hash(to_dict(cfg)), "kdcache_version": kdcache.__version__},
+            cfg.keep_checkpoints, extra_tensors={**(pseudo.state_tensors() if pseudo is not None else {}),
+                                                 **{_PROJ + k: v for k, v in projections.state_dict().items()},
+                                                 **{f"{RANK_RNG}{r}": t for r, t in enumerate(rngs) if r}}, full_state=full))
 
-    with data, open(out / "metrics.jsonl", "a") as metrics_file, \
+    with data, (open(out / "metrics.jsonl", "a") if world.main else contextlib.nullcontext()) as metrics_file, \
             tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress) as bar:
         sums: dict[str, Any] = {}
         tokens_since = 0
@@ -212,14 +236,14 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                     f"no training examples in {cfg.cache}: all {cache.manifest.num_rows} rows are held out for evaluation; "
                     "lower --set eval_fraction=... or generate more rows"
                 ) from None
-            total_tokens = sum(b.num_tokens for b in micro)
+            total_tokens = world.total(sum(b.num_tokens for b in micro))  # the step's target tokens over every rank
             stage = stage_at(objectives, step)
             settings.alpha = stage.alpha if stage.alpha is not None else alpha_at(cfg, step)
-            for b in micro:
+            for i, b in enumerate(micro):
                 if pseudo is not None:  # targets from the student itself, computed before it reads the batch
                     b = dataclasses.replace(pseudo.student_batch(b, step), targets=pseudo.targets(model, b, autocast))
-                loss_sum, parts = forward(model, b, stage, settings, autocast)
-                (loss_sum / max(total_tokens, 1)).backward()
+                loss_sum, parts = parallel.run(lambda: forward(model, b, stage, settings, autocast), last=i == len(micro) - 1)
+                (loss_sum / (max(total_tokens, 1) / world.size)).backward()  # DDP averages over ranks: the global sum
                 for key, value in {**parts, "loss": loss_sum.detach(), "teacher_nll": b.teacher_nll_sum}.items():
                     sums[key] = sums.get(key, 0.0) + value  # tensors: no device sync until we log
             for p in stage.frozen:  # AdamW skips a parameter without a gradient: no update, no decay, no moments
@@ -243,18 +267,26 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                     row["stage"] = objectives.index(stage)
                 if curriculum is not None:
                     row["curriculum_competence"] = competence(cfg.curriculum, step - 1, cfg.steps)  # of the step just trained
-                row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
-                _log_row(metrics_file, row)
+                row.update({k: v / max(tokens_since, 1) for k, v in world.sum_values(sums).items()})
+                if world.main:
+                    _log_row(metrics_file, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 sums, tokens_since, t0 = {}, 0, time.perf_counter()
             if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
-                _log_row(metrics_file, final)
-                log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
+                evaluated = lambda: {"step": step, **evaluate(model, eval_batches, device, autocast)}  # noqa: E731
+                final = parallel.run(evaluated, last=True) if sharded else world.on_main(evaluated)  # sharded: every rank
+                if world.main:
+                    _log_row(metrics_file, final)
+                    log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 checkpoint(step)
 
     where.writing_final = True
+    return world.on_main(lambda: _finish(out, saved, step, model, tokenizer, pseudo, objectives, eval_batches, device, autocast, final))
+
+
+def _finish(out, saved, step, model, tokenizer, pseudo, objectives, eval_batches, device, autocast, final) -> dict[str, Any]:
+    """``final/`` and ``final_metrics.json`` (rank 0 only under torchrun)."""
     extras = {f"peers/{n}": m for n, m in (pseudo.extra_students() if pseudo is not None else {}).items()}
     extras.update({f"exits/{n}": m for obj in objectives for _, _, term in obj.terms for n, m in term.exports(model).items()})
     write_final(out, saved, step, model, tokenizer, extras)
