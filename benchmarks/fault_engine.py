@@ -122,8 +122,9 @@ class World:
                 rc, wall = run(cmd, self.root / f"{name}.log")
                 if rc != 0:
                     raise RuntimeError(f"reference {name} failed (rc {rc}): {last_line(self.root / f'{name}.log')}")
-                if timed:
-                    self.wall[timed] = wall
+                (self.root / f"{name}.wall").write_text(f"{wall:.3f}")
+            if timed:  # also for a reference reused from an earlier invocation with this root
+                self.wall[timed] = float((self.root / f"{name}.wall").read_text())
             self._refs[name] = out
         return self._refs[name]
 
