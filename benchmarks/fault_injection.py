@@ -64,7 +64,8 @@ def fault_table(outcomes: list[Outcome]) -> str:
     lines = ["| fault | command | exit code | one-line error | left cache verifies | rerun / first writer ok | equal to reference | good |",
              "|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
-        left = "no cache left (nothing committed)" if o.left_ok is None else ("yes" if o.left_ok else "NO")
+        left = ("- (a run folder)" if o.command == "train" else "no cache left (nothing committed)") if o.left_ok is None \
+            else ("yes" if o.left_ok else "NO")
         lines.append(f"| {o.fault} | {o.command} | {o.exit_code} | {'yes' if o.one_line else 'NO'} | {left} | "
                      f"{'yes' if o.resumed else 'NO'} | {'yes' if o.equal else 'NO'} | {'yes' if o.ok else 'NO'} |")
     lines.append("")
