@@ -174,6 +174,10 @@ def _release(path: str, token: str, pid: int) -> None:
             p.unlink()
         except FileNotFoundError:
             pass
+        except OSError:
+            # The folder turned read-only (or vanished) under us: the lock stays behind, and since this process is
+            # about to be gone the next writer takes it over. Raising here would hide the error that brought us here.
+            pass
 
 
 class CacheLock:

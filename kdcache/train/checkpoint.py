@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kdcache.cache.manifest import fsync_dir, fsync_file, write_atomic
@@ -77,7 +78,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, tokenizer: Any, optimi
     except KeyboardInterrupt:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder; `latest` still names the previous one
         raise
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error, not an OSError
         shutil.rmtree(tmp, ignore_errors=True)
         if is_space_error(exc):
             raise OutOfSpaceError(
