@@ -194,7 +194,8 @@ def _encode_block(ids, lp, tail, k, id_bits, step, nb_ids, nb_val, max_code, row
     codes = _gather(_codes(lp, step, max_code, "logprobs"), cols)
     tail_codes = _codes(tail, step, max_code, "tail_logprob")
     base = codes.min(1)
-    if not ((codes.max(1) > 0) | (tail_codes > 0)).all():
+    empty = (base == 0) & (tail_codes == 0)  # only a row whose smallest code is 0 can be all zeros: check just those
+    if empty.any() and not codes[empty].max(1).all():
         raise ValueError("a row has no probability mass: every logprob and its tail_logprob are -inf")
     vals = np.empty((len(ids), k + 2), dtype=np.int32)
     np.subtract(codes, base[:, None], out=vals[:, :k])
