@@ -236,6 +236,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
 @click.option("--steps", type=int, help="Optimizer steps.")
 @click.option("--batch-size", type=int, help="Examples per micro-batch.")
 @click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--report-to", help="Metrics also to: tensorboard (RUN/tensorboard/); metrics.jsonl is always written.")
 @_run_dir_options
 @click.option("--set", "overrides", multiple=True, help=_set_help("student.hidden_size=256", "train"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -141,6 +141,10 @@ class TrainConfig:
     save_every: int = doc("Checkpoint every N steps (0: only at the end).", 100, valid=NON_NEGATIVE)
     keep_checkpoints: int = doc("Checkpoints to keep (oldest removed once a newer one is on disk); resuming reads only the latest.", 1, valid=POSITIVE)
     shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4, valid=POSITIVE)
+    report_to: list[str] = doc(
+        "Where metric rows go besides RUN/metrics.jsonl (always written): tensorboard (RUN/tensorboard/, train rows as "
+        "train/FIELD and eval rows as eval/FIELD scalars by step; needs `pip install 'kdcache[tensorboard]'`). "
+        "kdcache/train/reporting.py.", default_factory=list)
     resume: bool = doc("Continue from the latest checkpoint in `out` even if the config changed (e.g. more steps).", False)
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
 
@@ -208,4 +212,7 @@ class TrainConfig:
             raise ConfigError("no run directory given; pass --out DIR")
         if self.student.path:
             check_model_folder(self.student.path, "student", "--student")
+        from kdcache.train.reporting import check_report_to  # torch-free: a missing tensorboard costs a second
+
+        check_report_to(self.report_to)
 

@@ -34,7 +34,8 @@ from kdcache.train.optim import build_optimizer, lr_lambda
 import kdcache.train.packing as packing
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
-from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
+from kdcache.train.reporting import Reporters
+from kdcache.train.run_dir import prepare_run_dir, transformers_bars, write_final
 from kdcache.train.pseudo_teachers import build_pseudo_teacher, pseudo_teacher_options
 from kdcache.train.student import build_student
 
@@ -173,7 +174,6 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
             pseudo.load_state_tensors({k: v for k, v in extra.items() if not k.startswith(_PROJ)})
         stream.load_state_dict(state["data"])
         step = state["step"]
-        truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
     where.step = step
     # A curriculum skips the examples above the current step's difficulty as the stream passes them.
@@ -188,7 +188,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                                 cfg.keep_checkpoints, extra_tensors={**(pseudo.state_tensors() if pseudo is not None else {}),
                                                                      **{_PROJ + k: v for k, v in projections.state_dict().items()}})
 
-    with open(out / "metrics.jsonl", "a") as metrics_file, \
+    with Reporters(out, cfg.report_to, start_step=step) as report, \
             tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress) as bar:
         sums: dict[str, Any] = {}
         tokens_since = 0
@@ -234,12 +234,12 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position) -> dict[str, Any]
                 if curriculum is not None:
                     row["curriculum_competence"] = competence(cfg.curriculum, step - 1, cfg.steps)  # of the step just trained
                 row.update({k: float(v) / max(tokens_since, 1) for k, v in sums.items()})
-                _log_row(metrics_file, row)
+                report.write(row, "train")
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 sums, tokens_since, t0 = {}, 0, time.perf_counter()
             if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 final = {"step": step, **evaluate(model, eval_batches, device, autocast)}
-                _log_row(metrics_file, final)
+                report.write(final, "eval")
                 log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 checkpoint(step)
@@ -290,8 +290,3 @@ def _eval_batches(cfg: TrainConfig, cache: Cache, source: Cache | None, pad_id: 
         raise DataError(f"eval cache {cfg.eval_cache} has no held-out rows at eval_fraction={cfg.eval_fraction}; "
                         "raise --set eval_fraction=... or pass eval_fraction=0 to evaluate every row")
     return batches
-
-
-def _log_row(f, row: dict) -> None:
-    f.write(json.dumps(row) + "\n")
-    f.flush()
