@@ -360,6 +360,18 @@ def inspect(cache, as_json, plot) -> None:
 
 
 @main.command()
+@click.argument("runs", nargs=-1)
+@click.option("--out", required=True, help="PNG file to write.")
+@click.option("--width", type=int, default=1200, show_default=True, help="Pixels.")
+@click.option("--height", type=int, default=800, show_default=True, help="Pixels.")
+def plot(runs, out, width, height) -> None:
+    """Curves of training runs overlaid: loss terms, held-out perplexity, KD loss and top-1 agreement by step."""
+    from kdcache.cli.plot_runs import plot_runs
+
+    click.echo(f"wrote {_run(plot_runs, list(runs), out, width, height)}")
+
+
+@main.command()
 @click.argument("cache")
 @click.option("--deep", is_flag=True, help="Also decode every row group and check every row (reads the whole cache).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
