@@ -353,7 +353,7 @@ def inspect(cache, as_json, plot) -> None:
 
     s = _run(summarize, cache)
     written = _run(plot_summary, s, plot) if plot else None
-    s.pop("_arrays")
+    s.pop("_hist")
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
     if written is not None:
         click.echo(f"wrote {written}", err=as_json)  # --json keeps stdout machine-readable
