@@ -21,7 +21,7 @@ NOT_LOSS_TERMS = {"step", "lr", "alpha", "tokens_per_s", "stage", "curriculum_co
 
 # (panel title, eval field, reference field drawn dotted in the same colour, y label)
 EVAL_PANELS = (
-    ("held-out perplexity (dotted: teacher)", "eval_ppl", "teacher_ppl", "perplexity"),
+    ("held-out perplexity (dotted: teacher; log scale)", "eval_ppl", "teacher_ppl", "perplexity"),
     ("held-out KD loss vs teacher (T=1)", "eval_kd", None, "nats / token"),
     ("top-1 agreement with teacher", "eval_top1_agreement", None, "fraction of tokens"),
 )
@@ -88,6 +88,8 @@ def figure(runs: list[str | Path], width: int = 1200, height: int = 800, dpi: in
     for ax, (title, _, _, ylabel) in zip(ax_eval, EVAL_PANELS):
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
+        if ylabel == "perplexity" and ax.get_lines():
+            ax.set_yscale("log")  # a young student's perplexity and the teacher's differ by orders of magnitude
     for ax in (ax_loss, *ax_eval):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
