@@ -550,17 +550,18 @@ def test_interrupt_signal_says_which_checkpoint_is_kept_and_the_rerun_resumes_fr
 
 def test_interrupt_before_the_first_checkpoint_says_nothing_is_kept(tiny_cache, tmp_path, monkeypatch):
     from kdcache.errors import Interrupted
-    from kdcache.train import loop
+    from kdcache.train.reporting import JsonlReporter
 
     logged = []
+    write = JsonlReporter.write
 
-    def log_then_stop(f, row):  # Ctrl-C arriving while step 3's row is written
+    def log_then_stop(self, row, kind):  # Ctrl-C arriving while step 3's row is written
         logged.append(row["step"])
         if row["step"] == 3:
             raise KeyboardInterrupt
-        f.write(json.dumps(row) + "\n")
+        write(self, row, kind)
 
-    monkeypatch.setattr(loop, "_log_row", log_then_stop)
+    monkeypatch.setattr(JsonlReporter, "write", log_then_stop)
     with pytest.raises(Interrupted) as exc:
         train(make_cfg(tiny_cache, tmp_path / "run", steps=30, save_every=10), progress=False)
     assert exc.value.exit_code == 130 and logged == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""``kdcache inspect``: what a cache holds, from the manifest and the small per-example stats columns."""
+"""``kdcache inspect``: what a cache holds, from the manifest and the small per-example stats columns (streamed)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,35 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache import open_cache
+from kdcache.cache.stream_stats import ColumnSummary, column_summaries
 from kdcache.config import plural
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
+    """The manifest's facts plus exact per-example NLL and entropy statistics, read one row group at a time
+    (kdcache/cache/stream_stats.py: a few passes over three small columns, memory flat in the cache's size)."""
     cache = open_cache(path, verify_sha256=False)  # page checksums and footers still checked; no full-file hash
     m = cache.manifest
     stats_cols = ["teacher_nll", "teacher_entropy", "num_loss_tokens"]
-    # through the reader, so a damaged shard is one line naming it (checksums, sizes, footers), never a traceback
-    blocks = [cache.read_block(g, stats_cols).scalars for g in range(len(cache.row_groups))]
-    nll, ent, n = (np.concatenate([b[c] for b in blocks]) if blocks else np.zeros(0) for c in stats_cols)
-    total = max(int(n.sum()), 1)
 
-    def dist(x: np.ndarray) -> dict[str, float]:
-        x = x[np.isfinite(x)]
-        if not len(x):
+    def chunks():
+        # through the reader, so a damaged shard is one line naming it (checksums, sizes, footers), never a traceback
+        for g in range(len(cache.row_groups)):
+            yield cache.read_block(g, stats_cols).scalars
+
+    weighted = {"nll_x_tokens": 0.0, "tokens": 0, "scored": 0}  # running sums for the perplexity over loss targets
+    for b in chunks():
+        nll, n = np.asarray(b["teacher_nll"], dtype=np.float64), np.asarray(b["num_loss_tokens"], dtype=np.int64)
+        weighted["nll_x_tokens"] += float(np.nansum(nll * n))
+        weighted["tokens"] += int(n.sum())
+        weighted["scored"] += int((~np.isnan(nll)).sum())
+    summaries = column_summaries(chunks, ["teacher_nll", "teacher_entropy"])
+    total = max(weighted["tokens"], 1)
+
+    def dist(c: ColumnSummary) -> dict[str, float]:
+        if not c.count:
             return {}
-        return {"mean": float(x.mean()), "p10": float(np.percentile(x, 10)), "p50": float(np.median(x)), "p90": float(np.percentile(x, 90))}
+        return {"mean": c.mean, "p10": c.percentiles[10], "p50": c.percentiles[50], "p90": c.percentiles[90]}
 
     return {
         "path": str(cache.path),
@@ -43,14 +55,15 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "teacher": m.teacher,
         "tokenizer": {k: m.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "tokenizer_size")},
         "dataset": m.settings.get("dataset", {}),
-        "loss_tokens": int(n.sum()),
+        "loss_tokens": weighted["tokens"],
         # None without next-token scores (an encoder teacher's NLL is NaN): never a perplexity of 1 from no data
-        "teacher_ppl": float(np.exp(np.nansum(nll * n) / total)) if len(n) and not np.isnan(nll).all() else None,
-        "teacher_nll_per_example": dist(nll),
-        "teacher_entropy_per_example": dist(ent),
+        "teacher_ppl": float(np.exp(weighted["nll_x_tokens"] / total)) if weighted["scored"] else None,
+        "teacher_nll_per_example": dist(summaries["teacher_nll"]),
+        "teacher_entropy_per_example": dist(summaries["teacher_entropy"]),
         "stats": m.stats,
         "context": m.signals.get("context", {}).get("template"),
-        "_arrays": {"teacher_nll": nll, "teacher_entropy": ent},
+        # the plot's 40-bin histograms (counts, edges): what matplotlib's hist(x, bins=40) would draw
+        "_hist": {k: (v.hist_counts, v.hist_edges) for k, v in summaries.items()},
     }
 
 
@@ -162,8 +175,9 @@ def figure(s: dict[str, Any]):
     panels = (("teacher_nll", "teacher_nll_per_example", "teacher NLL per example (nats)"),
               ("teacher_entropy", "teacher_entropy_per_example", "teacher entropy per example (nats)"))
     for ax, (key, stats, label) in zip(axes, panels):
-        x = s["_arrays"][key]
-        ax.hist(x[np.isfinite(x)], bins=40, color="#4477aa")
+        counts, edges = s["_hist"][key]
+        if len(counts):
+            ax.hist(edges[:-1], bins=edges, weights=counts, color="#4477aa")
         d = s[stats]
         if d:  # the same numbers as the text summary's mean and p50
             ax.axvline(d["mean"], color="#cc3311", linestyle="-", linewidth=1.5, label=f"mean {d['mean']:.2f}")

@@ -237,6 +237,7 @@ def generate(config_path, recipe, hidden_layers, tail_temperatures, overrides, q
 @click.option("--steps", type=int, help="Optimizer steps.")
 @click.option("--batch-size", type=int, help="Examples per micro-batch.")
 @click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--report-to", help="Metrics also to: tensorboard (RUN/tensorboard/); metrics.jsonl is always written.")
 @_run_dir_options
 @click.option("--set", "overrides", multiple=True, help=_set_help("student.hidden_size=256", "train"))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -357,10 +358,22 @@ def inspect(cache, as_json, plot) -> None:
 
     s = _run(summarize, cache)
     written = _run(plot_summary, s, plot) if plot else None
-    s.pop("_arrays")
+    s.pop("_hist")
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
     if written is not None:
         click.echo(f"wrote {written}", err=as_json)  # --json keeps stdout machine-readable
+
+
+@main.command()
+@click.argument("runs", nargs=-1)
+@click.option("--out", required=True, help="PNG file to write.")
+@click.option("--width", type=int, default=1200, show_default=True, help="Pixels.")
+@click.option("--height", type=int, default=800, show_default=True, help="Pixels.")
+def plot(runs, out, width, height) -> None:
+    """Curves of training runs overlaid: loss terms, held-out perplexity, KD loss and top-1 agreement by step."""
+    from kdcache.cli.plot_runs import plot_runs
+
+    click.echo(f"wrote {_run(plot_runs, list(runs), out, width, height)}")
 
 
 @main.command()

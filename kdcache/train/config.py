@@ -162,6 +162,10 @@ class TrainConfig:
     shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4, valid=POSITIVE)
     prefetch: int = doc("Micro-batches read, decoded and collated ahead in a background thread, so the step never waits "
                         "for the cache (0: in the step's thread). Changes no result.", 2, valid=NON_NEGATIVE)
+    report_to: list[str] = doc(
+        "Where metric rows go besides RUN/metrics.jsonl (always written): tensorboard (RUN/tensorboard/, train rows as "
+        "train/FIELD and eval rows as eval/FIELD scalars by step; needs `pip install 'kdcache[tensorboard]'`). "
+        "kdcache/train/reporting.py.", default_factory=list)
     resume: bool = doc("Continue from the latest checkpoint in `out` even if the config changed (e.g. more steps).", False)
     overwrite: bool = doc("Start over, deleting an earlier run in `out`.", False)
 
@@ -232,4 +236,7 @@ class TrainConfig:
                               "pass a local --out and copy RUN/final up when it is done")
         if self.student.path:
             check_model_folder(self.student.path, "student", "--student")
+        from kdcache.train.reporting import check_report_to  # torch-free: a missing tensorboard costs a second
+
+        check_report_to(self.report_to)
 

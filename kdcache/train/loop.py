@@ -38,9 +38,10 @@ from kdcache.train.prefetch import Prefetcher
 import kdcache.train.packing as packing
 from kdcache.train.losses import TOPK_SIGNALS, LossSettings, get_loss, loss_options
 from kdcache.train.objective import build_objectives, forward, stage_at
+from kdcache.train.reporting import Reporters
 from kdcache.train.sharded import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state, \
     shard_student
-from kdcache.train.run_dir import prepare_run_dir, transformers_bars, truncate_metrics, write_final
+from kdcache.train.run_dir import prepare_run_dir, transformers_bars, write_final
 from kdcache.train.pseudo_teachers import build_pseudo_teacher, pseudo_teacher_options
 from kdcache.train.student import build_student
 
@@ -191,8 +192,6 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
         if RANK_RNG + str(world.rank) in extra:  # ranks other than 0 continue their own random stream
             torch.set_rng_state(extra[RANK_RNG + str(world.rank)])
         step = state["step"]
-        if world.main:
-            truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
     where.step = step
     # A curriculum skips the examples above the difficulty of the step a batch is made for, as the stream passes
@@ -219,7 +218,8 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
                                                  **{_PROJ + k: v for k, v in projections.state_dict().items()},
                                                  **{f"{RANK_RNG}{r}": t for r, t in enumerate(rngs) if r}}, full_state=full))
 
-    with data, (open(out / "metrics.jsonl", "a") if world.main else contextlib.nullcontext()) as metrics_file, \
+    # metrics.jsonl (cut back to the resumed step) and any --report-to reporters: written by rank 0 only
+    with data, (Reporters(out, cfg.report_to, start_step=step) if world.main else contextlib.nullcontext()) as report, \
             tqdm(total=cfg.steps, initial=step, unit="step", desc=f"train[{cfg.loss}]", disable=not progress) as bar:
         sums: dict[str, Any] = {}
         tokens_since = 0
@@ -269,14 +269,14 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
                     row["curriculum_competence"] = competence(cfg.curriculum, step - 1, cfg.steps)  # of the step just trained
                 row.update({k: v / max(tokens_since, 1) for k, v in world.sum_values(sums).items()})
                 if world.main:
-                    _log_row(metrics_file, row)
+                    report.write(row, "train")
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 sums, tokens_since, t0 = {}, 0, time.perf_counter()
             if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 evaluated = lambda: {"step": step, **evaluate(model, eval_batches, device, autocast)}  # noqa: E731
                 final = parallel.run(evaluated, last=True) if sharded else world.on_main(evaluated)  # sharded: every rank
                 if world.main:
-                    _log_row(metrics_file, final)
+                    report.write(final, "eval")
                     log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in final.items() if k != "step"))
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 checkpoint(step)
@@ -332,8 +332,3 @@ def _eval_batches(cfg: TrainConfig, cache: Cache, source: Cache | None, pad_id: 
         raise DataError(f"eval cache {cfg.eval_cache} has no held-out rows at eval_fraction={cfg.eval_fraction}; "
                         "raise --set eval_fraction=... or pass eval_fraction=0 to evaluate every row")
     return batches
-
-
-def _log_row(f, row: dict) -> None:
-    f.write(json.dumps(row) + "\n")
-    f.flush()

@@ -26,10 +26,11 @@ from kdcache.train.checkpoint import checkpoint_step, fsync_tree, latest_checkpo
 log = logging.getLogger(__name__)
 
 # Everything a run writes into its directory.
-RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.jsonl", "final_metrics.json")
+RUN_FILES = ("checkpoints", "final", ".final.tmp", "config.yaml", "metrics.jsonl", "final_metrics.json", "tensorboard")
 
 # Fields that may change between a run and its resumption without changing what is being trained.
-RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples", "eval_cache", "prefetch", "distributed")
+RESUME_NEUTRAL = ("resume", "overwrite", "steps", "eval_every", "log_every", "save_every", "keep_checkpoints", "device", "eval_max_examples", "eval_cache",
+                  "prefetch", "distributed", "report_to")
 
 # config.yaml's first line: the kdcache version that wrote it. A YAML comment, so the file stays a config that
 # `--config` accepts (unknown keys are refused) and the resume check, which compares the parsed configs, ignores it.
