@@ -264,3 +264,14 @@ def test_the_summary_counts_truncated_rows(tiny_teacher, text_jsonl, tmp_path, c
     n = m.stats["truncated_rows"]
     assert n >= 1
     assert f"{n} of 6 rows {'was' if n == 1 else 'were'} longer than max_length 8" in caplog.text and "raise --max-length" in caplog.text
+
+
+def test_the_interrupt_message_without_timed_commits_names_the_token_commits(tmp_path):
+    import dataclasses
+
+    from kdcache.pipeline.config import GenerateConfig
+    from kdcache.pipeline.generate import _interrupted
+
+    cfg = dataclasses.replace(GenerateConfig(teacher="t", out=str(tmp_path / "never-written")), commit_seconds=None)
+    msg = str(_interrupted(cfg, opened=True))  # commit_seconds=None used to raise in the f-string
+    assert "nothing was committed yet" in msg and f"every {cfg.shard_tokens} tokens" in msg

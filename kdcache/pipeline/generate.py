@@ -192,9 +192,10 @@ def _interrupted(cfg: GenerateConfig, opened: bool) -> Interrupted:
     if manifest is None or not manifest.shards:
         if not opened:
             return Interrupted(f"stopped before {out} was opened; nothing was written by this run; rerun the same command to start")
+        every = (f"every {cfg.commit_seconds:g} s of teacher work" if cfg.commit_seconds is not None
+                 else f"every {cfg.shard_tokens} tokens (commit_seconds is off)")
         return Interrupted(
-            f"nothing was committed yet (a shard commits every {cfg.commit_seconds:g} s of teacher work: "
-            f"--set commit_seconds=...); rerun the same command to start over"
+            f"nothing was committed yet (a shard commits {every}: --set commit_seconds=...); rerun the same command to start over"
         )
     n = manifest.shards[-1].input_rows_end
     return Interrupted(
