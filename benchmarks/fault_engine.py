@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny teacher: one source o
 from conftest import _sentences, build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
 COMMANDS = ("generate", "train", "combine", "merge")
-TARGETS = ("local",)
-"""Where the caches live. An object-store target (s3 via a moto server) plugs in here: its own work root and a
-copy of caches for comparison; until kdcache reads and writes object storage it is refused."""
+TARGETS = ("local", "s3")
+"""Where the caches live: local folders, or s3:// on a moto server started by the run (benchmarks/fault_s3.py);
+with s3 every cache a trial writes or reads is on the bucket, while train's run folder stays local."""
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
        "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -46,8 +46,15 @@ STUDENT = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, interm
 
 def refuse_target(target: str) -> None:
     if target not in TARGETS:
-        raise SystemExit(f"error: --target {target} is not available yet (kdcache caches on object storage are not on this "
-                         f"branch); use --target {' or '.join(TARGETS)}")
+        raise SystemExit(f"error: --target {target} is not a fault-injection target; use --target {' or '.join(TARGETS)}")
+
+
+def remove(path) -> None:
+    """A local folder or a prefix on the bucket, and everything under it."""
+    if hasattr(path, "remove_tree"):
+        path.remove_tree()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -98,8 +105,11 @@ class World:
     """The fixtures every trial shares: teachers, dataset, and the reference (uninterrupted) run of each command,
     built on first use; ``wall[command]`` is that run's wall time, the range kill moments are drawn from."""
 
-    def __init__(self, root: Path, sizes: Sizes):
-        self.root, self.sizes = Path(root), sizes
+    def __init__(self, root: Path, sizes: Sizes, store=None):
+        """``store``: a started fault_s3.S3Server to keep the caches on (None: local folders under ``root``)."""
+        self.root, self.sizes, self.store = Path(root), sizes, store
+        if store is not None:
+            ENV.update(store.client_env)  # every kdcache subprocess reaches the bucket through the cuttable proxy
         self.root.mkdir(parents=True, exist_ok=True)
         self.wall: dict[str, float] = {}
         self._refs: dict[str, Path] = {}
@@ -113,10 +123,19 @@ class World:
             build_tiny_llama(path, build_tiny_tokenizer(path), seed=seed)
         return path
 
+    def place(self, rel: str, kind: str = "cache"):
+        """Where a cache named ``rel`` lives: under ``root``, or under this world's prefix of the bucket. A run folder
+        (``kind="train"``) stays local either way."""
+        if self.store is None or kind == "train":
+            return self.root / rel
+        from kdcache.cache.filesystem import RemotePath
+
+        return RemotePath(self.store.url(self.root.name, rel))
+
     def _reference(self, name: str, cmd: list[str], out: Path, timed: str | None = None, prepare=None) -> Path:
         if name not in self._refs:
             if not _finished(out):
-                shutil.rmtree(out, ignore_errors=True)
+                remove(out)
                 if prepare is not None:
                     prepare()
                 rc, wall = run(cmd, self.root / f"{name}.log")
@@ -134,6 +153,7 @@ class World:
             return generate_command(self.teacher, self.data, out)
         if kind == "train":
             config = out.parent / "train.yaml"
+            config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(yaml.safe_dump(train_config(self.reference("generate"), out, self.sizes)))
             return [*KDCACHE, "train", "--config", str(config), "--quiet"]
         if kind == "combine":
@@ -149,21 +169,26 @@ class World:
             parts = self.reference("parts")
             out.mkdir(parents=True)
             for part in sorted(p for p in parts.iterdir() if p.name.startswith("part-")):
-                shutil.copytree(part, out / part.name)
+                if self.store is not None:
+                    (out / part.name).upload_tree(part)
+                else:
+                    shutil.copytree(part, out / part.name)
 
     def reference(self, name: str) -> Path:
         """``generate``, ``train``, ``combine``, ``merge`` (the reference runs of the trials' commands, timed) and
-        the inputs they need: ``second`` (a second teacher's cache), ``parts`` (a job array's two complete parts)."""
+        the inputs they need: ``second`` (a second teacher's cache), ``parts`` (a job array's two complete parts, kept
+        local: a merge trial copies them to its own output first)."""
         refs = self.root / "refs"
         if name == "second":
-            return self._reference(name, generate_command(self._teacher("teacher2", seed=1), self.data, refs / name), refs / name)
+            out = self.place("refs/second")
+            return self._reference(name, generate_command(self._teacher("teacher2", seed=1), self.data, out), out)
         if name == "parts":
             out = refs / "parts"
             for i in range(2):
                 self._reference(f"part{i}", generate_command(self.teacher, self.data, out, "--num-shards", "2", "--shard-index", str(i)),
                                 out / f"part-{i:05d}-of-00002")
             return out
-        out = refs / name
+        out = self.place(f"refs/{name}", name)
         return self._reference(name, self.command(name, out), out, timed=name, prepare=lambda: self.prepare(name, out))
 
 
@@ -266,7 +291,8 @@ def kill_trial(world: World, index: int, kind: str, rng: random.Random, max_kill
     work = world.root / "trials" / f"{index:03d}-{kind}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    out = work / "out"
+    out = world.place(f"trials/{index:03d}-{kind}/out", kind)
+    remove(out)
     world.prepare(kind, out)
     cmd = world.command(kind, out)
     trial = Trial(index, kind)
@@ -307,6 +333,7 @@ def kill_trial(world: World, index: int, kind: str, rng: random.Random, max_kill
             trial.note = f"verify --deep failed: {result['verify']}"
     if trial.ok:
         shutil.rmtree(work, ignore_errors=True)  # a failed trial's folder stays for inspection
+        remove(out)
     return trial
 
 

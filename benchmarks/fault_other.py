@@ -39,6 +39,7 @@ class Outcome:
     resumed: bool = False  # the rerun (or the first writer) exited 0
     equal: bool = False  # ... and its output equals the reference's (examples or student bytes)
     note: str = ""
+    seconds: float | None = None  # network cut: from the cut to the faulted run's exit
 
     @property
     def ok(self) -> bool:

@@ -37,6 +37,11 @@ _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 READ_BLOCK_BYTES = 8 << 20
 """fsspec's read-ahead block for shards: what one open remote file buffers, so a reader's memory stays a few blocks
 whatever the shard size (s3fs's own default is 50 MiB)."""
+S3_CLIENT_CONFIG = {"connect_timeout": 5, "read_timeout": 10, "retries": {"mode": "standard", "total_max_attempts": 3}}
+"""botocore settings for s3:// (``config_kwargs`` in ``KDCACHE_STORAGE_OPTIONS`` overrides them key by key). With the
+defaults (s3fs retries 5 times over botocore's own 5 attempts, 15 s read timeout) a cut network kept a command hanging
+for many minutes; these bound one request to 3 attempts of at most 10 s each, so a cut ends the command within about a
+minute or two, with one line, while a blip of a few seconds is still ridden out."""
 
 
 def is_remote(path: object) -> bool:
@@ -72,6 +77,22 @@ def storage_options() -> dict[str, Any]:
     return options
 
 
+def _drop_expect_continue(request, **_) -> None:
+    """botocore asks for ``Expect: 100-continue`` on uploads, and aiohttp waits for the "100 Continue" with no timeout
+    at all: a network cut mid-upload then hung generate forever (read_timeout never applies). Without the header the
+    body goes at once and the response is bounded by read_timeout. The header is not signed, so removing it is safe."""
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+def _s3_session():
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    session.register("before-send.s3", _drop_expect_continue)
+    return session
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(protocol: str, options: str):
     try:
@@ -81,8 +102,13 @@ def _filesystem(protocol: str, options: str):
     kwargs = json.loads(options)
     if protocol in ("s3", "s3a"):
         kwargs.setdefault("use_listings_cache", False)  # a listing must show what other writers did a moment ago
+        kwargs["config_kwargs"] = {**S3_CLIENT_CONFIG, **kwargs.get("config_kwargs", {})}
+        kwargs.setdefault("session", _s3_session())
     try:
-        return fsspec.filesystem(protocol, **kwargs)
+        fs = fsspec.filesystem(protocol, **kwargs)
+        if protocol in ("s3", "s3a"):
+            fs.retries = 1  # one pass of s3fs's own retry loop: botocore retries (above); the two would multiply
+        return fs
     except (ImportError, ValueError) as exc:
         package = _PACKAGES.get(protocol)
         hint = f"install {package} (pip install {package})" if package else "use s3:// or gs://"
