@@ -121,14 +121,11 @@ class S3Server:
         self.client_env = {**base, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.proxy.port}"}
         self._saved = {k: os.environ.get(k) for k in (*self.judge_env, "AWS_PROFILE", "KDCACHE_STORAGE_OPTIONS")}
         os.environ.update(self.judge_env)
-        for k in ("AWS_PROFILE",):
-            os.environ.pop(k, None)
+        os.environ.pop("AWS_PROFILE", None)
+        os.environ.pop("KDCACHE_STORAGE_OPTIONS", None)  # the judge talks to moto with the defaults
+        _forget_clients()
         import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        from kdcache.cache import filesystem
-
-        filesystem._filesystem.cache_clear()
         s3fs.S3FileSystem(use_listings_cache=False).mkdir(BUCKET)
 
     def url(self, *names: str) -> str:
@@ -142,6 +139,16 @@ class S3Server:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _forget_clients()  # file systems made for this server must not serve a later one
+
+
+def _forget_clients() -> None:
+    import s3fs
+
+    from kdcache.cache import filesystem
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    filesystem._filesystem.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------ faults on the bucket
