@@ -592,6 +592,10 @@ class CacheWriter:
         if is_space_error(exc):
             resume = f" (it resumes after the {committed} committed shards)" if committed else ""
             raise OutOfSpaceError(f"no space left while writing {self.path}; free disk space and rerun the same command{resume}") from None
+        if is_remote(self.path):  # most often the network or the store went away: the committed shards are kept
+            resume = f" (it resumes after the {committed} committed shards)" if committed else ""
+            raise KDCacheError(f"cannot write {self.path}: {' '.join(str(exc).split())}; check the network, endpoint and "
+                               f"credentials, then rerun the same command{resume}") from None
         raise KDCacheError(f"cannot write {self.path}: {' '.join(str(exc).split())}") from None
 
 
