@@ -111,3 +111,25 @@ def test_the_s3_client_defaults_bound_every_request():
     assert S3_CLIENT_CONFIG == {"connect_timeout": 5, "read_timeout": 10, "retries": {"mode": "standard", "total_max_attempts": 3}}
     fs = _filesystem("s3", '{"config_kwargs": {"read_timeout": 4}}')
     assert fs.retries == 1 and fs.config_kwargs["read_timeout"] == 4 and fs.config_kwargs["connect_timeout"] == 5
+
+
+def test_a_read_cut_off_by_the_network_is_not_reported_as_a_damaged_shard(world, store, monkeypatch):
+    """Regression: train over a cut network stopped with "shard ... is damaged (not readable Parquet: Read timeout
+    ...); run kdcache verify", sending the user to regenerate a sound cache."""
+    from kdcache.cache import filesystem, open_cache
+    from kdcache.errors import CacheFormatError, KDCacheError
+
+    cache = world.reference("generate")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", store.client_env["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("KDCACHE_STORAGE_OPTIONS", '{"config_kwargs": {"read_timeout": 1, "retries": {"total_max_attempts": 1}}}')
+    filesystem._filesystem.cache_clear()
+    opened = open_cache(cache)
+    store.proxy.cut()
+    try:
+        with pytest.raises(KDCacheError) as got:
+            list(opened)
+    finally:
+        store.proxy.restore()
+        filesystem._filesystem.cache_clear()
+    assert not isinstance(got.value, CacheFormatError), got.value
+    assert "cannot read shard" in str(got.value) and "rerun the same command" in str(got.value), got.value

@@ -115,6 +115,22 @@ def _filesystem(protocol: str, options: str):
         raise ConfigError(f"cannot open {protocol}:// ({' '.join(str(exc).split())}); {hint}") from None
 
 
+_NETWORK_ERRORS = {"HTTPClientError", "ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                   "ConnectionClosedError", "ClientConnectionError", "ServerTimeoutError", "ClientPayloadError", "FSTimeoutError"}
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) is the client losing the store: a timeout or a dropped connection, as
+    botocore, aiohttp or fsspec raise them; not a damaged object. Matched by class name, so the cache code needs none
+    of those packages."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (ConnectionError, TimeoutError)) or any(c.__name__ in _NETWORK_ERRORS for c in type(exc).__mro__):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 @dataclass(frozen=True)
 class RemoteStat:
     st_size: int

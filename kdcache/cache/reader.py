@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.codecs import get_codec
-from kdcache.cache.filesystem import as_path, is_remote, local_copy
+from kdcache.cache.filesystem import as_path, is_network_error, is_remote, local_copy
 from kdcache.cache.manifest import Manifest, file_sha256, manifest_path, read_manifest, tokenizer_path
 from kdcache.cache.schema import HIDDEN_POSITIONS_COLUMN, build_schema, column_codecs, scale_columns
 from kdcache.cache.topk_storage import LOGICAL as TOPK_LOGICAL, coded, storage_of
-from kdcache.errors import CacheFormatError
+from kdcache.errors import CacheFormatError, KDCacheError
 
 Example = dict[str, Any]
 
@@ -287,6 +287,13 @@ class Cache:
     def _damaged(self, shard: str, what: str, row_group: int | None = None) -> CacheFormatError:
         return damaged_error(self.path, shard, what, row_group=row_group, manifest=self.manifest)
 
+    def _unreachable(self, shard: str, exc: BaseException) -> KDCacheError | None:
+        """A remote read cut off by the network is not damage: say so, instead of sending the user to regenerate."""
+        if not (is_remote(self.path) and is_network_error(exc)):
+            return None
+        return KDCacheError(f"cache {self.path}: cannot read shard {shard} from the object store ({one_line(str(exc))}); check "
+                            "the network, endpoint and credentials, then rerun the same command (nothing shows the cache is damaged)")
+
     def _missing(self, shard) -> CacheFormatError:
         return CacheFormatError(
             f"cache {self.path}: shard {shard.name} listed in the manifest is missing; {regenerate_hint(self.path, self.manifest)}"
@@ -362,7 +369,7 @@ class Cache:
         except DamagedShard as exc:
             raise self._damaged(shard.name, str(exc)) from None
         except READ_ERRORS as exc:
-            raise self._damaged(shard.name, f"not readable Parquet: {exc}") from None
+            raise self._unreachable(shard.name, exc) or self._damaged(shard.name, f"not readable Parquet: {exc}") from None
         self._files[shard_index] = f
         if len(self._files) > 4:
             self._files.popitem(last=False)
@@ -394,7 +401,8 @@ class Cache:
         except DamagedShard as exc:
             raise self._damaged(self.manifest.shards[shard_index].name, str(exc), row_group=group_index) from None
         except READ_ERRORS as exc:
-            raise self._damaged(self.manifest.shards[shard_index].name, f"Parquet read failed: {exc}", row_group=group_index) from None
+            name = self.manifest.shards[shard_index].name
+            raise self._unreachable(name, exc) or self._damaged(name, f"Parquet read failed: {exc}", row_group=group_index) from None
 
     def stream(
         self,
