@@ -198,12 +198,28 @@ def second_writer(world: World, kind: str) -> Outcome:
     else:
         raise ValueError(f"second writer of {kind!r}: generate or merge")
     o = Outcome("second writer", kind)
+    if not race_paused_writer(o, first_cmd, second_cmd, lambda: lock.is_file() and _committed("generate", lock.parent), base):
+        return o
+    if kind == "merge" and o.resumed:  # the part is complete now: the same merge succeeds
+        rc, _ = run(second_cmd, base / "merge-again.log")
+        o.resumed = rc == 0
+    o.left_ok = _left(out)
+    if o.resumed:
+        o.equal, why = _equal(kind, out, ref)
+        o.note = o.note or why
+    return o
+
+
+def race_paused_writer(o: Outcome, first_cmd: list[str], second_cmd: list[str], ready, base: Path, timeout: float = 180) -> bool:
+    """Start the first writer; once ``ready()`` (it holds its lock and has committed), pause it (SIGSTOP: a slow
+    first writer, alive and holding its lock, on any machine) while the second command runs, then let it finish.
+    Fills ``o``'s exit code, error line and whether the first ended well; False (``o.note`` says why) when the
+    first ended before it was ready. Shared by the local and the s3 runs (fault_s3)."""
     first = start(first_cmd, base / "first.log")
     try:
-        if not _wait_for(lambda: lock.is_file() and _committed("generate", lock.parent), first):
+        if not _wait_for(ready, first, timeout=timeout):
             o.note = f"the first writer ended before its first commit (rc {first.wait()})"
-            return o
-        # Paused (SIGSTOP) while the second runs: a slow first writer, alive and holding its lock, on any machine.
+            return False
         os.kill(first.pid, signal.SIGSTOP)
         try:
             o.exit_code, _ = run(second_cmd, base / "second.log")
@@ -213,18 +229,11 @@ def second_writer(world: World, kind: str) -> Outcome:
         if "being written by another kdcache process" not in o.message:
             o.note = o.note or "the refusal does not name the other writer"
         o.resumed = first.wait(timeout=600) == 0
+        return True
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
-    if kind == "merge" and o.resumed:  # the part is complete now: the same merge succeeds
-        rc, _ = run(second_cmd, base / "merge-again.log")
-        o.resumed = rc == 0
-    o.left_ok = _left(out)
-    if o.resumed:
-        o.equal, why = _equal(kind, out, ref)
-        o.note = o.note or why
-    return o
 
 
 FAULTS = {

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -220,8 +219,8 @@ def network_cut(world, kind: str, wait_s: float = 600) -> "Outcome":
 def second_writer(world, kind: str = "generate") -> "Outcome":
     """A second identical generate into the same s3:// cache while the first holds its lock object (the first paused
     with SIGSTOP meanwhile, as in fault_other): the conditional PUT must refuse it, and the first end as the reference."""
-    from fault_engine import remove, run, start
-    from fault_other import Outcome, _equal, _one_error_line, _wait_for
+    from fault_engine import remove
+    from fault_other import Outcome, _equal, race_paused_writer
 
     ref = world.reference("generate")
     base = world.root / "faults" / "second-writer-s3"
@@ -231,24 +230,9 @@ def second_writer(world, kind: str = "generate") -> "Outcome":
     remove(out)
     cmd = world.command("generate", out)
     o = Outcome("second writer", "generate")
-    first = start(cmd, base / "first.log")
-    try:
-        if not _wait_for(lambda: (out / ".kdcache.lock").is_file() and _manifest_shards(out) >= 1, first, timeout=300):
-            o.note = f"the first writer ended before its first commit (rc {first.wait()})"
-            return o
-        os.kill(first.pid, signal.SIGSTOP)
-        try:
-            o.exit_code, _ = run(cmd, base / "second.log")
-        finally:
-            os.kill(first.pid, signal.SIGCONT)
-        o.one_line, o.message = _one_error_line(base / "second.log")
-        if "being written by another kdcache process" not in o.message:
-            o.note = "the refusal does not name the other writer"
-        o.resumed = first.wait(timeout=600) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    ready = lambda: (out / ".kdcache.lock").is_file() and _manifest_shards(out) >= 1  # noqa: E731
+    if not race_paused_writer(o, cmd, cmd, ready, base, timeout=300):
+        return o
     from kdcache.cache.verify import verify_cache
 
     o.left_ok = verify_cache(out, deep=True).ok
