@@ -4,6 +4,8 @@ Writer: examples (numpy teacher outputs) -> Arrow -> zstd Parquet shards, manife
 Reader: shards -> decoded numpy -> padded torch batches (collate) on the trainer's own path: the cache opened as
 the trainer opens it, a shuffled window, the held-out filter, loss masks (a masked prompt of up to --prompt-fraction)
 and lengths uniform in [--min-length, --length]. Tokens/s counts the tokens of the examples delivered.
+For a coded top-k, the same read again with the codes kept for the device (``topk_decode: device``): the host's
+work then, and separately the decode that the device does, run by torch on this CPU core.
 
     python benchmarks/bench_cache_io.py [--tokens 400000] [--repeats 3] [--topk-codecs lists,sqrt-delta]
 
@@ -19,10 +21,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import torch
 from common import Timer, machine, pin_one_core, synthetic_examples, synthetic_topk
 
 from kdcache.cache import CacheWriter, holdout_fraction_filter, make_signals, open_cache
-from kdcache.train.data import EVAL_SIGNALS, batches, train_columns
+from kdcache.train.data import EVAL_SIGNALS, batches, collate, topk_decoder, train_columns
 
 
 def main() -> None:
@@ -47,6 +50,8 @@ def main() -> None:
     delivered = sum(len(ex["input_ids"]) for ex in examples if not is_heldout(ex["example_id"]))
     root = Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
     write_s, read_s, bpt = {c: [] for c in codecs}, {c: [] for c in codecs}, {}
+    codes_s: dict[str, list[float]] = {}
+    torch_decode_s: dict[str, list[float]] = {}
     try:
         for r, codec in ((r, c) for r in range(args.repeats) for c in codecs):
             out = root / f"c{r}-{codec}"
@@ -66,6 +71,20 @@ def main() -> None:
                     n += int(b.attention_mask.sum())
             read_s[codec].append(t.seconds)
             assert n == delivered
+            if cache.topk_code_columns:  # the same read, the top-k kept as codes for the device (topk_decode: device)
+                decode = topk_decoder(cache)
+                with Timer() as t:
+                    cache = open_cache(out, topk_order="any", keep_float16=True)
+                    stream = cache.stream(shuffle=True, seed=r, window=4, epochs=1,
+                                          columns=train_columns(cache, EVAL_SIGNALS, topk_codes=True), keep=lambda i: not is_heldout(i))
+                    coded = [b for b in batches(stream, batch_size=8, collate_fn=lambda ex, pad, tail: collate(ex, pad, tail, decode))]
+                codes_s.setdefault(codec, []).append(t.seconds)
+                with Timer() as t:  # what the device then does, here on this CPU core in torch
+                    for b in coded:
+                        b.to(torch.device("cpu"))
+                torch_decode_s.setdefault(codec, []).append(t.seconds)
+                assert sum(int(b.attention_mask.sum()) for b in coded) == delivered
+                del coded
             shutil.rmtree(out)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -78,6 +97,9 @@ def main() -> None:
             "reader_tokens_per_s_median": round(delivered / statistics.median(read_s[c])),
             "reader_tokens_per_s_best": round(delivered / min(read_s[c])),
         }
+        if c in codes_s:  # host side when the device decodes, and that decode run by torch on this CPU core
+            result[c]["reader_codes_to_device_tokens_per_s_median"] = round(delivered / statistics.median(codes_s[c]))
+            result[c]["torch_cpu_decode_tokens_per_s_median"] = round(delivered / statistics.median(torch_decode_s[c]))
     print(json.dumps(result, indent=2))
 
 

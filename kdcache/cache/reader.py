@@ -68,7 +68,7 @@ class RowGroupBlock:
     group at once; the scale column itself is consumed (examples hold the float32 values only)."""
 
     def __init__(self, table: pa.Table, manifest: Manifest, codecs: dict, footer_values: dict[str, int] | None = None,
-                 topk_order: str = "rank", keep_float16: bool = False):
+                 topk_order: str = "rank", keep_float16: bool = False, topk_codes: bool = False):
         self.num_rows = table.num_rows
         self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.scalars: dict[str, Any] = {}
@@ -109,7 +109,15 @@ class RowGroupBlock:
                 self.scalars[name] = col.to_numpy(zero_copy_only=False)
                 if footer_values is not None:
                     check_value_count(name, col, footer_values)
-        if blobs:
+        if blobs and topk_codes:  # the codes as they are, [positions, width] uint8 per stream: decoded on the device
+            storage, params = storage_of(manifest.signals)
+            try:
+                storage.positions(blobs, params)
+            except (ValueError, KeyError) as exc:
+                raise DamagedShard(f"top-k streams do not decode: {exc}") from None
+            for name, (offsets, values) in blobs.items():
+                self.lists[name], self.second_dim[name] = (offsets, values), widths[name]
+        elif blobs:
             storage, params = storage_of(manifest.signals)
             try:
                 decoded = storage.decode(blobs, params, order="rank" if topk_order == "rank" else "id")
@@ -346,6 +354,12 @@ class Cache:
             return names
         return [*(n for n in names if n not in self._topk_streams), *TOPK_LOGICAL]
 
+    @property
+    def topk_code_columns(self) -> list[str]:
+        """A coded top-k's stream columns (none for plain lists): asked for instead of the top-k columns, examples
+        hold the codes, [positions, width] uint8 each, for ``storage.decode_tensors`` to decode on a device."""
+        return list(self._topk_streams)
+
     def _file(self, shard_index: int) -> pq.ParquetFile:
         if shard_index in self._files:
             self._files.move_to_end(shard_index)
@@ -391,13 +405,14 @@ class Cache:
     def read_block(self, row_group: int, columns: list[str] | None = None) -> RowGroupBlock:
         shard_index, group_index, rows = self.row_groups[row_group]
         f = self._file(shard_index)
+        codes = columns is not None and any(c in self._topk_streams for c in columns)  # asked for by name: not decoded
         columns = self._with_companions(columns)
         try:
             table = f.read_row_group(group_index, columns=columns)
             if table.num_rows != rows:
                 raise DamagedShard(f"decoded {table.num_rows} rows, the manifest records {rows}")
             return RowGroupBlock(table, self.manifest, self._codecs, footer_value_counts(f, group_index, table.column_names), self.topk_order,
-                                 self.keep_float16)
+                                 self.keep_float16, codes)
         except DamagedShard as exc:
             raise self._damaged(self.manifest.shards[shard_index].name, str(exc), row_group=group_index) from None
         except READ_ERRORS as exc:
@@ -419,7 +434,9 @@ class Cache:
         """Examples as dicts of numpy arrays. ``epochs=None`` loops forever; ``keep(example_id)`` filters;
         ``rank`` of ``world`` gets every ``world``-th kept example (see :class:`ExampleStream`)."""
         if columns is not None:
-            missing = sorted(set(columns) - set(self.columns))
+            if set(columns) & set(self._topk_streams) and set(columns) & set(TOPK_LOGICAL):
+                raise ValueError("ask for the top-k columns or for their codes (topk_code_columns), not both")
+            missing = sorted(set(columns) - set(self.columns) - set(self._topk_streams))
             if missing:
                 raise CacheFormatError(f"cache {self.path} has no column {missing[0]}; it has: {', '.join(self.columns)}")
         if keep is not None and columns is not None and "example_id" not in columns:

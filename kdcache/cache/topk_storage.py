@@ -82,17 +82,29 @@ class SqrtDeltaStorage:
                 pa.binary(), len(examples), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(np.ascontiguousarray(data))])
         return out
 
+    def positions(self, blobs: Mapping[str, tuple[np.ndarray, np.ndarray]], params: Mapping) -> np.ndarray:
+        """Position offsets per example of {column: (byte offsets per example, bytes)}, after checking that every
+        stream holds the same positions."""
+        widths = topk_codec.stream_widths(params)
+        first = next(iter(widths))
+        positions = blobs[stream_column(first)][0] // widths[first]
+        for stream, w in widths.items():
+            if not np.array_equal(blobs[stream_column(stream)][0], positions * w):
+                raise ValueError(f"stream {stream} holds other positions per example than {first}")
+        return positions
+
+    def decode_tensors(self, columns: Mapping[str, Any], params: Mapping) -> tuple:
+        """{stream column: uint8 tensor [N, width]} on any torch device -> (ids int64, logprobs, tail) there, ids in
+        ascending order (kdcache/cache/topk_codec_device.py): the trainer's decode after the copy to its device."""
+        import kdcache.cache.topk_codec_device as topk_codec_device
+
+        return topk_codec_device.decode({s: columns[stream_column(s)] for s in topk_codec.stream_widths(params)}, params)
+
     def decode(self, blobs: Mapping[str, tuple[np.ndarray, np.ndarray]], params: Mapping, order: str = "rank") -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{column: (byte offsets per example, bytes)} -> the logical columns as (offsets, flat values); ``order`` rank
         (most likely first) or id (ascending ids, no sort: the cheapest)."""
         widths = topk_codec.stream_widths(params)
-        first = stream_column(next(iter(widths)))
-        offsets, _ = blobs[first]
-        positions = offsets // widths[next(iter(widths))]
-        for stream, w in widths.items():
-            o, _ = blobs[stream_column(stream)]
-            if not np.array_equal(o, positions * w):
-                raise ValueError(f"stream {stream} holds other positions per example than {next(iter(widths))}")
+        positions = self.positions(blobs, params)
         ids, lps, tail = topk_codec.decode({s: blobs[stream_column(s)][1] for s in widths}, params, order=order)
         k = int(params["k"])
         return {"topk_ids": (positions * k, ids.reshape(-1)), "topk_logprobs": (positions * k, lps.reshape(-1)),

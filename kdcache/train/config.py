@@ -162,6 +162,10 @@ class TrainConfig:
     shuffle_window: int = doc("Row groups shuffled together (memory grows with it).", 4, valid=POSITIVE)
     prefetch: int = doc("Micro-batches read, decoded and collated ahead in a background thread, so the step never waits "
                         "for the cache (0: in the step's thread). Changes no result.", 2, valid=NON_NEGATIVE)
+    topk_decode: Literal["auto", "host", "device"] = doc(
+        "Where a coded (sqrt-delta) cache's top-k is decoded: host (numpy, in the reader's thread), device (torch, after "
+        "the codes are copied: half the bytes to move, and the host's largest read cost moves to the GPU), auto: device "
+        "on CUDA, host otherwise. Results differ by float32 rounding at most; a lists cache has nothing to decode.", "auto")
     report_to: list[str] = doc(
         "Where metric rows go besides RUN/metrics.jsonl (always written): tensorboard (RUN/tensorboard/, train rows as "
         "train/FIELD and eval rows as eval/FIELD scalars by step; needs `pip install 'kdcache[tensorboard]'`). "

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from kdcache.cache import Cache, holdout_fraction_filter
+from kdcache.cache.topk_storage import LOGICAL as TOPK_LOGICAL, storage_of, stream_column
 from kdcache.train.losses import Targets
 
 # What every run reads: tokens, masks and the per-example statistics; teacher signals only as a loss needs them.
@@ -19,9 +20,34 @@ EVAL_SIGNALS = ("topk_ids", "topk_logprobs", "tail_logprob")
 TEMPERED_TAIL = "tail_logprob_tempered"
 
 
-def train_columns(cache: Cache, signals: Iterable[str]) -> list[str]:
-    """The base columns plus ``signals`` that the cache has: a CE run never decodes the top-k (most of the bytes)."""
-    return [c for c in (*BASE_COLUMNS, *signals) if c in cache.columns]
+def train_columns(cache: Cache, signals: Iterable[str], topk_codes: bool = False) -> list[str]:
+    """The base columns plus ``signals`` that the cache has: a CE run never decodes the top-k (most of the bytes).
+    ``topk_codes``: a coded cache's top-k comes as its codes, for :meth:`Batch.to` to decode on the device."""
+    columns = [c for c in (*BASE_COLUMNS, *signals) if c in cache.columns]
+    if topk_codes and cache.topk_code_columns and any(c in TOPK_LOGICAL for c in columns):
+        columns = [c for c in columns if c not in TOPK_LOGICAL] + cache.topk_code_columns
+    return columns
+
+
+@dataclass
+class TopKCodes:
+    """A batch's top-k as a coded cache stores it (one uint8 [N, width] tensor per stream, the selected targets'
+    rows), decoded on the device by :meth:`Batch.to` (``decode``: the cache's top-k storage)."""
+
+    streams: dict[str, torch.Tensor]
+    decode: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.decode({k: v.to(device, non_blocking=True) for k, v in self.streams.items()})
+
+    def pin_memory(self) -> TopKCodes:
+        return TopKCodes({k: v.pin_memory() for k, v in self.streams.items()}, self.decode)
+
+
+def topk_decoder(cache: Cache) -> Callable[[dict[str, torch.Tensor]], tuple]:
+    """The cache's device decoder of top-k codes (``storage.decode_tensors`` with its params)."""
+    storage, params = storage_of(cache.manifest.signals)
+    return lambda streams: storage.decode_tensors(streams, params)
 
 
 def tempered_tail_index(cache: Cache, temperature: float) -> int | None:
@@ -42,13 +68,19 @@ class Batch:
     # Per-position teacher signals for loss terms, padded [B, T, *]: hidden_<L> (with hidden_mask [B, T], the
     # positions whose state is stored) and qkv_<L>.
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The top-k still coded (train_columns(topk_codes=True)); targets.topk_* are None until Batch.to decodes them.
+    topk_codes: TopKCodes | None = None
 
     def to(self, device: torch.device) -> Batch:
         """On ``device``, ready for the losses: int32 ids become int64 and fp16 values float32 there, after the copy
-        (the host keeps the cache's narrow dtypes: half the bytes to move, no host-side cast)."""
+        (the host keeps the cache's narrow dtypes: half the bytes to move, no host-side cast); coded top-k rows are
+        decoded there."""
         t = self.targets
         moved = replace(t, **{f.name: _widen(getattr(t, f.name).to(device, non_blocking=True))
                               for f in fields(t) if getattr(t, f.name) is not None})
+        if self.topk_codes is not None:
+            ids, logprobs, tail = self.topk_codes.to(device)
+            moved = replace(moved, topk_ids=ids, topk_logprobs=logprobs, tail_logprob=tail)
         return Batch(self.input_ids.to(device, non_blocking=True), self.attention_mask.to(device, non_blocking=True),
                      self.select.to(device, non_blocking=True), moved, self.num_tokens,
                      self.teacher_nll_sum, {k: v.to(device, non_blocking=True) for k, v in self.signals.items()})
@@ -58,7 +90,8 @@ class Batch:
         t = self.targets
         return Batch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.select.pin_memory(),
                      replace(t, **{f.name: getattr(t, f.name).pin_memory() for f in fields(t) if getattr(t, f.name) is not None}),
-                     self.num_tokens, self.teacher_nll_sum, {k: v.pin_memory() for k, v in self.signals.items()})
+                     self.num_tokens, self.teacher_nll_sum, {k: v.pin_memory() for k, v in self.signals.items()},
+                     self.topk_codes.pin_memory() if self.topk_codes is not None else None)
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
@@ -67,9 +100,11 @@ def _widen(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.is_floating_point() else x
 
 
-def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None) -> Batch:
+def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None,
+            topk_decode: Callable[[dict[str, torch.Tensor]], tuple] | None = None) -> Batch:
     """Right-pad to the longest example. Teacher rows are gathered with one boolean index per example;
-    ``tail_index`` picks the stored tempered tail of the run's temperature."""
+    ``tail_index`` picks the stored tempered tail of the run's temperature; examples holding top-k codes need
+    ``topk_decode`` (:func:`topk_decoder`), which :meth:`Batch.to` runs on the device."""
     lens = np.array([len(ex["input_ids"]) for ex in examples])
     B, T = len(examples), int(lens.max())
     ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -79,17 +114,23 @@ def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None
         select[i, : lens[i] - 1] = ex["loss_mask"]
     attention = (np.arange(T)[None, :] < lens[:, None]).astype(np.int64)
     labels = ids[:, 1:][select]
-    topk_ids = topk_lp = tail = tail_t = None
-    if "topk_ids" in examples[0]:
+    topk_ids = topk_lp = tail = tail_t = codes = None
+    code_columns = [c for c in examples[0] if c.startswith(stream_column(""))]
+    if "topk_ids" in examples[0] or code_columns:
         masks = [ex["loss_mask"] for ex in examples]
         full = all(m.all() for m in masks)  # plain text: every target counts, so no per-example copies
 
         def gather(name: str) -> np.ndarray:
             return np.concatenate([ex[name] if full else ex[name][m] for ex, m in zip(examples, masks)])
 
-        topk_ids = torch.from_numpy(gather("topk_ids"))  # int32 / fp16 as stored: Batch.to widens them on the device
-        topk_lp = torch.from_numpy(gather("topk_logprobs"))
-        tail = torch.from_numpy(gather("tail_logprob"))
+        if code_columns:
+            if topk_decode is None:
+                raise ValueError("the examples hold top-k codes; pass topk_decode=data.topk_decoder(cache)")
+            codes = TopKCodes({c: torch.from_numpy(gather(c)) for c in code_columns}, topk_decode)
+        else:
+            topk_ids = torch.from_numpy(gather("topk_ids"))  # int32 / fp16 as stored: Batch.to widens them on the device
+            topk_lp = torch.from_numpy(gather("topk_logprobs"))
+            tail = torch.from_numpy(gather("tail_logprob"))
         if tail_index is not None:
             tail_t = torch.from_numpy(np.ascontiguousarray(gather(TEMPERED_TAIL)[:, tail_index])).float()
     s_ids = s_w = None
@@ -105,6 +146,7 @@ def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None
         int(select.sum()),
         nll,
         _position_signals(examples, lens, T),
+        codes,
     )
 
 

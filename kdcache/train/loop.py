@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from kdcache.train.config import TrainConfig
 from kdcache.train.curriculum import Curriculum, competence, training_difficulties
 from kdcache.train.distributed import RANK_RNG, DataParallel, World, device_for, launched_world_size, refuse_unsupported, \
     resume_position, start, stop
-from kdcache.train.data import TEMPERED_TAIL, batches, collate, heldout_batches, tempered_tail_index, train_columns
+from kdcache.train.data import TEMPERED_TAIL, batches, collate, heldout_batches, tempered_tail_index, topk_decoder, train_columns
 from kdcache.train.evaluate import evaluate
 from kdcache.train.optim import build_optimizer, lr_lambda
 from kdcache.train.prefetch import Prefetcher
@@ -176,8 +177,12 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
              *((TEMPERED_TAIL,) if tail_index is not None else ()), *((cfg.curriculum.by,) if cfg.curriculum.enabled else ()))
     curriculum = (Curriculum(cfg.curriculum, training_difficulties(cache, cfg.curriculum.by, is_heldout), cfg.steps)
                   if cfg.curriculum.enabled else None)
-    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None, columns=train_columns(cache, reads),
-                          keep=lambda i: not is_heldout(i), rank=world.rank, world=world.size)
+    # a coded top-k travels as its codes and is decoded on the device (Batch.to) when cfg.topk_decode says so
+    on_device = cfg.topk_decode == "device" or (cfg.topk_decode == "auto" and device.type == "cuda")
+    stream = cache.stream(shuffle=True, seed=cfg.seed, window=cfg.shuffle_window, epochs=None,
+                          columns=train_columns(cache, reads, topk_codes=on_device), keep=lambda i: not is_heldout(i),
+                          rank=world.rank, world=world.size)
+    make_batch = functools.partial(packing.pack if cfg.packing else collate, topk_decode=topk_decoder(cache) if on_device else None)
 
     step = 0
     if ckpt is not None:
@@ -199,7 +204,7 @@ def _train(cfg: TrainConfig, progress: bool, where: _Position, world: World) -> 
     examples = curriculum.filter(stream, lambda: step0 + data.produced // cfg.grad_accum) if curriculum is not None else stream
     step0 = step
     # Made ahead in a thread, each batch with the reader's state after it (what a checkpoint saves); pinned for CUDA.
-    data = Prefetcher(batches(examples, cfg.batch_size, pad_id, tail_index, packing.pack if cfg.packing else collate),
+    data = Prefetcher(batches(examples, cfg.batch_size, pad_id, tail_index, make_batch),
                       stream.state_dict, cfg.prefetch, transform=(lambda b: b.pin_memory()) if device.type == "cuda" else None)
     data_state = stream.state_dict()  # the reader's position after the last batch the step consumed
     saved = ckpt  # the newest checkpoint, whose weights are the model's whenever its step is `step`

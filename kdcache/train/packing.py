@@ -31,7 +31,7 @@ example first: deterministic, and never more rows, nor longer ones, than the pad
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,14 +63,15 @@ def plan_rows(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
     return rows, offsets
 
 
-def pack(examples: list[dict], pad_id: int = 0, tail_index: int | None = None, max_length: int | None = None) -> Batch:
+def pack(examples: list[dict], pad_id: int = 0, tail_index: int | None = None, max_length: int | None = None,
+         topk_decode: Callable | None = None) -> Batch:
     """The examples packed into rows of at most ``max_length`` tokens (default: the longest example's); the fields
     of ``data.collate``, with segment ids as the attention mask and the examples in row order (module docstring)."""
     lens = np.array([len(ex["input_ids"]) for ex in examples], dtype=np.int64)
     L = int(max_length or lens.max())
     rows, offsets = plan_rows(lens, L)
     order = np.lexsort((offsets, rows))  # row by row, left to right: the order the targets are flattened in
-    padded = collate([examples[i] for i in order], pad_id, tail_index)
+    padded = collate([examples[i] for i in order], pad_id, tail_index, topk_decode)
     lens, rows, offsets = lens[order], rows[order], offsets[order]
     # every real token: from (example e, position t) of the padded batch to (rows[e], offsets[e] + t)
     e = np.repeat(np.arange(len(lens)), lens)
@@ -92,7 +93,7 @@ def pack(examples: list[dict], pad_id: int = 0, tail_index: int | None = None, m
     select = torch.zeros(R, L - 1, dtype=torch.bool)
     select[dst[0][target], dst[1][target]] = padded.select[src[0][target], src[1][target]]
     signals = {k: place(v, L) for k, v in padded.signals.items()}  # [B, T, *] -> [R, L, *], at the tokens' new places
-    return Batch(ids, seg, select, padded.targets, padded.num_tokens, padded.teacher_nll_sum, signals)
+    return Batch(ids, seg, select, padded.targets, padded.num_tokens, padded.teacher_nll_sum, signals, padded.topk_codes)
 
 
 def position_ids(segments: torch.Tensor) -> torch.Tensor:
