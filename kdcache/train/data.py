@@ -117,11 +117,10 @@ def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None
     topk_ids = topk_lp = tail = tail_t = codes = None
     code_columns = [c for c in examples[0] if c.startswith(stream_column(""))]
     if "topk_ids" in examples[0] or code_columns:
-        masks = [ex["loss_mask"] for ex in examples]
-        full = all(m.all() for m in masks)  # plain text: every target counts, so no per-example copies
+        rows = [_selector(ex["loss_mask"]) for ex in examples]
 
         def gather(name: str) -> np.ndarray:
-            return np.concatenate([ex[name] if full else ex[name][m] for ex, m in zip(examples, masks)])
+            return np.concatenate([ex[name][r] for ex, r in zip(examples, rows)])
 
         if code_columns:
             if topk_decode is None:
@@ -148,6 +147,15 @@ def collate(examples: list[dict], pad_id: int = 0, tail_index: int | None = None
         _position_signals(examples, lens, T),
         codes,
     )
+
+
+def _selector(mask: np.ndarray) -> slice | np.ndarray:
+    """The rows a loss mask keeps: a slice when they are one run (a masked prompt, then the response: the usual
+    case), so gathering them is one view per example and one copy per batch; else their indices."""
+    kept = np.flatnonzero(mask)
+    if len(kept) == 0:
+        return slice(0, 0)
+    return slice(int(kept[0]), int(kept[-1]) + 1) if kept[-1] - kept[0] + 1 == len(kept) else kept
 
 
 _HIDDEN = re.compile(r"hidden_\d+")
