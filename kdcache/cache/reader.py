@@ -78,7 +78,7 @@ class RowGroupBlock:
         topk_streams = set(manifest.signals["topk"]["columns"]) if coded(manifest.signals) else set()
         blobs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # coded top-k streams, decoded together below
         for name in table.column_names:
-            col = table.column(name).combine_chunks()
+            col = one_array(table.column(name))
             if name in topk_streams and pa.types.is_binary(col.type):
                 if footer_values is not None:
                     check_value_count(name, col, footer_values)
@@ -148,6 +148,11 @@ class RowGroupBlock:
             v = values[i]
             ex[name] = v.item() if isinstance(v, np.generic) else v
         return ex
+
+
+def one_array(col: pa.ChunkedArray) -> pa.Array:
+    """A column as one array; ``combine_chunks`` copies even a single chunk (a row group's column is one)."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def binary_offsets(col: pa.Array) -> np.ndarray:
