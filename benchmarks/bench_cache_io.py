@@ -28,6 +28,16 @@ from kdcache.cache import CacheWriter, holdout_fraction_filter, make_signals, op
 from kdcache.train.data import EVAL_SIGNALS, batches, collate, topk_decoder, train_columns
 
 
+def read(out: Path, seed: int, is_heldout, topk_codes: bool):
+    """The trainer's read: the cache opened as the trainer opens it, a shuffled window, the held-out filter, padded
+    batches of 8; ``topk_codes``: the top-k left coded for the device (``topk_decode: device``)."""
+    cache = open_cache(out, topk_order="any", keep_float16=True)
+    stream = cache.stream(shuffle=True, seed=seed, window=4, epochs=1, keep=lambda i: not is_heldout(i),
+                          columns=train_columns(cache, EVAL_SIGNALS, topk_codes=topk_codes))
+    decode = topk_decoder(cache) if topk_codes else None
+    return batches(stream, batch_size=8, collate_fn=lambda ex, pad, tail: collate(ex, pad, tail, decode))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=400_000)
@@ -63,21 +73,12 @@ def main() -> None:
             write_s[codec].append(t.seconds)
             bpt[codec] = m.num_bytes / m.num_tokens
             with Timer() as t:
-                cache = open_cache(out, topk_order="any", keep_float16=True)  # as the trainer opens it
-                stream = cache.stream(shuffle=True, seed=r, window=4, epochs=1, columns=train_columns(cache, EVAL_SIGNALS),
-                                      keep=lambda i: not is_heldout(i))
-                n = 0
-                for b in batches(stream, batch_size=8):
-                    n += int(b.attention_mask.sum())
+                n = sum(int(b.attention_mask.sum()) for b in read(out, r, is_heldout, topk_codes=False))
             read_s[codec].append(t.seconds)
             assert n == delivered
-            if cache.topk_code_columns:  # the same read, the top-k kept as codes for the device (topk_decode: device)
-                decode = topk_decoder(cache)
+            if open_cache(out).topk_code_columns:  # the same read, the top-k kept as codes for the device (topk_decode: device)
                 with Timer() as t:
-                    cache = open_cache(out, topk_order="any", keep_float16=True)
-                    stream = cache.stream(shuffle=True, seed=r, window=4, epochs=1,
-                                          columns=train_columns(cache, EVAL_SIGNALS, topk_codes=True), keep=lambda i: not is_heldout(i))
-                    coded = [b for b in batches(stream, batch_size=8, collate_fn=lambda ex, pad, tail: collate(ex, pad, tail, decode))]
+                    coded = list(read(out, r, is_heldout, topk_codes=True))
                 codes_s.setdefault(codec, []).append(t.seconds)
                 with Timer() as t:  # what the device then does, here on this CPU core in torch
                     for b in coded:

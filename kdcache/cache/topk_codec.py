@@ -140,10 +140,6 @@ def _gather(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.take(a.reshape(-1), (np.arange(n, dtype=np.intp) * k)[:, None] + cols)
 
 
-def _split(x: np.ndarray, planes: int) -> list[np.ndarray]:
-    return [(x >> (8 * j)).astype(np.uint8) for j in range(planes)]
-
-
 def _join(planes: Sequence[np.ndarray], dtype) -> np.ndarray:
     """Byte planes -> integers, most significant plane first, shifted in place (two passes a plane)."""
     out = planes[-1].astype(dtype)
@@ -176,13 +172,15 @@ def encode(ids, logprobs, tail_logprob, params: Mapping) -> dict[str, np.ndarray
     widths = stream_widths(params)
     out = {name: np.empty((n, w), dtype=np.uint8) for name, w in widths.items()}
     for a, b in _blocks(n, k):
-        planes = _encode_block(ids[a:b], lp[a:b], tail[a:b], k, _bits(V - 1), step, nb_ids, nb_val, max_code, a)
-        for name, plane in zip(widths, planes):
-            out[name][a:b] = plane
+        gaps, vals = _encode_block(ids[a:b], lp[a:b], tail[a:b], k, _bits(V - 1), step, max_code, a)
+        for x, prefix, planes in ((gaps, "ids", nb_ids), (vals, "val", nb_val)):
+            for j in range(planes):  # the assignment keeps the low byte: one pass a plane, no uint8 temporary
+                out[f"{prefix}_b{j}"][a:b] = x if j == 0 else x >> (8 * j)
     return {name: x.reshape(-1) for name, x in out.items()}
 
 
-def _encode_block(ids, lp, tail, k, id_bits, step, nb_ids, nb_val, max_code, row0) -> list[np.ndarray]:
+def _encode_block(ids, lp, tail, k, id_bits, step, max_code, row0) -> tuple[np.ndarray, np.ndarray]:
+    """One block of rows -> (id gaps [n, k], value codes [n, k + 2]: codes less the row's base, base, tail)."""
     sorted_ids, cols = _sort_key(ids, k, id_bits)
     gaps = np.empty_like(sorted_ids)
     gaps[:, 0] = sorted_ids[:, 0]
@@ -200,7 +198,7 @@ def _encode_block(ids, lp, tail, k, id_bits, step, nb_ids, nb_val, max_code, row
     vals = np.empty((len(ids), k + 2), dtype=np.int32)
     np.subtract(codes, base[:, None], out=vals[:, :k])
     vals[:, k], vals[:, k + 1] = base, tail_codes
-    return _split(gaps, nb_ids) + _split(vals, nb_val)
+    return gaps, vals
 
 
 def decode(streams: Mapping[str, object], params: Mapping, order: str = "id") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
