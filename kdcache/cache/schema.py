@@ -42,54 +42,34 @@ context_tokens     int32                      (context) teacher tokens read befo
 
 Flattened 2-D columns keep reads fast (one contiguous buffer per row group); the manifest gives k and H.
 Top-k columns are absent when k = 0 (a sampled-only cache); sampled columns only when draws > 0.
+
+Each signal is one module of kdcache/cache/signals/ (its manifest entry, columns, read layout and verify checks);
+this module composes them: ``make_signals`` turns generate's settings into per-signal settings, ``build_schema`` asks
+every signal of a manifest for its Arrow fields.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from kdcache.cache.codecs import get_codec
-from kdcache.cache.hidden import parse_positions
-from kdcache.cache.topk_storage import LOGICAL as TOPK_LOGICAL, get_storage, storage_of
+from kdcache.cache.signals import build_signals, ordered
+from kdcache.cache.signals.base import coded_columns as _coded_columns  # noqa: F401  (kept for old imports)
+from kdcache.cache.signals.classes import CLASS_LOGITS_COLUMN
+from kdcache.cache.signals.context import CONTEXT_COLUMN
+from kdcache.cache.signals.fields import FIELD_TYPES
+from kdcache.cache.signals.generation import GENERATION_COLUMNS
+from kdcache.cache.signals.hidden import HIDDEN_POSITIONS_COLUMN, hidden_column
+from kdcache.cache.signals.pooled import pooled_column
+from kdcache.cache.signals.qkv import qkv_column
+from kdcache.cache.signals.sampled import SAMPLED_COLUMNS
+from kdcache.cache.signals.stats import STATS_COLUMNS
+from kdcache.cache.signals.topk import TEMPERED_TAIL_COLUMN, TOPK_COLUMNS
 
 BASE_COLUMNS = ("example_id", "input_ids", "loss_mask")
-TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
-TEMPERED_TAIL_COLUMN = "tail_logprob_tempered"
-SAMPLED_COLUMNS = ("sampled_ids", "sampled_weights", "sampled_sizes")
-STATS_COLUMNS = ("teacher_nll", "teacher_entropy", "num_loss_tokens")
-GENERATION_COLUMNS = ("prompt_length", "sample_index")
-CONTEXT_COLUMN = "context_tokens"
-CLASS_LOGITS_COLUMN = "class_logits"
-#: Arrow types of kept dataset fields, by the Python type of the first row's value (bool before int: a bool is an int).
-FIELD_TYPES = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 
-
-def pooled_column(layer: int) -> str:
-    return f"pooled_{layer}"
-
-
-HIDDEN_POSITIONS_COLUMN = "hidden_positions"
-
-
-def hidden_column(layer: int) -> str:
-    return f"hidden_{layer}"
-
-
-def qkv_column(layer: int) -> str:
-    return f"qkv_{layer}"
-
-
-def _coded_columns(name: str, rows: str, width: int, codec: str) -> dict:
-    """A [rows, width] float column through ``codec``; a scaled codec adds its ``<name>_scale`` column after it."""
-    c = get_codec(codec)
-    cols = {name: {"shape": [rows, width], "dtype": str(c.arrow_type), "codec": c.name}}
-    if c.scaled:
-        # One binary blob per example: Parquet has no 8-bit physical type and stores list<int8> as INT32
-        # (zstd then leaves ~1.4 bytes per value at D = 192); the blob is exactly one byte per value.
-        cols[name]["layout"] = "binary"
-        cols[name]["scale_column"] = f"{name}_scale"
-        cols[f"{name}_scale"] = {"shape": [rows], "dtype": "float32", "codec": "plain", "scale_of": name}
-    return cols
+__all__ = ["BASE_COLUMNS", "CLASS_LOGITS_COLUMN", "CONTEXT_COLUMN", "FIELD_TYPES", "GENERATION_COLUMNS", "HIDDEN_POSITIONS_COLUMN",
+           "SAMPLED_COLUMNS", "STATS_COLUMNS", "TEMPERED_TAIL_COLUMN", "TOPK_COLUMNS", "build_schema", "column_codecs",
+           "format_version", "hidden_column", "list_columns", "make_signals", "pooled_column", "qkv_column", "scale_columns"]
 
 
 def make_signals(
@@ -115,7 +95,8 @@ def make_signals(
     topk_codec: str = "lists",
     topk_codec_options: dict | None = None,
 ) -> dict:
-    """The manifest's description of what a cache stores, with shapes, dtypes and codecs.
+    """The manifest's description of what a cache stores, with shapes, dtypes and codecs: generate's settings as
+    per-signal settings, each signal's module making its entry (kdcache/cache/signals/).
 
     ``attention``: the qkv signal, ``{"layers", "sizes": [dq, dk, dv], "num_heads", "num_kv_heads", "head_dim"}``
     (None: not stored). ``context``: the teacher-only context's settings (template, alignment), None without one.
@@ -123,139 +104,48 @@ def make_signals(
     type name in FIELD_TYPES.
     Keys describing the hidden projection and positions appear only when they are not the
     defaults (full width, all positions), so a cache without them has the same signals as before they existed."""
-    lp = get_codec(logprob_codec)
-    signals: dict = {"stats": {"columns": {c: {"shape": [], "dtype": "int32" if c == "num_loss_tokens" else "float32"} for c in STATS_COLUMNS}}}
+    settings: dict = {"stats": {}}
     if top_k:
-        storage = get_storage(topk_codec)
-        params = storage.params(top_k, vocab_size, topk_codec_options or {})
-        signals["topk"] = {
-            "k": top_k,
-            "vocab_size": vocab_size,
-            # (absent: lists, so a cache made before storages existed has the same signals)
-            **({"storage": {"name": storage.name, "params": params, "logical_columns": list(TOPK_LOGICAL)}}
-               if storage.name != "lists" else {}),
-            "columns": storage.columns(top_k, params, lp),
-            # How a trainer gets the teacher's tail bucket at temperature T != 1: exactly from the stored column
-            # for these T, else by tempering the k+1 buckets (tail treated as one token on both sides).
-            "tail_temperatures": [float(t) for t in tail_temperatures],
-            "tail_at_other_temperatures": "bucket_tempered",
-        }
-        if tail_temperatures:
-            signals["topk"]["columns"][TEMPERED_TAIL_COLUMN] = {"shape": ["T-1", len(tail_temperatures)], "dtype": "float32", "codec": "plain"}
+        settings["topk"] = {"k": top_k, "vocab_size": vocab_size, "logprob_codec": logprob_codec, "codec": topk_codec,
+                            "codec_options": topk_codec_options, "tail_temperatures": tail_temperatures}
     if sampled_draws:
-        signals["sampled"] = {
-            "draws": sampled_draws,
-            "proposal_temperature": proposal_temperature,
-            "vocab_size": vocab_size,
-            "columns": {
-                "sampled_ids": {"shape": ["sum(sizes)"], "dtype": "int32", "codec": "plain"},
-                "sampled_weights": {"shape": ["sum(sizes)"], "dtype": str(lp.arrow_type), "codec": lp.name},
-                "sampled_sizes": {"shape": ["T-1"], "dtype": "uint16", "codec": "plain"},
-            },
-        }
+        settings["sampled"] = {"draws": sampled_draws, "proposal_temperature": proposal_temperature,
+                               "vocab_size": vocab_size, "logprob_codec": logprob_codec}
     if hidden_layers:
-        kind, _ = parse_positions(hidden_positions)
-        width = hidden_project_dim or hidden_size
-        rows = "T" if kind == "all" else "P"
-        columns: dict = {}
-        if kind != "all":
-            columns[HIDDEN_POSITIONS_COLUMN] = {"shape": ["P"], "dtype": "int32", "codec": "plain"}
-        for layer in hidden_layers:
-            columns.update(_coded_columns(hidden_column(layer), rows, width, hidden_codec))
-        signals["hidden"] = {"layers": list(hidden_layers), "size": width}
-        if hidden_project_dim:
-            signals["hidden"].update(
-                width=hidden_size, project_dim=hidden_project_dim, project_seed=hidden_project_seed,
-                projection="h @ P, P = kdcache.cache.hidden.orthogonal_projection(width, project_dim, project_seed)",
-            )
-        if kind != "all":
-            signals["hidden"]["positions"] = hidden_positions
-            if kind == "fraction":
-                signals["hidden"]["positions_seed"] = hidden_positions_seed
-        signals["hidden"]["columns"] = columns
+        settings["hidden"] = {"layers": hidden_layers, "size": hidden_size, "codec": hidden_codec,
+                              "project_dim": hidden_project_dim, "project_seed": hidden_project_seed,
+                              "positions": hidden_positions, "positions_seed": hidden_positions_seed}
     if attention:
-        sizes = [int(x) for x in attention["sizes"]]
-        columns = {}
-        for layer in attention["layers"]:
-            columns.update(_coded_columns(qkv_column(layer), "T", sum(sizes), hidden_codec))
-        signals["qkv"] = {
-            "layers": list(attention["layers"]), "sizes": sizes, "num_heads": int(attention["num_heads"]),
-            "num_kv_heads": int(attention["num_kv_heads"]), "head_dim": int(attention["head_dim"]),
-            "tensor": "pre-RoPE q/k/v projections of block L (outputs of self_attn.q_proj, k_proj, v_proj), "
-                      "concatenated q|k|v per token",
-            "columns": columns,
-        }
+        settings["qkv"] = {**attention, "codec": hidden_codec}
     if generation:
-        signals["generation"] = {"columns": {c: {"shape": [], "dtype": "int32"} for c in GENERATION_COLUMNS}}
+        settings["generation"] = {}
     if context:
-        signals["context"] = {**context, "columns": {CONTEXT_COLUMN: {"shape": [], "dtype": "int32"}}}
+        settings["context"] = context
     if pooled:
-        signals["pooled"] = {
-            "layers": list(pooled["layers"]), "pooling": pooled["pooling"], "size": int(pooled["size"]),
-            "tensor": f"hidden_states[L] ({pooled['pooling']} over the row's tokens), float32",
-            "columns": {pooled_column(layer): {"shape": [int(pooled["size"])], "dtype": "float32", "codec": "plain"} for layer in pooled["layers"]},
-        }
+        settings["pooled"] = pooled
     if classes:
-        signals["classes"] = {"labels": list(classes), "columns": {CLASS_LOGITS_COLUMN: {"shape": [len(classes)], "dtype": "float32", "codec": "plain"}}}
+        settings["classes"] = {"labels": classes}
     if fields:
-        signals["fields"] = {"columns": {name: {"shape": [], "dtype": kind} for name, kind in fields.items()}}
-    return signals
+        settings["fields"] = {"fields": fields}
+    return build_signals(settings)
 
 
 def build_schema(signals: dict) -> pa.Schema:
+    """The Parquet schema of a cache with these signals: the base columns, then each signal's fields in schema order.
+    An unknown signal raises a one-line CacheFormatError naming it."""
     fields = [
         pa.field("example_id", pa.string(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
     ]
-    if "topk" in signals and storage_of(signals)[0].name != "lists":
-        fields += [pa.field(name, pa.binary(), nullable=False) for name in signals["topk"]["columns"] if name != TEMPERED_TAIL_COLUMN]
-        if TEMPERED_TAIL_COLUMN in signals["topk"]["columns"]:
-            fields.append(pa.field(TEMPERED_TAIL_COLUMN, pa.list_(pa.float32()), nullable=False))
-    elif "topk" in signals:
-        lp = get_codec(signals["topk"]["columns"]["topk_logprobs"]["codec"])
-        fields += [
-            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("topk_logprobs", pa.list_(lp.arrow_type), nullable=False),
-            pa.field("tail_logprob", pa.list_(pa.float32()), nullable=False),
-        ]
-        if TEMPERED_TAIL_COLUMN in signals["topk"]["columns"]:
-            fields.append(pa.field(TEMPERED_TAIL_COLUMN, pa.list_(pa.float32()), nullable=False))
-    if "sampled" in signals:
-        w = get_codec(signals["sampled"]["columns"]["sampled_weights"]["codec"])
-        fields += [
-            pa.field("sampled_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("sampled_weights", pa.list_(w.arrow_type), nullable=False),
-            pa.field("sampled_sizes", pa.list_(pa.uint16()), nullable=False),
-        ]
-    fields += [
-        pa.field("teacher_nll", pa.float32(), nullable=False),
-        pa.field("teacher_entropy", pa.float32(), nullable=False),
-        pa.field("num_loss_tokens", pa.int32(), nullable=False),
-    ]
-    for sig in ("hidden", "qkv"):
-        for name, col in (signals.get(sig) or {}).get("columns", {}).items():
-            if col.get("layout") == "binary":
-                fields.append(pa.field(name, pa.binary(), nullable=False))
-                continue
-            value_type = pa.type_for_alias(col["dtype"]) if col["codec"] == "plain" else get_codec(col["codec"]).arrow_type
-            fields.append(pa.field(name, pa.list_(value_type), nullable=False))
-    if "generation" in signals:
-        fields += [pa.field(c, pa.int32(), nullable=False) for c in GENERATION_COLUMNS]
-    if "context" in signals:
-        fields.append(pa.field(CONTEXT_COLUMN, pa.int32(), nullable=False))
-    for name in (signals.get("pooled") or {}).get("columns", {}):
-        fields.append(pa.field(name, pa.list_(pa.float32()), nullable=False))
-    if "classes" in signals:
-        fields.append(pa.field(CLASS_LOGITS_COLUMN, pa.list_(pa.float32()), nullable=False))
-    for name, col in (signals.get("fields") or {}).get("columns", {}).items():
-        fields.append(pa.field(name, FIELD_TYPES[col["dtype"]], nullable=False))
+    for signal, entry in ordered(signals):
+        fields += signal.arrow_fields(entry)
     return pa.schema(fields, metadata={b"kdcache.format_version": str(format_version(signals)).encode()})
 
 
 def format_version(signals: dict) -> int:
-    """The cache format a cache with these signals is written in: its top-k storage's (1 without a top-k)."""
-    return storage_of(signals)[0].format_version if "topk" in signals else 1
+    """The cache format a cache with these signals is written in: the highest its signals need (a top-k storage's)."""
+    return max([1, *(signal.format_version(entry) for signal, entry in ordered(signals))])
 
 
 def scale_columns(signals: dict) -> dict[str, str]:
