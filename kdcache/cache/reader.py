@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from kdcache.cache.codecs import get_codec
 from kdcache.cache.filesystem import as_path, is_network_error, is_remote, local_copy
 from kdcache.cache.manifest import Manifest, file_sha256, manifest_path, read_manifest, tokenizer_path
-from kdcache.cache.schema import HIDDEN_POSITIONS_COLUMN, build_schema, column_codecs, scale_columns
-from kdcache.cache.topk_storage import LOGICAL as TOPK_LOGICAL, coded, storage_of
+from kdcache.cache.schema import build_schema, column_codecs, scale_columns
+from kdcache.cache.signals import ReadLayout, read_layout
 from kdcache.errors import CacheFormatError, KDCacheError
 
 Example = dict[str, Any]
@@ -42,44 +42,27 @@ Example = dict[str, Any]
 READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 """What pyarrow raises on damaged Parquet (ArrowInvalid, ArrowIOError/OSError, UnicodeDecodeError, ...)."""
 
-# Columns reshaped to 2-D on read: name -> function of the manifest giving the trailing dimension.
-_SECOND_DIM: dict[str, Callable[[Manifest], int]] = {
-    "topk_ids": lambda m: m.top_k,
-    "topk_logprobs": lambda m: m.top_k,
-    "tail_logprob_tempered": lambda m: len(m.tail_temperatures),
-}
-
-
-def _trailing_dims(manifest: Manifest) -> dict[str, int]:
-    """Columns stored as [rows, width]: name -> width, from the manifest's column shapes."""
-    out = {}
-    for sig in manifest.signals.values():
-        for name, col in sig.get("columns", {}).items():
-            shape = col.get("shape", [])
-            if len(shape) == 2 and isinstance(shape[1], int):
-                out[name] = int(shape[1])
-    return out
-
-
 class RowGroupBlock:
     """One decoded row group: for list columns flat values + offsets, for scalars an array.
 
     Columns of a scaled codec (int8) are dequantised with their ``<name>_scale`` column over the whole row
-    group at once; the scale column itself is consumed (examples hold the float32 values only)."""
+    group at once; the scale column itself is consumed (examples hold the float32 values only). A stream group's
+    columns (a coded top-k) are decoded together into its logical columns, or kept as codes (``topk_codes``)."""
 
     def __init__(self, table: pa.Table, manifest: Manifest, codecs: dict, footer_values: dict[str, int] | None = None,
-                 topk_order: str = "rank", keep_float16: bool = False, topk_codes: bool = False):
+                 topk_order: str = "rank", keep_float16: bool = False, topk_codes: bool = False, layout: ReadLayout | None = None):
         self.num_rows = table.num_rows
         self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.scalars: dict[str, Any] = {}
         self.second_dim: dict[str, int] = {}
-        widths = _trailing_dims(manifest)
+        layout = read_layout(manifest.signals) if layout is None else layout
+        widths = layout.second_dim
         scaled = scale_columns(manifest.signals)
-        topk_streams = set(manifest.signals["topk"]["columns"]) if coded(manifest.signals) else set()
-        blobs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # coded top-k streams, decoded together below
+        streams = set(layout.stream_columns)
+        blobs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # stream-group columns, decoded together below
         for name in table.column_names:
             col = one_array(table.column(name))
-            if name in topk_streams and pa.types.is_binary(col.type):
+            if name in streams and pa.types.is_binary(col.type):
                 if footer_values is not None:
                     check_value_count(name, col, footer_values)
                 offsets = binary_offsets(col)
@@ -92,9 +75,7 @@ class RowGroupBlock:
                 if name in codecs and not codecs[name].scaled and not (keep_float16 and name == "topk_logprobs" and values.dtype == np.float16):
                     values = codecs[name].decode(values)
                 self.lists[name] = (offsets, values)
-                if name in _SECOND_DIM:
-                    self.second_dim[name] = _SECOND_DIM[name](manifest)
-                elif name in widths:
+                if name in widths:
                     self.second_dim[name] = widths[name]
             elif name in scaled and pa.types.is_binary(col.type):  # int8 blobs: one per example, decoded below
                 if footer_values is not None:
@@ -109,24 +90,22 @@ class RowGroupBlock:
                 self.scalars[name] = col.to_numpy(zero_copy_only=False)
                 if footer_values is not None:
                     check_value_count(name, col, footer_values)
-        if blobs and topk_codes:  # the codes as they are, [positions, width] uint8 per stream: decoded on the device
-            storage, params = storage_of(manifest.signals)
+        for group in layout.groups:
+            mine = {c: blobs[c] for c in group.columns if c in blobs}
+            if not mine:
+                continue
             try:
-                storage.positions(blobs, params)
-            except (ValueError, KeyError) as exc:
-                raise DamagedShard(f"top-k streams do not decode: {exc}") from None
-            for name, (offsets, values) in blobs.items():
-                self.lists[name], self.second_dim[name] = (offsets, values), widths[name]
-        elif blobs:
-            storage, params = storage_of(manifest.signals)
-            try:
-                decoded = storage.decode(blobs, params, order="rank" if topk_order == "rank" else "id")
+                if topk_codes:  # the codes as they are, [positions, width] uint8 per stream: decoded on the device
+                    group.positions(mine)
+                    decoded = mine
+                else:
+                    decoded = group.decode(mine, "rank" if topk_order == "rank" else "id")
             except (ValueError, KeyError) as exc:
                 raise DamagedShard(f"top-k streams do not decode: {exc}") from None
             for name, (offsets, values) in decoded.items():
                 self.lists[name] = (offsets, values)
-                if name in _SECOND_DIM:
-                    self.second_dim[name] = _SECOND_DIM[name](manifest)
+                if name in widths:
+                    self.second_dim[name] = widths[name]
         for name, scale_name in scaled.items():
             if name not in self.lists:
                 continue
@@ -283,11 +262,14 @@ class Cache:
         self.manifest = read_manifest(self.path)
         self.verify_sha256 = verify_sha256
         self._codecs = {name: get_codec(c) for name, c in column_codecs(self.manifest.signals).items()}
-        self._schema = build_schema(self.manifest.signals)
+        try:
+            self._schema = build_schema(self.manifest.signals)
+        except CacheFormatError as exc:  # an unknown signal: say which cache holds it
+            raise CacheFormatError(f"cache {self.path}: {exc}") from None
         self._scales = scale_columns(self.manifest.signals)
-        self._positions = HIDDEN_POSITIONS_COLUMN in (self.manifest.signals.get("hidden") or {}).get("columns", {})
-        self._topk_streams = [c for c in self.manifest.signals["topk"]["columns"] if c.startswith("topk.")] \
-            if coded(self.manifest.signals) else []
+        self._layout = read_layout(self.manifest.signals)
+        self._topk_streams = self._layout.stream_columns
+        self._logical = [c for g in self._layout.groups for c in g.logical]  # what the stream columns decode to
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._hashed: set[int] = set()
         self.row_groups = [
@@ -357,7 +339,7 @@ class Cache:
         names = self._file(0).schema_arrow.names if self.manifest.shards else []
         if not self._topk_streams:
             return names
-        return [*(n for n in names if n not in self._topk_streams), *TOPK_LOGICAL]
+        return [*(n for n in names if n not in self._topk_streams), *self._logical]
 
     @property
     def topk_code_columns(self) -> list[str]:
@@ -395,16 +377,16 @@ class Cache:
         return f
 
     def _with_companions(self, columns: list[str] | None) -> list[str] | None:
-        """What decoding ``columns`` needs besides them: an int8 column's scale column, and a hidden column's
-        ``hidden_positions`` (which rows it holds)."""
+        """What decoding ``columns`` needs besides them: an int8 column's scale column, the companions its signal names
+        (a hidden column's ``hidden_positions``: which rows it holds), a logical column's whole stream group."""
         if columns is None:
             return None
         extra = [self._scales[c] for c in columns if c in self._scales]
-        if self._topk_streams and any(c in TOPK_LOGICAL for c in columns):
-            columns = [c for c in columns if c not in TOPK_LOGICAL]  # the streams decode all three at once
-            extra += self._topk_streams
-        if self._positions and any(c.startswith("hidden_") for c in columns):
-            extra.append(HIDDEN_POSITIONS_COLUMN)
+        extra += [x for c in columns for x in self._layout.companions.get(c, ())]
+        for group in self._layout.groups:
+            if any(c in group.logical for c in columns):
+                columns = [c for c in columns if c not in group.logical]  # the streams decode all of them at once
+                extra += group.columns
         return [*columns, *(c for c in dict.fromkeys(extra) if c not in columns)]
 
     def read_block(self, row_group: int, columns: list[str] | None = None) -> RowGroupBlock:
@@ -417,7 +399,7 @@ class Cache:
             if table.num_rows != rows:
                 raise DamagedShard(f"decoded {table.num_rows} rows, the manifest records {rows}")
             return RowGroupBlock(table, self.manifest, self._codecs, footer_value_counts(f, group_index, table.column_names), self.topk_order,
-                                 self.keep_float16, codes)
+                                 self.keep_float16, codes, self._layout)
         except DamagedShard as exc:
             raise self._damaged(self.manifest.shards[shard_index].name, str(exc), row_group=group_index) from None
         except READ_ERRORS as exc:
@@ -439,7 +421,7 @@ class Cache:
         """Examples as dicts of numpy arrays. ``epochs=None`` loops forever; ``keep(example_id)`` filters;
         ``rank`` of ``world`` gets every ``world``-th kept example (see :class:`ExampleStream`)."""
         if columns is not None:
-            if set(columns) & set(self._topk_streams) and set(columns) & set(TOPK_LOGICAL):
+            if set(columns) & set(self._topk_streams) and set(columns) & set(self._logical):
                 raise ValueError("ask for the top-k columns or for their codes (topk_code_columns), not both")
             missing = sorted(set(columns) - set(self.columns) - set(self._topk_streams))
             if missing:

@@ -34,8 +34,10 @@ from kdcache.cache.reader import (
     regenerate_fix,
     check_value_count,
 )
-from kdcache.cache.topk_storage import coded, storage_of
 from kdcache.cache.schema import build_schema
+from kdcache.cache.signals import Rows, ordered
+from kdcache.cache.signals.base import RowProblem
+from kdcache.errors import CacheFormatError
 from kdcache.config import plural
 
 
@@ -98,7 +100,10 @@ def verify_cache(path: str | Path, deep: bool = False) -> VerifyReport:
     """Check every shard of the cache at ``path``; a manifest that cannot be read raises CacheFormatError."""
     path = as_path(path)
     manifest = read_manifest(path)
-    schema = build_schema(manifest.signals)
+    try:
+        schema = build_schema(manifest.signals)
+    except CacheFormatError as exc:  # an unknown signal: say which cache holds it
+        raise CacheFormatError(f"cache {path}: {exc}") from None
     reports = [_verify_shard(path, manifest, shard, schema, deep) for shard in manifest.shards]
     return VerifyReport(
         path=str(path), deep=deep, status=manifest.status, rows=manifest.num_rows, tokens=manifest.num_tokens,
@@ -211,59 +216,24 @@ def _check_rows(table: pa.Table, manifest: Manifest, footer_values: dict[str, in
             check_value_count(name, col, footer_values)
             values[name] = col.to_numpy(zero_copy_only=False)
 
-    T = lengths["input_ids"]
-
-    def bad_row(mask: np.ndarray, what) -> None:
-        if np.any(mask):
-            i = int(np.argmax(mask))
-            ex_id = table.column("example_id")[i].as_py() if "example_id" in table.column_names else "?"
-            raise DamagedShard(f"row {i} (example {ex_id!r}): {what(i) if callable(what) else what}")
-
-    bad_row(T < 1, "no input_ids")
-    dims = {"T": T, "T-1": T - 1}
-    if "sampled_sizes" in values:
-        cs = np.concatenate([[0], np.cumsum(values["sampled_sizes"].astype(np.int64))])
-        o = offsets_of["sampled_sizes"]
-        dims["sum(sizes)"] = cs[o[1:]] - cs[o[:-1]]
-    if "hidden_positions" in lengths:
-        P = lengths["hidden_positions"]
-        dims["P"] = P
-        pos = values["hidden_positions"].astype(np.int64)
-        starts = offsets_of["hidden_positions"][:-1]
-        row_of = np.repeat(np.arange(n), P)
-        first = np.zeros(pos.size, dtype=bool)
-        first[starts[P > 0]] = True
-        bad = (pos < 0) | (pos >= np.repeat(T, P)) | (~first & (np.diff(pos, prepend=-1) <= 0))
-        bad_row(np.isin(np.arange(n), row_of[bad]), "hidden_positions outside [0, T) or not strictly ascending")
-    for name, shape in _column_shapes(manifest).items():
-        if name not in lengths:
-            continue
-        want = np.ones(n, dtype=np.int64)
-        for d in shape:
-            want = want * (dims[d] if isinstance(d, str) else int(d))
-        bad_row(lengths[name] != want, lambda i: f"{name} holds {lengths[name][i]} values, T={T[i]} needs {want[i]}")
-    if "num_loss_tokens" in values and "loss_mask" in values:
-        o = offsets_of["loss_mask"]
-        cs = np.concatenate([[0], np.cumsum(values["loss_mask"].astype(np.int64))])
-        bad_row(cs[o[1:]] - cs[o[:-1]] != values["num_loss_tokens"], "num_loss_tokens differs from the loss mask")
-    if coded(manifest.signals):  # the streams' codes decode (ids inside the vocabulary, masses that add up)
-        storage, params = storage_of(manifest.signals)
-        streams = {c: (offsets_of[c], np.frombuffer(table.column(c).combine_chunks().buffers()[2] or b"", dtype=np.uint8)
-                       [offsets_of[c][0]: offsets_of[c][-1]]) for c in manifest.signals["topk"]["columns"] if c in offsets_of}
-        if streams:
-            try:
-                storage.decode({c: (o - o[0], b) for c, (o, b) in streams.items()}, params)
-            except (ValueError, KeyError) as exc:
-                raise DamagedShard(f"top-k streams do not decode: {exc}") from None
-    vocab = {"input_ids": manifest.tokenizer.get("vocab_size"),
-             "topk_ids": manifest.signals.get("topk", {}).get("vocab_size"),
-             "sampled_ids": manifest.signals.get("sampled", {}).get("vocab_size")}
-    for name, v in vocab.items():
-        if name in values and values[name].size:
-            out = values[name] < 0
-            if v:
-                out |= values[name] >= int(v)
-            if np.any(out):
-                row = int(np.searchsorted(offsets_of[name], int(np.argmax(out)), side="right") - 1)
-                bad_row(np.arange(n) == row, f"{name} outside the vocabulary [0, {v})")
+    rows = Rows(table, lengths, values, offsets_of)
+    T = rows.T
+    try:
+        rows.bad_row(T < 1, "no input_ids")
+        signals = ordered(manifest.signals)
+        rows.dims = {"T": T, "T-1": T - 1}
+        for signal, entry in signals:
+            rows.dims.update(signal.dims(entry, rows))
+        for name, shape in _column_shapes(manifest).items():
+            if name not in lengths:
+                continue
+            want = np.ones(n, dtype=np.int64)
+            for d in shape:
+                want = want * (rows.dims[d] if isinstance(d, str) else int(d))
+            rows.bad_row(lengths[name] != want, lambda i: f"{name} holds {lengths[name][i]} values, T={T[i]} needs {want[i]}")
+        for signal, entry in signals:
+            signal.check_rows(entry, rows)
+        rows.check_vocab("input_ids", manifest.tokenizer.get("vocab_size"))
+    except RowProblem as exc:  # a row breaking its signal's invariants (codes that do not decode included)
+        raise DamagedShard(str(exc)) from None
     return int(T.sum())

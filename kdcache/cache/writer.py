@@ -60,7 +60,7 @@ from kdcache.cache.manifest import (
     write_atomic,
 )
 from kdcache.cache.schema import build_schema, column_codecs, format_version, scale_columns
-from kdcache.cache.topk_storage import coded, storage_of
+from kdcache.cache.signals import read_layout
 from kdcache.errors import CacheFormatError, CacheLockedError, CacheMismatchError, KDCacheError, OutOfSpaceError
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class CacheWriter:
         self._scale_cols = scale_columns(signals)  # int8 column -> its per-token scale column (filled with it)
         self._widths = {name: int(col["shape"][-1]) for sig in signals.values() for name, col in sig.get("columns", {}).items()
                         if name in self._scale_cols}
-        self._topk = storage_of(signals) if coded(signals) else None  # (storage, params): top-k columns it encodes
+        self._groups = read_layout(signals).groups  # stream groups (a coded top-k): columns encoded together
         self.shard_tokens = shard_tokens
         self.row_group_tokens = min(row_group_tokens, shard_tokens)  # a shard holds at least one row group
         self.commit_seconds = commit_seconds
@@ -461,7 +461,7 @@ class CacheWriter:
         """Vectorised conversion: one concatenation per column, offsets from lengths."""
         arrays = []
         scales: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scale column -> (offsets, values), made with its column
-        streams = self._topk[0].encode(examples, self._topk[1]) if self._topk else {}  # coded top-k: all its columns at once
+        streams = {name: array for g in self._groups for name, array in g.encode(examples).items()}  # all at once
         for field in self.schema:
             name = field.name
             if name in streams:

@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from kdcache.cache.codecs import get_codec
-from kdcache.cache.signals.base import Rows, Signal, StreamGroup, column
+from kdcache.cache.signals.base import RowProblem, Rows, Signal, StreamGroup, column
 from kdcache.cache.signals.registry import register
 from kdcache.cache.topk_storage import LOGICAL, get_storage, storage_of
 
@@ -74,7 +74,7 @@ class TopK(Signal):
             try:
                 group.decode(blobs, "rank")
             except (ValueError, KeyError) as exc:
-                raise ValueError(f"top-k streams do not decode: {exc}") from None
+                raise RowProblem(f"top-k streams do not decode: {exc}") from None
         rows.check_vocab("topk_ids", entry.get("vocab_size"))
 
 
