@@ -53,7 +53,6 @@ from __future__ import annotations
 import pyarrow as pa
 
 from kdcache.cache.signals import build_signals, ordered
-from kdcache.cache.signals.base import coded_columns as _coded_columns  # noqa: F401  (kept for old imports)
 from kdcache.cache.signals.classes import CLASS_LOGITS_COLUMN
 from kdcache.cache.signals.context import CONTEXT_COLUMN
 from kdcache.cache.signals.fields import FIELD_TYPES
