@@ -180,6 +180,13 @@ class GenerateConfig:
         "Empty: off.", "")
     device: str = doc("auto (cuda if available), cpu, cuda, cuda:N.", "auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Teacher compute dtype; auto: bf16 on CUDA, fp32 on CPU.", "auto")
+    capture: str = doc(
+        "How top-k, tail mass, entropy and sampled tokens are computed from the logits on the teacher's device "
+        "(kdcache/pipeline/teachers/capture.py; transformers and torch-module backends): auto (compiled on CUDA, fused "
+        "elsewhere), fused (top-k in the model's dtype, fp32 reductions over cache-sized blocks of rows, no fp32 copy of "
+        "the logits), compiled (the same under torch.compile, fused into passes that read the logits once: needs triton "
+        "on CUDA or a C++ compiler on CPU, compiles once per run) or naive (fp32 log_softmax of each chunk). They agree "
+        "to float32 rounding, so the choice is not part of the cache's settings.", "auto")
     batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096, valid=at_least(2))
     trust_remote_code: bool = doc("Allow model code from the model folder/hub (off unless you trust it).", False)
     allow_pickle_weights: bool = doc(
@@ -233,6 +240,10 @@ class GenerateConfig:
             placeholders(self.context)  # a malformed template is refused here
         from kdcache.cache.topk_storage import get_storage
 
+        from kdcache.pipeline.teachers.capture import get_capture
+
+        if self.capture != "auto":
+            get_capture(self.capture)
         get_storage(self.codec).params(max(self.top_k, 1), 2**31 - 1, self.codec_options)  # an unknown codec or option: one line now
         if self.generation.rows != "all" and not self.generation.enabled:
             raise ConfigError(f"generation.rows={self.generation.rows} chooses which rows the teacher continues; add --set generation.enabled=true")

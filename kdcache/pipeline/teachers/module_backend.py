@@ -23,6 +23,7 @@ from kdcache.errors import ConfigError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
 from kdcache.modeling import resolve_device
 from kdcache.pipeline.teachers.base import register_backend
+from kdcache.pipeline.teachers.capture import resolve_capture
 from kdcache.pipeline.teachers.transformers_backend import TransformersTeacher, resolve_dtype
 
 WEIGHTS = "model.safetensors"
@@ -59,7 +60,7 @@ class _Outputs(torch.nn.Module):
 
 
 class TorchModuleTeacher(TransformersTeacher):
-    def __init__(self, model: str, entry: str, kwargs: dict, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, model: str, entry: str, kwargs: dict, device: str = "auto", dtype: str = "auto", capture: str = "auto"):
         from transformers import AutoTokenizer
 
         self.model_name, self.entry, self.kwargs = model, entry, dict(kwargs)
@@ -71,6 +72,7 @@ class TorchModuleTeacher(TransformersTeacher):
         self.dtype = resolve_dtype(dtype, self.device)
         self.tail_temperatures, self.trust_remote_code, self.allow_pickle_weights = (), False, False
         self.logits_chunk_tokens = 1024
+        self.capture_fn = resolve_capture(capture, self.device)
         with torch.device("meta"):  # the shape attributes, without allocating weights
             skeleton = self.build(**self.kwargs)
         missing = [a for a in ("num_layers", "hidden_size") if not isinstance(getattr(skeleton, a, None), int)]
@@ -133,4 +135,4 @@ def _from_config(cfg: Any) -> TorchModuleTeacher:
         raise ConfigError("--backend torch-module needs the function that builds the module: --set module.entry_point=package.module:function")
     if cfg.generation.enabled or cfg.tail_temperatures:
         raise ConfigError("--backend torch-module: drop generation.enabled and tail_temperatures (not supported yet)")
-    return TorchModuleTeacher(cfg.teacher, cfg.module.entry_point, cfg.module.kwargs, device=cfg.device, dtype=cfg.dtype)
+    return TorchModuleTeacher(cfg.teacher, cfg.module.entry_point, cfg.module.kwargs, device=cfg.device, dtype=cfg.dtype, capture=cfg.capture)

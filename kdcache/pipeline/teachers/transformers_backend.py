@@ -1,8 +1,9 @@
 """The transformers teacher: any causal LM from a local folder, a .gguf file or a hub id; CPU or CUDA.
 
 Logits are produced chunk by chunk from the final hidden states, so a batch never holds more than a
-chunk of [tokens, vocab] in fp32; top-k, tail mass, entropy and the target's log-probability are all
-computed on the device and only k+3 numbers per position come back to the host.
+chunk of [tokens, vocab]; top-k, tail mass, entropy and the target's log-probability are all computed on
+the device (capture.py: by default without an fp32 copy of the chunk) and only k+3 numbers per position
+come back to the host.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import torch
 
 from kdcache.errors import ConfigError, KDCacheError
 from kdcache.fingerprint import json_hash, tree_fingerprint
-from kdcache.modeling import resolve_device, selected_features, tempered_tail_logprob
+from kdcache.modeling import resolve_device, selected_features
 from kdcache.weights import load_error, refuse_pickle_only
 from kdcache.pipeline.teachers.base import Teacher, register_backend
+from kdcache.pipeline.teachers.capture import CaptureSpec, capture_positions, resolve_capture
 from kdcache.pipeline.teachers.layer_capture import attention_modules, capture, capture_qkv, hooks_match, layer_modules
 from kdcache.pipeline.teachers.sampling import (
-    SparseSampling, draw_next_tokens, row_uniforms, sample_seed, sample_sparse, sequence_uniforms, split_by_sequence,
+    SparseSampling, draw_next_tokens, row_uniforms, sample_seed, sequence_uniforms, split_by_sequence,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class TransformersTeacher(Teacher):
         allow_pickle_weights: bool = False,
         logits_chunk_tokens: int = 1024,
         tail_temperatures: tuple[float, ...] = (),
+        capture: str = "auto",
     ):
         from transformers import AutoConfig
 
@@ -93,6 +96,7 @@ class TransformersTeacher(Teacher):
         if self.is_local and not self.gguf_file and not allow_pickle_weights:  # GGUF is not pickle
             refuse_pickle_only(self.folder, "teacher", "allow_pickle_weights")
         self.logits_chunk_tokens = logits_chunk_tokens
+        self.capture_fn = resolve_capture(capture, self.device)
         try:
             self.config = AutoConfig.from_pretrained(self.folder, gguf_file=self.gguf_file, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -238,30 +242,9 @@ class TransformersTeacher(Teacher):
         u = None
         if sampling is not None:
             u = sequence_uniforms(seeds if seeds is not None else [0] * B, (lens - 1).tolist(), sampling.draws, self.device)
-        parts: dict[str, list[torch.Tensor]] = {n: [] for n in ("target_logprob", "entropy")}
-        for start in range(0, feats.shape[0], self.logits_chunk_tokens):
-            f = feats[start : start + self.logits_chunk_tokens]
-            logits = (head(f) if head is not None else f).float()[:, :V]
-            logp = torch.log_softmax(logits, dim=-1)
-            chunk = {
-                "target_logprob": logp.gather(-1, targets[start : start + f.shape[0], None]).squeeze(-1),
-                "entropy": -(logp.exp() * logp).nan_to_num().sum(-1),
-            }
-            if k:
-                values, index = logp.topk(k, dim=-1)
-                if k < V:
-                    tail = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1)
-                else:
-                    tail = torch.full_like(values[:, 0], float("-inf"))
-                chunk.update(topk_ids=index.int(), topk_logprobs=values, tail_logprob=tail)
-                if self.tail_temperatures:
-                    chunk["tail_logprob_tempered"] = tempered_tail_logprob(logp, index, self.tail_temperatures)
-            if u is not None:
-                s_ids, s_w, s_n = sample_sparse(logp, u[start : start + f.shape[0]], sampling.temperature)
-                chunk.update(sampled_ids=s_ids.int(), sampled_weights=s_w, sampled_sizes=s_n)
-            for name, value in chunk.items():
-                parts.setdefault(name, []).append(value)
-        flat = {n: torch.cat(v).cpu().numpy() for n, v in parts.items()}
+        spec = CaptureSpec(k, self.tail_temperatures, sampling.temperature if sampling is not None else 1.0)
+        got = capture_positions(feats, head, targets, V, spec, self.capture_fn, self.logits_chunk_tokens, u)
+        flat = {n: v.cpu().numpy() for n, v in got.items()}
         positions = (lens - 1).tolist()
         splits = np.cumsum(positions)[:-1]
         sampled = {n: flat.pop(n) for n in ("sampled_ids", "sampled_weights", "sampled_sizes") if n in flat}
@@ -396,4 +379,5 @@ def _stop_end(tokenizer, seq: np.ndarray, stops: list[str]) -> int:
 @register_backend("transformers")
 def _from_config(cfg: Any) -> TransformersTeacher:
     return TransformersTeacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                               allow_pickle_weights=cfg.allow_pickle_weights, tail_temperatures=tuple(cfg.tail_temperatures))
+                               allow_pickle_weights=cfg.allow_pickle_weights, tail_temperatures=tuple(cfg.tail_temperatures),
+                               capture=cfg.capture)
