@@ -9,6 +9,7 @@ a sanity row gives each capture's largest difference from naive. Under 5 minutes
 
     python benchmarks/gpu.py                                 # CUDA, 1.2B, bf16
     python benchmarks/gpu.py --small --device cpu            # a 20M model on this machine
+    python benchmarks/gpu.py --smollm2 --device cpu --dtype float32   # the real SmolLM2-135M teacher
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     return model
 
 
+def load_smollm2(device: torch.device, dtype: torch.dtype):
+    """The real SmolLM2-135M-Instruct teacher (the embedded GGUF; CPU machines with kdcache's set-up)."""
+    from transformers import AutoModelForCausalLM
+
+    from kdcache.pipeline.smollm2 import smollm2_gguf
+
+    gguf = Path(smollm2_gguf())
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).to(device).eval()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -64,6 +75,7 @@ def run(model, ids: torch.Tensor, mode, spec: CaptureSpec, chunk: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a 20M model with SmolLM2's vocabulary (CPU-sized)")
+    ap.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M teacher instead (needs kdcache's set-up)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--batch", type=int, default=None, help="sequences per forward (default 8 on CUDA, 2 on CPU)")
@@ -77,7 +89,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
     B, T = args.batch or (8 if cuda else 2), args.length or (2048 if cuda else 512)
-    model = build("small" if args.small else "1b", device, dtype)
+    model = load_smollm2(device, dtype) if args.smollm2 else build("small" if args.small else "1b", device, dtype)
     params = sum(p.numel() for p in model.parameters()) / 1e9
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     spec = CaptureSpec(args.k)
@@ -105,7 +117,7 @@ def main() -> None:
     name_gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"# {name_gpu}, Llama {params:.2f}B {args.dtype}, vocab {model.config.vocab_size}, {B}x{T} tokens per forward, "
           f"k={args.k}, chunks of {args.chunk_tokens}, median of {args.rounds} interleaved rounds")
-    print(f"| mode | tokens/s | capture cost over forward | peak GiB | max |d top-k logp| | max |d tail| | max |d entropy| |")
+    print("| mode | tokens/s | capture cost over forward | peak GiB | max |d top-k logp| | max |d tail| | max |d entropy| |")
     print("|---|---|---|---|---|---|---|")
     for name, fn in modes.items():
         t = statistics.median(seconds[name])
@@ -117,7 +129,7 @@ def main() -> None:
                      f"{(got['tail_logprob'] - ref['tail_logprob'])[tail_ok].abs().max().item():.1e}",
                      f"{(got['entropy'] - ref['entropy']).abs().max().item():.1e}"]
         cost = "" if name == "forward" else f"{(t / base - 1) * 100:+.1f}%"
-        print(f"| {name} | {tokens / t:,.0f} | {cost} | {peak.get(name, float('nan')):.2f} | {' | '.join(diffs)} |")
+        print(f"| {name} | {tokens / t:,.0f} | {cost} | {f'{peak[name]:.2f}' if name in peak else '-'} | {' | '.join(diffs)} |")
 
 
 if __name__ == "__main__":
