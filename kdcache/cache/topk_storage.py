@@ -134,7 +134,3 @@ def storage_of(signals: Mapping) -> tuple[Any, dict]:
     spec = (signals.get("topk") or {}).get("storage") or {"name": "lists"}
     return get_storage(spec["name"]), dict(spec.get("params") or {})
 
-
-def coded(signals: Mapping) -> bool:
-    """True when the top-k signal is stored in streams that the reader decodes (not plain lists)."""
-    return "topk" in signals and storage_of(signals)[0].name != "lists"
