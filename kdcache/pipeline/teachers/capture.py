@@ -7,11 +7,12 @@ any cache. On a GPU with a bf16 teacher that costs ~30% over the logits forward 
 the top-k on the logits as the model computed them (bf16 -> fp32 is exact, so the set and order are those of
 an fp32 copy) and reduces the normaliser, entropy, tail and target over blocks of rows small enough to stay
 in cache, so an fp32 [n, V] never exists; ``compiled`` gives the same block function to torch.compile, which
-fuses it into reductions that read the logits once. All three agree to float32 rounding (tests/test_capture.py
+fuses it into a few reductions over the chunk (0.12x of naive's time per chunk on CPU). All three agree to float32 rounding (tests/test_capture.py
 checks each against a float64 reference), so the choice is not part of a cache's settings and a cache may be
 resumed with another.
 
-``auto`` (the default) picks compiled on CUDA and fused elsewhere. Add a capture with ``@register_capture("name")`` on a function ``(logits, targets, spec, uniforms) -> dict``.
+``auto`` (the default) picks compiled on CUDA and fused elsewhere. Add a capture with
+``@register_capture("name")`` on a function ``(logits, targets, spec, uniforms) -> dict``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class CaptureSpec:
     block_bytes: int | None = None  # fused: rows per block so one fp32 block is about this size (None: by device)
 
 
-# fused's blocks: a few fp32 copies of a block should stay in cache (CPU: measured best at 2-4 MiB,
-# benchmarks/gpu.py notes; CUDA: an H100/H200 L2 holds 50 MiB; unmeasured, no GPU lent yet)
+# fused's blocks: a few fp32 copies of a block should stay in cache (CPU: 2-4 MiB measured best, see
+# docs/benchmarks.md; CUDA: sized for an H100/H200's 50 MiB L2, unmeasured: no GPU lent yet)
 _BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 16 << 20}
 
 
@@ -145,7 +146,7 @@ def block_stats(logits: torch.Tensor, kth: torch.Tensor | None, k: int, targets:
 
 def _blockwise(logits: torch.Tensor, targets: torch.Tensor, spec: CaptureSpec, u: torch.Tensor | None,
                stats: Callable, rows: int) -> dict:
-    n, V = logits.shape
+    n = logits.shape[0]
     top, index = logits.topk(spec.k, dim=-1) if spec.k else (None, None)
     kth = top[:, -1] if top is not None else None
     parts: dict[str, list[torch.Tensor]] = {}
@@ -182,7 +183,7 @@ def _compiled_stats() -> Callable:
 
 @register_capture("compiled")
 def compiled_capture(logits: torch.Tensor, targets: torch.Tensor, spec: CaptureSpec, u: torch.Tensor | None) -> dict:
-    """The block function compiled (inductor fuses it into passes that read the logits once), over the whole
+    """The block function compiled (inductor fuses it into a few passes over the chunk), over the whole
     chunk at once; tempered tails and sampling still build the chunk's fp32 log-distribution."""
     try:
         return _blockwise(logits, targets, spec, u, _compiled_stats(), logits.shape[0])
