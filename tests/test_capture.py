@@ -168,3 +168,25 @@ def test_teacher_scores_agree_across_captures(tiny_teacher, dtype):
             np.testing.assert_array_equal(np.sort(a["topk_ids"], -1), np.sort(b["topk_ids"], -1))
             for field in ("topk_logprobs", "tail_logprob", "entropy", "target_logprob"):
                 np.testing.assert_allclose(a[field], b[field], atol=2e-5, rtol=1e-5, err_msg=f"{name} {field}")
+
+
+def test_compile_failure_is_one_line():
+    """A machine where torch.compile cannot build (here: inductor pointed at a C++ compiler that does not exist,
+    a real failure, in a fresh process so this one's compile caches stay clean) gets one line naming the fix."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch, torch._inductor.config as ic
+        from kdcache.errors import KDCacheError
+        from kdcache.pipeline.teachers.capture import CaptureSpec, get_capture
+        with ic.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False, "fx_graph_remote_cache": False}):
+            try:
+                get_capture("compiled")(torch.randn(5, 300), torch.zeros(5, dtype=torch.long), CaptureSpec(4), None)
+            except KDCacheError as exc:
+                print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout.strip()
+    assert out.startswith("capture=compiled: torch.compile failed on cpu (") and out.endswith("pass --set capture=fused"), out
+    assert "\n" not in out
