@@ -190,3 +190,26 @@ def test_compile_failure_is_one_line():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stdout.strip()
     assert out.startswith("capture=compiled: torch.compile failed on cpu (") and out.endswith("pass --set capture=fused"), out
     assert "\n" not in out
+
+
+def test_capture_is_not_a_cache_setting(tiny_teacher, text_jsonl, tmp_path):
+    """A cache written with one capture is the cache of another: a rerun with another capture finds it complete
+    (no settings mismatch), and two caches written with different captures hold the same numbers."""
+    from kdcache.cache import open_cache
+    from kdcache.pipeline.config import DataConfig, GenerateConfig
+    from kdcache.pipeline.generate import generate
+
+    def cfg(out, capture):
+        return GenerateConfig(teacher=str(tiny_teacher), out=str(out), device="cpu", dtype="bfloat16", top_k=8,
+                              logprob_codec="fp32", capture=capture, data=DataConfig(source=str(text_jsonl), max_rows=6))
+
+    first = generate(cfg(tmp_path / "naive", "naive"), progress=False)
+    again = generate(cfg(tmp_path / "naive", "fused"), progress=False)
+    assert again.status == "complete" and again.settings_hash == first.settings_hash
+    generate(cfg(tmp_path / "fused", "fused"), progress=False)
+    a, b = (list(open_cache(tmp_path / n)) for n in ("naive", "fused"))
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.sort(x["topk_ids"], -1), np.sort(y["topk_ids"], -1))
+        for field in ("topk_logprobs", "tail_logprob"):
+            np.testing.assert_allclose(x[field], y[field], atol=2e-5, rtol=1e-5)
