@@ -157,7 +157,7 @@ def test_teacher_scores_agree_across_captures(tiny_teacher, dtype):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(4, 60, size=n).astype(np.int32) for n in (5, 17, 9, 30)]
     scored = {}
-    for name in EAGER:
+    for name in capture_names():  # compiled included: under score's inference_mode
         teacher = TransformersTeacher(str(tiny_teacher), device="cpu", dtype=dtype, capture=name, logits_chunk_tokens=7)
         teacher.load()
         scored[name] = teacher.score(seqs, top_k=8, hidden_layers=[])

@@ -184,7 +184,7 @@ class GenerateConfig:
         "How top-k, tail mass, entropy and sampled tokens are computed from the logits on the teacher's device "
         "(kdcache/pipeline/teachers/capture.py; transformers and torch-module backends): auto (compiled on CUDA, fused "
         "elsewhere), fused (top-k in the model's dtype, fp32 reductions over cache-sized blocks of rows, no fp32 copy of "
-        "the logits), compiled (the same under torch.compile, fused into passes that read the logits once: needs triton "
+        "the logits), compiled (the same under torch.compile, fused into a few passes over each chunk: needs triton "
         "on CUDA or a C++ compiler on CPU, compiles once per run) or naive (fp32 log_softmax of each chunk). They agree "
         "to float32 rounding, so the choice is not part of the cache's settings.", "auto")
     batch_tokens: int = doc("Token budget per teacher forward pass (padded tokens).", 4096, valid=at_least(2))
@@ -239,7 +239,6 @@ class GenerateConfig:
 
             placeholders(self.context)  # a malformed template is refused here
         from kdcache.cache.topk_storage import get_storage
-
         from kdcache.pipeline.teachers.capture import get_capture
 
         if self.capture != "auto":

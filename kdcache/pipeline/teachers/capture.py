@@ -7,9 +7,9 @@ any cache. On a GPU with a bf16 teacher that costs ~30% over the logits forward 
 the top-k on the logits as the model computed them (bf16 -> fp32 is exact, so the set and order are those of
 an fp32 copy) and reduces the normaliser, entropy, tail and target over blocks of rows small enough to stay
 in cache, so an fp32 [n, V] never exists; ``compiled`` gives the same block function to torch.compile, which
-fuses it into a few reductions over the chunk (0.12x of naive's time per chunk on CPU). All three agree to float32 rounding (tests/test_capture.py
-checks each against a float64 reference), so the choice is not part of a cache's settings and a cache may be
-resumed with another.
+fuses it into a few reductions over the chunk (0.12x of naive's time per chunk on CPU). All three agree to
+float32 rounding (tests/test_capture.py checks each against a float64 reference), so the choice is not part of
+a cache's settings and a cache may be resumed with another.
 
 ``auto`` (the default) picks compiled on CUDA and fused elsewhere. Add a capture with
 ``@register_capture("name")`` on a function ``(logits, targets, spec, uniforms) -> dict``.
